@@ -1,0 +1,88 @@
+"""One typed settings object, read once from the environment (prefix ``VITSCOPE_``).
+
+Everything that differs between a laptop and a GPU fleet lives here, so no module reads
+``os.environ`` itself. Unset values fall back to the embedded defaults: a SQLite file and a
+``results/`` folder in the working directory, and in-process execution without a broker.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """vitscope's configuration. Each field is ``VITSCOPE_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="VITSCOPE_", extra="ignore")
+
+    # Where things live.
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; unset = SQLite file vitscope.db in the working directory."
+    )
+    storage_url: str | None = Field(
+        default=None, description="file://DIR or s3://bucket/prefix; unset = file:// + ./results."
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker, e.g. redis://host:6379/0; unset = process in-process."
+    )
+    models_file: Path | None = Field(default=None, description="TOML file of named model entries.")
+    weights_dir: Path | None = Field(
+        default=None,
+        description="Directory searched for <arch>.safetensors/.pth before any download; also the cache "
+        "for weights fetched from object storage.",
+    )
+
+    # Compute.
+    batch_size: int = Field(default=8, ge=1, description="Images per forward/backward pass.")
+    device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
+    autocast: str = Field(
+        default="auto", description="auto (float16 on CUDA, off on CPU), off, float16, bfloat16."
+    )
+
+    # Image fetching: size limits and network policy.
+    max_image_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Largest image file accepted.")
+    max_image_pixels: int = Field(default=64_000_000, ge=1, description="Largest decoded image (w × h).")
+    fetch_timeout_seconds: float = Field(default=30.0, gt=0, description="Per-request timeout for http(s).")
+    allow_private_networks: bool = Field(
+        default=False, description="Allow http(s) image URLs that resolve to private/loopback/link-local IPs."
+    )
+    fetch_threads: int = Field(default=8, ge=1, description="Concurrent image downloads per worker.")
+    upload_threads: int = Field(default=8, ge=1, description="Concurrent artifact uploads per worker.")
+
+    # Distributed delivery (see the README's "Crash recovery" section).
+    chunk_size: int = Field(default=16, ge=1, description="Jobs of one model per queue message.")
+    lease_seconds: float = Field(
+        default=900.0, gt=0, description="A claimed job not renewed for this long is reclaimable."
+    )
+    heartbeat_seconds: float = Field(default=30.0, gt=0, description="How often a worker renews its leases.")
+    reaper_interval_seconds: float = Field(
+        default=60.0, gt=0, description="How often a worker looks for expired leases and re-enqueues them."
+    )
+    visibility_timeout_seconds: int = Field(
+        default=7200, ge=1, description="Redis redelivery of unacked messages (> time limit)."
+    )
+    task_time_limit_seconds: int = Field(default=3600, ge=1, description="Hard limit for one chunk.")
+    max_attempts: int = Field(default=3, ge=1, description="Attempts per job before it fails for good.")
+
+    def resolved_database_url(self) -> str:
+        """The configured URL, or the embedded SQLite default (an absolute path, so cwd changes are safe)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(Path.cwd() / 'vitscope.db').resolve()}"
+
+    def resolved_storage_url(self) -> str:
+        if self.storage_url:
+            return self.storage_url
+        return (Path.cwd() / "results").resolve().as_uri()
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()

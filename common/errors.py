@@ -15,7 +15,9 @@ message and a non-zero exit code instead of a traceback.
     │   ├── ImageError            an image that cannot be used
     │   │   ├── ImageTooLargeError
     │   │   └── ImageFetchRefusedError  e.g. a private address when those are not allowed
-    │   └── NotFoundError         a batch or job id that does not exist
+    │   ├── NotFoundError         a batch, job or stored object that does not exist
+    │   ├── ObjectTooLargeError   a stored object over the size limit asked for
+    │   └── StorageConfigError    a missing bucket, denied access, bad credentials
     └── TransientError            the world may heal: retry with backoff
         ├── StorageUnavailableError
         ├── DatabaseUnavailableError
@@ -34,7 +36,9 @@ __all__ = [
     "InvalidModelSpecError",
     "InvalidTargetError",
     "NotFoundError",
+    "ObjectTooLargeError",
     "PermanentError",
+    "StorageConfigError",
     "StorageUnavailableError",
     "TransientError",
     "UnknownModelError",
@@ -104,6 +108,14 @@ class ImageFetchRefusedError(ImageError):
 
 class NotFoundError(PermanentError):
     """A batch, job or object that does not exist."""
+
+
+class ObjectTooLargeError(PermanentError):
+    """A stored object larger than the reader's limit (weights, images read through storage)."""
+
+
+class StorageConfigError(PermanentError):
+    """Storage that is misconfigured rather than down: no such bucket, access denied, bad credentials."""
 
 
 class StorageUnavailableError(TransientError):

@@ -1,0 +1,42 @@
+"""The SQL side of vitscope: schema (``models``), sessions and migrations (``session``), and the
+functions that read and change job state (``repository``)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from common.db.session import Database, current_revision, head_revision, upgrade
+from common.errors import DatabaseUnavailableError, PermanentError
+from common.settings import Settings
+
+__all__ = ["Database", "open_database"]
+
+
+def open_database(settings: Settings, *, migrate: bool | None = None) -> Database:
+    """The configured database, with its schema at the newest migration.
+
+    The embedded SQLite default migrates itself on first use so a new user needs no set-up step; a
+    shared server (PostgreSQL) is migrated deliberately with ``producer db upgrade`` and refused with
+    that instruction when behind.
+    """
+    url = settings.resolved_database_url()
+    db = Database(url)
+    if migrate is None:
+        migrate = db.dialect == "sqlite"
+    try:
+        revision = current_revision(db.engine)
+    except sa.exc.OperationalError as exc:
+        raise DatabaseUnavailableError(f"cannot connect to the database {_safe(url)}: {exc.orig}") from exc
+    if revision != head_revision():
+        if migrate:
+            upgrade(url)
+        else:
+            raise PermanentError(
+                f"the database {_safe(url)} is at schema revision {revision or 'none'}, "
+                f"not {head_revision()}: run `producer db upgrade`"
+            )
+    return db
+
+
+def _safe(url: str) -> str:
+    return sa.make_url(url).render_as_string(hide_password=True)

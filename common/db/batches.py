@@ -1,0 +1,119 @@
+"""Creating batches and their jobs, finding them again, and putting failed jobs back in the queue."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from common.db._sql import chunks, dialect_insert
+from common.db.models import Batch, Job, JobState, utcnow
+from common.db.records import NewJob
+from common.errors import NotFoundError, PermanentError
+
+__all__ = ["add_jobs", "create_batch", "get_batch", "mark_enqueued", "queued_jobs", "retry_failed"]
+
+
+def create_batch(
+    session: Session,
+    *,
+    batch_id: str,
+    name: str | None,
+    source: str,
+    mode: str,
+    settings: dict[str, Any],
+    models: dict[str, Any],
+) -> Batch:
+    if name is not None and session.scalar(sa.select(Batch.id).where(Batch.name == name)) is not None:
+        raise PermanentError(f"a batch named {name!r} already exists; choose another --name")
+    batch = Batch(
+        id=batch_id, name=name, source=source, mode=mode, settings=settings, models=models, total_jobs=0
+    )
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def add_jobs(session: Session, batch_id: str, jobs: Sequence[NewJob], *, ids: Sequence[str]) -> int:
+    """Insert a batch's jobs in bulk; a job already present (same batch, line, model) is left alone.
+
+    Returns how many rows were inserted, counted with RETURNING (psycopg 3's rowcount is -1 here).
+    """
+    now = utcnow()
+    rows = [
+        {
+            "id": job_id,
+            "batch_id": batch_id,
+            "row_number": job.row_number,
+            "row_id": job.row_id,
+            "image_uri": job.image_uri,
+            "model": job.model,
+            "model_spec": job.model_spec,
+            "target": job.target,
+            "config_fingerprint": job.config_fingerprint,
+            "row_metadata": job.row_metadata,
+            "state": JobState.QUEUED.value,
+            "attempts": 0,
+            "created_at": now,
+        }
+        for job_id, job in zip(ids, jobs, strict=True)
+    ]
+    inserted = 0
+    for chunk in chunks(rows, 2000):
+        stmt = (
+            dialect_insert(session, Job)
+            .on_conflict_do_nothing(index_elements=["batch_id", "row_number", "model"])
+            .returning(Job.id)
+        )
+        inserted += len(session.scalars(stmt, list(chunk)).all())
+    total = sa.select(sa.func.count(Job.id)).where(Job.batch_id == batch_id).scalar_subquery()
+    session.execute(sa.update(Batch).where(Batch.id == batch_id).values(total_jobs=total))
+    return inserted
+
+
+def get_batch(session: Session, ref: str) -> Batch:
+    """A batch by id, or by name (names are unique)."""
+    batch = session.get(Batch, ref) or session.scalar(sa.select(Batch).where(Batch.name == ref))
+    if batch is None:
+        raise NotFoundError(f"no batch with id or name {ref!r}")
+    return batch
+
+
+def queued_jobs(session: Session, batch_id: str) -> list[tuple[str, str]]:
+    """(job id, model) of the batch's queued jobs, grouped by model for chunked publishing."""
+    rows = session.execute(
+        sa.select(Job.id, Job.model)
+        .where(Job.batch_id == batch_id, Job.state == JobState.QUEUED)
+        .order_by(Job.model, Job.row_number)
+    )
+    return [(row.id, row.model) for row in rows]
+
+
+def mark_enqueued(session: Session, job_ids: Sequence[str], *, now: datetime | None = None) -> None:
+    now = now or utcnow()
+    for chunk in chunks(job_ids):
+        session.execute(sa.update(Job).where(Job.id.in_(chunk)).values(enqueued_at=now))
+
+
+def retry_failed(session: Session, batch_id: str, *, now: datetime | None = None) -> list[tuple[str, str]]:
+    """``failed → queued`` for a batch, with a fresh attempt budget; returns (job id, model) to publish."""
+    now = now or utcnow()
+    stmt = (
+        sa.update(Job)
+        .where(Job.batch_id == batch_id, Job.state == JobState.FAILED)
+        .values(
+            state=JobState.QUEUED.value,
+            attempts=0,
+            finished_at=None,
+            worker_id=None,
+            enqueued_at=now,
+            error_class=None,
+            error_message=None,
+        )
+        .returning(Job.id, Job.model)
+        .execution_options(synchronize_session=False)
+    )
+    return sorted(((row.id, row.model) for row in session.execute(stmt)), key=lambda r: (r[1], r[0]))

@@ -1,0 +1,65 @@
+"""Plain records passed between the producer, the worker and the repository functions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ArtifactRecord", "JobOutcome", "NewJob", "PredictionRecord", "WorkerIdentity"]
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job as the producer creates it, before any worker has seen it."""
+
+    row_number: int
+    image_uri: str
+    model: str
+    model_spec: dict[str, Any]
+    config_fingerprint: str
+    row_id: str | None = None
+    target: str | None = None
+    row_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who claims a job: the host, and the process on it (``host:pid``)."""
+
+    hostname: str
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    name: str
+    uri: str
+    content_type: str
+    bytes: int
+    checksum: str
+    shape: str | None = None
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class PredictionRecord:
+    rank: int
+    class_index: int
+    prob: float
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a worker learned about a job, written in one transaction when it succeeds."""
+
+    image_sha256: str
+    target_index: int
+    device: str
+    weights_source: str
+    artifacts: Sequence[ArtifactRecord]
+    predictions: Sequence[PredictionRecord]
+    fetch_seconds: float | None = None
+    compute_seconds: float | None = None
+    store_seconds: float | None = None

@@ -1,0 +1,109 @@
+"""Dataset CSVs: what is accepted, and how each kind of broken file is reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import InvalidDatasetError
+from common.modelspec import resolve_model
+from producer.dataset import read_dataset
+
+
+def _write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_rows_columns_and_metadata(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "id,image_uri,target,model,site\n"
+        "a,images/cat.png,281,,clinic-1\n"
+        "b,s3://bucket/dog.jpg,,deit_tiny_patch16_224;vit_base_patch16_224,clinic-2\n"
+        "c,https://example.org/x.png,tabby,,\n",
+    )
+    data = read_dataset(path)
+    assert data.columns == ("id", "image_uri", "target", "model", "site")
+    first, second, third = data.rows
+    assert first.line == 2
+    assert first.image_uri == (tmp_path / "images" / "cat.png").resolve().as_uri()
+    assert (first.row_id, first.target, first.models, first.metadata) == (
+        "a",
+        "281",
+        (),
+        {"site": "clinic-1"},
+    )
+    assert second.image_uri == "s3://bucket/dog.jpg"
+    assert second.models == ("deit_tiny_patch16_224", "vit_base_patch16_224")
+    assert second.target is None
+    assert (third.target, third.metadata) == ("tabby", {"site": ""})
+
+
+def test_bom_blank_lines_and_quoted_newlines_keep_line_numbers(tmp_path: Path) -> None:
+    path = _write(tmp_path, '\ufeffimage_uri,note\n/x/1.png,"two\nlines"\n\n/x/2.png,ok\n')
+    rows = read_dataset(path).rows
+    assert [(r.line, r.image_uri, r.metadata["note"]) for r in rows] == [
+        (2, "file:///x/1.png", "two\nlines"),
+        (5, "file:///x/2.png", "ok"),
+    ]
+
+
+def test_target_column_option(tmp_path: Path) -> None:
+    path = _write(tmp_path, "image_uri,label\n/x.png,lesion\n")
+    assert read_dataset(path, target_column="label").rows[0].target == "lesion"
+    with pytest.raises(InvalidDatasetError, match="--target-column 'diagnosis' is not in the header"):
+        read_dataset(path, target_column="diagnosis")
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("", None, "the file is empty"),
+        ("   \n\n", None, "the file is empty"),
+        ("path,target\n/x.png,1\n", 1, "no 'image_uri' column"),
+        ("image_uri,a,a\n/x.png,1,2\n", 1, "duplicate column"),
+        ("image_uri\n", 1, "no data rows"),
+        ("image_uri,target\n/x.png,1\n/y.png,1,extra\n", 3, "expected 2 fields as in the header, found 3"),
+        ("image_uri,target\n/x.png\n", 2, "expected 2 fields"),
+        ("image_uri,target\n,1\n", 2, "empty image_uri"),
+        ("image_uri\nftp://host/x.png\n", 2, "unsupported scheme 'ftp'"),
+        ("image_uri\ns3:///nobucket.png\n", 2, "has no host or bucket"),
+        ('image_uri,note\n/x.png,"unterminated\n', 2, "malformed CSV"),
+        (
+            "image_uri,model\n/x.png,deit_tiny_patch16_224\n/y.png,not_a_model\n",
+            3,
+            "unknown model 'not_a_model'",
+        ),
+    ],
+)
+def test_invalid_files_name_the_line_and_the_problem(
+    tmp_path: Path, text: str, line: int | None, message: str
+):
+    path = _write(tmp_path, text)
+    with pytest.raises(InvalidDatasetError, match=message) as info:
+        read_dataset(path, check_model=resolve_model)
+    assert info.value.line == line
+    assert str(path) in str(info.value)
+
+
+def test_every_bad_line_is_listed_at_once(tmp_path: Path) -> None:
+    path = _write(tmp_path, "image_uri,target\n/a.png,1\n,2\n/c.png\n/d.png,4\n")
+    with pytest.raises(InvalidDatasetError) as info:
+        read_dataset(path)
+    message = str(info.value)
+    assert "2 invalid row(s)" in message
+    assert "line 3: empty image_uri" in message
+    assert "line 4: expected 2 fields" in message
+
+
+def test_not_utf8_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("image_uri\n/caf\xe9.png\n".encode("latin-1"))
+    with pytest.raises(InvalidDatasetError, match="not UTF-8"):
+        read_dataset(path)
+    with pytest.raises(InvalidDatasetError, match="file not found"):
+        read_dataset(tmp_path / "missing.csv")
+

@@ -29,6 +29,7 @@ __all__ = [
     "load_models_file",
     "resolve_model",
     "resolve_models_option",
+    "timm_vit_names",
 ]
 
 # The four models the paper studies (§3.1); ``--models paper`` expands to them.
@@ -116,7 +117,8 @@ class ModelSpec:
 
 
 @functools.cache
-def _timm_vit_names() -> frozenset[str]:
+def timm_vit_names() -> frozenset[str]:
+    """timm's ViT/DeiT architecture names, as listed when the list was last generated."""
     text = resources.files("common").joinpath("data/timm_vit_models.txt").read_text()
     return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
@@ -125,7 +127,7 @@ def is_timm_vit(arch: str) -> bool:
     """True for timm ViT/DeiT architecture names, with or without a pretrained tag (``name.tag``)."""
     if arch.startswith("hf-hub:"):
         return len(arch) > len("hf-hub:")
-    return arch.split(".", 1)[0] in _timm_vit_names()
+    return arch.split(".", 1)[0] in timm_vit_names()
 
 
 _ENTRY_KEYS = {"arch", "weights", "num_classes", "labels", "preprocess", "img_size"}

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from common.db._sql import chunks, dialect_insert
 from common.db.models import Batch, Job, JobState, utcnow
-from common.db.records import NewJob
+from common.db.records import NewJob, QueuedJob
 from common.errors import NotFoundError, PermanentError
 
 __all__ = ["add_jobs", "create_batch", "get_batch", "mark_enqueued", "queued_jobs", "retry_failed"]
@@ -51,6 +51,7 @@ def add_jobs(session: Session, batch_id: str, jobs: Sequence[NewJob], *, ids: Se
             "row_id": job.row_id,
             "image_uri": job.image_uri,
             "model": job.model,
+            "queue": job.queue,
             "model_spec": job.model_spec,
             "target": job.target,
             "config_fingerprint": job.config_fingerprint,
@@ -82,14 +83,14 @@ def get_batch(session: Session, ref: str) -> Batch:
     return batch
 
 
-def queued_jobs(session: Session, batch_id: str) -> list[tuple[str, str]]:
-    """(job id, model) of the batch's queued jobs, grouped by model for chunked publishing."""
+def queued_jobs(session: Session, batch_id: str) -> list[QueuedJob]:
+    """The batch's queued jobs, grouped by model for chunked publishing."""
     rows = session.execute(
-        sa.select(Job.id, Job.model)
+        sa.select(Job.id, Job.model, Job.queue)
         .where(Job.batch_id == batch_id, Job.state == JobState.QUEUED)
         .order_by(Job.model, Job.row_number)
     )
-    return [(row.id, row.model) for row in rows]
+    return [QueuedJob(*row) for row in rows]
 
 
 def mark_enqueued(session: Session, job_ids: Sequence[str], *, now: datetime | None = None) -> None:
@@ -98,8 +99,8 @@ def mark_enqueued(session: Session, job_ids: Sequence[str], *, now: datetime | N
         session.execute(sa.update(Job).where(Job.id.in_(chunk)).values(enqueued_at=now))
 
 
-def retry_failed(session: Session, batch_id: str, *, now: datetime | None = None) -> list[tuple[str, str]]:
-    """``failed → queued`` for a batch, with a fresh attempt budget; returns (job id, model) to publish."""
+def retry_failed(session: Session, batch_id: str, *, now: datetime | None = None) -> list[QueuedJob]:
+    """``failed → queued`` for a batch, with a fresh attempt budget; returns the jobs to publish."""
     now = now or utcnow()
     stmt = (
         sa.update(Job)
@@ -113,7 +114,7 @@ def retry_failed(session: Session, batch_id: str, *, now: datetime | None = None
             error_class=None,
             error_message=None,
         )
-        .returning(Job.id, Job.model)
+        .returning(Job.id, Job.model, Job.queue)
         .execution_options(synchronize_session=False)
     )
-    return sorted(((row.id, row.model) for row in session.execute(stmt)), key=lambda r: (r[1], r[0]))
+    return sorted((QueuedJob(*row) for row in session.execute(stmt)), key=lambda job: (job.model, job.id))

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from common.db._sql import chunks, dialect_insert
 from common.db.models import Artifact, Job, JobState, Prediction, utcnow
-from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, WorkerIdentity
+from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, QueuedJob, WorkerIdentity
 
 __all__ = [
     "claim_jobs",
@@ -137,20 +137,20 @@ def release_jobs(session: Session, job_ids: Sequence[str], *, worker_id: str) ->
 
 def reap_expired(
     session: Session, *, max_attempts: int, now: datetime | None = None, limit: int = 10_000
-) -> tuple[list[tuple[str, str]], list[str]]:
+) -> tuple[list[QueuedJob], list[str]]:
     """Recover jobs whose worker vanished: expired leases go back to queued, or fail after max_attempts.
 
-    Returns ((job id, model) requeued — to be published again, job ids failed for good).
+    Returns (jobs requeued — to be published again, ids of jobs failed for good).
     """
     now = now or utcnow()
     expired = session.execute(
-        sa.select(Job.id, Job.model, Job.attempts, Job.worker_id)
+        sa.select(Job.id, Job.model, Job.queue, Job.attempts, Job.worker_id)
         .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
         .limit(limit)
     ).all()
-    requeued: list[tuple[str, str]] = []
+    requeued: list[QueuedJob] = []
     failed: list[str] = []
-    for job_id, model, attempts, owner in expired:
+    for job_id, model, queue, attempts, owner in expired:
         exhausted = attempts >= max_attempts
         values: dict[str, Any] = {"lease_expires_at": None}
         if exhausted:
@@ -167,7 +167,7 @@ def reap_expired(
             if exhausted:
                 failed.append(job_id)
             else:
-                requeued.append((job_id, model))
+                requeued.append(QueuedJob(job_id, model, queue))
     return requeued, failed
 
 

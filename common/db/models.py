@@ -124,6 +124,7 @@ class Job(Base):
     row_id: Mapped[str | None] = mapped_column(sa.String(200))  # the CSV's own `id` column
     image_uri: Mapped[str] = mapped_column(sa.Text)
     model: Mapped[str] = mapped_column(sa.String(200))
+    queue: Mapped[str] = mapped_column(sa.String(200))  # routing decided once, at submit
     model_spec: Mapped[dict[str, Any]] = mapped_column()
     target: Mapped[str | None] = mapped_column(sa.String(200))  # as written in the CSV
     config_fingerprint: Mapped[str] = mapped_column(sa.String(32))

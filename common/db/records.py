@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["ArtifactRecord", "JobOutcome", "NewJob", "PredictionRecord", "WorkerIdentity"]
+__all__ = ["ArtifactRecord", "JobOutcome", "NewJob", "PredictionRecord", "QueuedJob", "WorkerIdentity"]
 
 
 @dataclass(frozen=True)
@@ -16,11 +16,20 @@ class NewJob:
     row_number: int
     image_uri: str
     model: str
+    queue: str
     model_spec: dict[str, Any]
     config_fingerprint: str
     row_id: str | None = None
     target: str | None = None
     row_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class QueuedJob(NamedTuple):
+    """A job to put on the queue: messages are chunks of one model, sent to that model's queue."""
+
+    id: str
+    model: str
+    queue: str
 
 
 @dataclass(frozen=True)

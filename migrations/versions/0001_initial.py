@@ -138,6 +138,7 @@ def upgrade() -> None:
         sa.Column("row_id", sa.String(200), nullable=True),
         sa.Column("image_uri", sa.Text, nullable=False),
         sa.Column("model", sa.String(200), nullable=False),
+        sa.Column("queue", sa.String(200), nullable=False),
         sa.Column("model_spec", JSON, nullable=False),
         sa.Column("target", sa.String(200), nullable=True),
         sa.Column("config_fingerprint", sa.String(32), nullable=False),

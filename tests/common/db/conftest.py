@@ -35,6 +35,7 @@ def make_batch(db: Database) -> MakeBatch:
                 row_number=row + 2,
                 image_uri=f"file:///images/{row}.png",
                 model=model,
+                queue="vitscope.deit_tiny",
                 model_spec={"name": model, "arch": model},
                 config_fingerprint=f"cfg-{model}",
                 row_id=f"img-{row}",

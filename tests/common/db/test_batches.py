@@ -32,8 +32,8 @@ def test_jobs_are_rows_times_models_and_counted(db, make_batch) -> None:
     with db.session() as s:
         assert s.get(Batch, batch_id).total_jobs == 6
         queued = queued_jobs(s, batch_id)
-    assert sorted(job_id for job_id, _ in queued) == sorted(ids)
-    assert [model for _, model in queued] == ["deit_tiny_patch16_224"] * 3 + ["vit_base_patch16_224"] * 3
+    assert sorted(job.id for job in queued) == sorted(ids)
+    assert [job.model for job in queued] == ["deit_tiny_patch16_224"] * 3 + ["vit_base_patch16_224"] * 3
 
 
 def test_adding_the_same_rows_again_inserts_nothing(db, make_batch) -> None:
@@ -43,6 +43,7 @@ def test_adding_the_same_rows_again_inserts_nothing(db, make_batch) -> None:
             row_number=row + 2,
             image_uri="x",
             model="deit_tiny_patch16_224",
+            queue="q",
             model_spec={},
             config_fingerprint="c",
         )

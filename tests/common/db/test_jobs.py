@@ -226,7 +226,7 @@ def test_reaper_requeues_expired_and_fails_exhausted(db, make_batch) -> None:
         claim_jobs(s, more, worker=A, lease_seconds=5, max_attempts=3, now=now)
     with db.session() as s:
         requeued, failed = reap_expired(s, max_attempts=3, now=now + timedelta(seconds=6))
-    assert requeued == [(more[0], "deit_tiny_patch16_224")]
+    assert requeued == [(more[0], "deit_tiny_patch16_224", "vitscope.deit_tiny")]
     assert failed == []
     assert _state(db, more[0]).state == JobState.QUEUED
     assert _state(db, ids[0]).error_class == "WorkerLostError"
@@ -272,7 +272,7 @@ def test_retry_failed_requeues_with_a_fresh_budget(db, make_batch) -> None:
         )
         record_success(s, ids[1], worker_id=A.worker_id, outcome=_outcome())
     with db.session() as s:
-        assert retry_failed(s, batch_id) == [(ids[0], "deit_tiny_patch16_224")]
+        assert retry_failed(s, batch_id) == [(ids[0], "deit_tiny_patch16_224", "vitscope.deit_tiny")]
     job = _state(db, ids[0])
     assert (job.state, job.attempts, job.error_class) == (JobState.QUEUED, 0, None)
     assert _state(db, ids[1]).state == JobState.SUCCEEDED

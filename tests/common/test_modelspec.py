@@ -1,0 +1,131 @@
+"""Model names and models files: what they resolve to, and how mistakes are reported."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.errors import InvalidModelSpecError, UnknownModelError
+from common.methods import Preprocess
+from common.modelspec import (
+    PAPER_MODELS,
+    ModelSpec,
+    is_timm_vit,
+    load_models_file,
+    resolve_model,
+    resolve_models_option,
+    timm_vit_names,
+)
+
+
+def test_shipped_name_list_matches_the_installed_timm() -> None:
+    """The producer validates names without timm; regenerate with scripts/gen_timm_model_list.py."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gen_timm_model_list.py"
+    spec = importlib.util.spec_from_file_location("gen_timm_model_list", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    assert set(module.vit_model_names()) == set(timm_vit_names())
+
+
+@pytest.mark.parametrize(
+    ("name", "known"),
+    [
+        ("deit_tiny_patch16_224", True),
+        ("deit_tiny_distilled_patch16_224", True),
+        ("vit_base_patch16_224.augreg2_in21k_ft_in1k", True),
+        ("vit_large_patch16_224", True),
+        ("hf-hub:timm/vit_base_patch16_224.augreg_in21k", True),
+        ("resnet50", False),
+        ("vit_base_patch16_224x", False),
+        ("hf-hub:", False),
+    ],
+)
+def test_is_timm_vit(name: str, known: bool) -> None:
+    assert is_timm_vit(name) is known
+
+
+def test_models_option_expands_paper_and_keeps_order() -> None:
+    assert resolve_models_option("paper") == list(PAPER_MODELS)
+    assert resolve_models_option("deit_tiny_patch16_224, paper") == list(PAPER_MODELS[3:]) + list(
+        PAPER_MODELS[:3]
+    )
+    assert resolve_models_option(None) == []
+
+
+def test_timm_name_resolves_to_pretrained_spec_with_overrides() -> None:
+    spec = resolve_model("vit_base_patch32_224")
+    assert (spec.arch, spec.weights, spec.preprocess) == (
+        "vit_base_patch32_224",
+        "pretrained",
+        Preprocess.TIMM,
+    )
+    random_paper = resolve_model("vit_base_patch32_224", preprocess=Preprocess.PAPER, weights="random")
+    assert (random_paper.weights, random_paper.preprocess) == ("random", Preprocess.PAPER)
+    assert random_paper.fingerprint() != spec.fingerprint()
+    with pytest.raises(UnknownModelError, match="resnet50"):
+        resolve_model("resnet50")
+
+
+def test_spec_round_trips_through_json_and_fingerprints_ignore_the_display_name() -> None:
+    spec = ModelSpec(
+        name="a", arch="deit_tiny_patch16_224", weights="/w.safetensors", labels=("x", "y"), num_classes=2
+    )
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    renamed = ModelSpec.from_dict({**spec.to_dict(), "name": "b"})
+    assert renamed.fingerprint() == spec.fingerprint()
+
+
+def test_models_file(tmp_path: Path) -> None:
+    (tmp_path / "models.toml").write_text(
+        """
+[models.my-deit]
+arch = "deit_tiny_patch16_224"
+weights = "checkpoints/my-deit.safetensors"
+labels = ["healthy", "lesion"]
+preprocess = "paper"
+
+[models.remote]
+arch = "vit_base_patch16_224"
+weights = "s3://bucket/weights/"
+num_classes = 10
+"""
+    )
+    models = load_models_file(tmp_path / "models.toml")
+    mine = models["my-deit"]
+    assert mine.weights == str(tmp_path / "checkpoints" / "my-deit.safetensors")
+    assert (mine.num_classes, mine.labels, mine.preprocess) == (2, ("healthy", "lesion"), Preprocess.PAPER)
+    assert models["remote"].weights == "s3://bucket/weights/"
+    assert resolve_model("my-deit", models) is mine
+    with pytest.raises(UnknownModelError, match="models file entries: my-deit, remote"):
+        resolve_model("nope", models)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[models.x]\nweights = 'random'\n", "needs arch"),
+        ("[models.x]\narch = 'resnet50'\n", "not a timm ViT/DeiT"),
+        ("[models.x]\narch = 'deit_tiny_patch16_224'\ncolour = 'red'\n", "unknown key"),
+        (
+            "[models.x]\narch = 'deit_tiny_patch16_224'\nlabels = ['a']\nnum_classes = 3\n",
+            "1 labels given for num_classes = 3",
+        ),
+        ("[models.x]\narch = 'deit_tiny_patch16_224'\npreprocess = 'fancy'\n", "preprocess must be one of"),
+        (
+            "[models.x]\narch = 'deit_tiny_patch16_224'\nnum_classes = 'ten'\n",
+            "num_classes must be an integer",
+        ),
+        ("[other]\n", "no \\[models.<name>\\] tables"),
+        ("[models.x\n", "invalid TOML"),
+    ],
+)
+def test_models_file_errors(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(toml)
+    with pytest.raises(InvalidModelSpecError, match=message):
+        load_models_file(path)

@@ -79,8 +79,9 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        # A hard limit only: a soft limit raises inside the chunk, where it would be recorded as the
+        # jobs' own failure. A killed chunk is redelivered and its jobs retried up to max_attempts.
         task_time_limit=settings.task_time_limit_seconds,
-        task_soft_time_limit=max(1, settings.task_time_limit_seconds - 30),
         task_default_queue=DEFAULT_QUEUE,
         task_create_missing_queues=True,
         broker_connection_retry_on_startup=True,

@@ -1,5 +1,7 @@
 """Putting jobs on the queue: by task name, in chunks of one model, after the rows are committed.
 
+Used by the producer (new batches, retries) and by workers (re-enqueueing jobs whose worker died).
+
 A message carries the ids of up to ``chunk_size`` jobs of the same model, sent to that model's
 queue, so a worker can fill a GPU batch from one message; the producer never imports worker code.
 One broker connection is reused for every message, which is what makes a 100,000-job submit take

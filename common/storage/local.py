@@ -1,0 +1,144 @@
+"""An object store in a local folder, and size-capped reads of local files.
+
+Used for single-machine runs (the default ``./results``) and for shared filesystems. Writes are
+atomic: a reader, a crashed worker or a retry never sees half an artifact.
+
+Filesystem failures are reported in the terms of ``common.errors``, like S3's: a missing file is
+``NotFoundError``; denied access or a key that collides with a folder is ``StorageConfigError``
+(retrying will not help); anything else (a full disk, an NFS hiccup) is
+``StorageUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError, StorageUnavailableError
+from common.storage.base import DEFAULT_CONTENT_TYPE, PutItem, check_key, check_prefix, put_each
+
+__all__ = ["LocalStore", "list_files", "read_file"]
+
+# Prefix of the temporary files of writes in progress; ``list`` never reports them.
+_TEMP_PREFIX = ".vitscope-tmp-"
+_PERMANENT_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+@contextlib.contextmanager
+def _os_errors(action: str, path: Path) -> Iterator[None]:
+    try:
+        yield
+    except _PERMANENT_OS_ERRORS as exc:
+        raise StorageConfigError(f"cannot {action} {path}: {exc}") from exc
+    except OSError as exc:
+        raise StorageUnavailableError(f"cannot {action} {path}: {exc}") from exc
+
+
+class LocalStore:
+    """Objects as files under ``root``: key "a/b.npy" is the file ``root/a/b.npy``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        with _os_errors("create the store folder", self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
+        self.url = self.root.as_uri()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+    def put(self, key: str, data: bytes, *, content_type: str = DEFAULT_CONTENT_TYPE) -> str:
+        """Write through a temporary file in the target folder, then ``os.replace`` it into place.
+
+        ``os.replace`` is atomic within one filesystem, which is why the temporary file lives in the
+        same folder. The file is fsynced first so that after a power loss the name never points at
+        an empty file. ``content_type`` has no place on a filesystem and is ignored.
+        """
+        path = self._path(key)
+        temp = path.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
+        with _os_errors("write", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # os.open with mode 0o666 honours the umask, unlike tempfile's private 0o600 files.
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temp, path)
+            except BaseException:
+                temp.unlink(missing_ok=True)
+                raise
+        return self.uri(key)
+
+    def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
+        """Sequential: a local disk gains nothing from concurrent small writes."""
+        return put_each(self.put, items)
+
+    def get(self, key: str) -> bytes:
+        return read_file(self._path(key))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def uri(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with _os_errors("delete", path):
+            path.unlink(missing_ok=True)
+
+    def list(self, prefix: str = "") -> list[str]:
+        return list_files(self.root, prefix)
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+
+def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of the file at ``path``, refusing more than ``max_bytes``.
+
+    The size is checked with ``stat`` before reading and the read itself is capped as well, because
+    the file may grow between the two (or be a pipe or /dev/zero, whose size says nothing).
+    """
+    with _os_errors("read", path):
+        try:
+            handle = path.open("rb")
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            # NotADirectoryError: a path through a file ("a.jpg/b"), which names nothing either.
+            raise NotFoundError(f"no such file: {path}") from exc
+        except IsADirectoryError as exc:
+            raise NotFoundError(f"not a file (a directory): {path}") from exc
+        with handle:
+            if max_bytes is None:
+                return handle.read()
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise ObjectTooLargeError(f"{path} is {size} bytes, over the limit of {max_bytes}")
+            data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ObjectTooLargeError(f"{path} is over the limit of {max_bytes} bytes")
+    return data
+
+
+def list_files(root: Path, prefix: str = "") -> list[str]:
+    """Relative "/"-separated paths of the files under ``root`` that start with ``prefix``, sorted.
+
+    ``prefix`` is a plain string prefix, as in S3 ("ab" matches "ab/c" and "abc"), so only the folder
+    part of it narrows the walk; the rest filters names.
+    """
+    folder = root / check_prefix(prefix).rpartition("/")[0]
+    if not folder.is_dir():
+        return []
+    keys: list[str] = []
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if name.startswith(_TEMP_PREFIX):
+                continue
+            key = (Path(dirpath) / name).relative_to(root).as_posix()
+            if key.startswith(prefix):
+                keys.append(key)
+    return sorted(keys)

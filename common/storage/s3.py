@@ -1,0 +1,271 @@
+"""An object store in an S3 bucket (AWS S3, MinIO or any S3-compatible service).
+
+Endpoint, credentials and region come from the standard AWS configuration (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``, ``~/.aws/config``…), so a
+MinIO deployment needs no vitscope-specific setting.
+
+Addressing style: whenever an endpoint URL is configured, botocore sends path-style requests
+(``http://endpoint/bucket/key``) unless the AWS config says ``s3.addressing_style = virtual``
+(read in botocore 1.44's ``args.py``, and pinned by ``test_storage_s3.py``). Path style is what
+MinIO needs; leaving the choice to botocore keeps the escape hatch for the few S3-compatible
+services that demand virtual-hosted requests, which forcing "path" here would take away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError
+from common.storage.base import DEFAULT_CONTENT_TYPE, PutItem, check_key, check_prefix, unique_items
+from common.storage.s3_errors import translate_s3_error
+
+__all__ = ["S3ClientOptions", "S3Store"]
+
+
+@dataclass(frozen=True)
+class S3ClientOptions:
+    """The client settings vitscope chooses; everything else is the AWS configuration's.
+
+    ``max_pool_connections`` must be at least the number of upload threads, or the threads queue
+    for connections (and urllib3 warns "Connection pool is full"). ``max_attempts`` counts the first
+    try; botocore's "standard" retry mode backs off exponentially with jitter and retries
+    throttling, 5xx and connection errors.
+    """
+
+    max_pool_connections: int = 10
+    max_attempts: int = 4
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+
+    def config(self) -> Config:
+        return Config(
+            max_pool_connections=self.max_pool_connections,
+            # "total_max_attempts" includes the first request; botocore's "max_attempts" key would not.
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+        )
+
+
+class _ProcessClients:
+    """One boto3 client per option set in each process, created on first use.
+
+    boto3 clients are thread-safe and expensive to build (tens of milliseconds, a parsed service
+    model), so the upload threads share one. Sessions are not thread-safe, so each client is built
+    from its own session under a lock. After ``fork`` a child must not touch the parent's clients:
+    their pooled sockets are shared with the parent and interleaved requests corrupt both. The pid
+    check catches every kind of fork (multiprocessing, Celery's prefork pool, a bare ``os.fork``);
+    the lock is replaced too, since a parent thread may have held it at the moment of the fork.
+
+    boto3 reads its endpoint and credentials from ``AWS_*`` variables when a client is built, so
+    the cache key includes them: a process whose AWS environment changed (tests do this) gets a
+    client that matches it instead of one pointing at the old endpoint.
+    """
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[S3ClientOptions, frozenset[tuple[str, str]]], Any] = {}
+
+    def get(self, options: S3ClientOptions) -> Any:
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._clients = {}
+        aws_environment = frozenset((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+        cache_key = (options, aws_environment)
+        client = self._clients.get(cache_key)
+        if client is None:
+            with self._lock:
+                client = self._clients.get(cache_key)
+                if client is None:
+                    client = self._clients[cache_key] = _new_client(options)
+        return client
+
+
+def _new_client(options: S3ClientOptions) -> Any:
+    try:
+        return boto3.session.Session().client("s3", config=options.config())
+    except (BotoCoreError, ValueError) as exc:
+        # ValueError: botocore's verdict on a malformed AWS_ENDPOINT_URL.
+        raise StorageConfigError(f"cannot create an S3 client from the AWS configuration: {exc}") from exc
+
+
+_clients = _ProcessClients()
+
+
+class S3Store:
+    """Objects in ``bucket`` under an optional ``prefix``: key "a/b" is object "prefix/a/b".
+
+    ``upload_threads`` bounds ``put_many``'s concurrency. ``put`` is a single PUT request, fine for
+    artifacts up to a few hundred MB (S3's single-PUT limit is 5 GB, but one retry then resends
+    everything); larger objects would want a multipart upload.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        upload_threads: int = 8,
+        max_attempts: int = 4,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        if not bucket or "/" in bucket:
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+        if upload_threads < 1:
+            raise ValueError(f"upload_threads must be at least 1, got {upload_threads}")
+        prefix = prefix.strip("/")
+        self.bucket = bucket
+        self.prefix = check_key(prefix) if prefix else ""
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._upload_threads = upload_threads
+        self._options = S3ClientOptions(
+            max_pool_connections=max(10, upload_threads),
+            max_attempts=max_attempts,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+        # Set once the bucket is known to exist, so a missing object's 404 can be told apart from a
+        # missing bucket's (a HEAD response has no body to say which) without asking every time.
+        self._bucket_exists = False
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r})"
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client of the current process (a new one after a fork)."""
+        return _clients.get(self._options)
+
+    def put(self, key: str, data: bytes, *, content_type: str = DEFAULT_CONTENT_TYPE) -> str:
+        object_key = self._object_key(key)
+        with self._errors(object_key):
+            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data, ContentType=content_type)
+        return self.uri(key)
+
+    def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
+        """Upload concurrently; after every upload finished, raise the first error in item order.
+
+        Waiting for all before raising means no upload is still running, unobserved, when the
+        caller handles the error (and, say, marks the job failed or retries it).
+        """
+        listed = unique_items(items)
+        if not listed:
+            return {}
+        workers = min(self._upload_threads, len(listed))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-upload") as pool:
+            futures = {
+                key: pool.submit(self.put, key, data, content_type=content_type)
+                for key, data, content_type in listed
+            }
+        uris: dict[str, str] = {}
+        first_error: BaseException | None = None
+        for key, future in futures.items():
+            error = future.exception()
+            if error is None:
+                uris[key] = future.result()
+            elif first_error is None:
+                first_error = error
+        if first_error is not None:
+            raise first_error
+        return uris
+
+    def get(self, key: str) -> bytes:
+        return self.read_object(self._object_key(key))
+
+    def exists(self, key: str) -> bool:
+        object_key = self._object_key(key)
+        try:
+            with self._errors(object_key):
+                self.client.head_object(Bucket=self.bucket, Key=object_key)
+        except NotFoundError:
+            return False
+        return True
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._object_key(key)}"
+
+    def delete(self, key: str) -> None:
+        """S3 answers a DELETE of a missing key with success, which makes this idempotent."""
+        object_key = self._object_key(key)
+        with self._errors(object_key):
+            self.client.delete_object(Bucket=self.bucket, Key=object_key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        return [key[len(base) :] for key in self.list_objects(base + check_prefix(prefix))]
+
+    def read_object(self, object_key: str, *, max_bytes: int | None = None) -> bytes:
+        """The bytes of ``object_key`` (a full key in the bucket, not under the store's prefix).
+
+        No key rules apply, since the key may come from a user's URI. With ``max_bytes``, a HEAD
+        request checks the size before the download, and the download is capped too in case the
+        object was replaced in between.
+        """
+        with self._errors(object_key):
+            if max_bytes is not None:
+                size = self.client.head_object(Bucket=self.bucket, Key=object_key)["ContentLength"]
+                if size > max_bytes:
+                    raise ObjectTooLargeError(
+                        f"s3://{self.bucket}/{object_key} is {size} bytes, over the limit of {max_bytes}"
+                    )
+            body = self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"]
+            try:
+                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            finally:
+                body.close()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLargeError(f"s3://{self.bucket}/{object_key} is over the limit of {max_bytes}")
+        return data
+
+    def list_objects(self, object_prefix: str = "") -> list[str]:
+        """Full keys in the bucket starting with ``object_prefix``, sorted."""
+        keys: list[str] = []
+        with self._errors(None):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=object_prefix
+            )
+            for page in pages:
+                keys.extend(item["Key"] for item in page.get("Contents", ()))
+        return sorted(keys)
+
+    def _object_key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextlib.contextmanager
+    def _errors(self, object_key: str | None) -> Iterator[None]:
+        """Translate botocore's errors; a "not found" is checked against a missing bucket first."""
+        try:
+            yield
+        except (BotoCoreError, ClientError) as exc:
+            error = translate_s3_error(exc, bucket=self.bucket, key=object_key)
+            if isinstance(error, NotFoundError):
+                self._require_bucket()
+            raise error from exc
+
+    def _require_bucket(self) -> None:
+        if self._bucket_exists:
+            return
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            error = translate_s3_error(exc, bucket=self.bucket)
+            if isinstance(error, NotFoundError):
+                error = StorageConfigError(f"S3 bucket {self.bucket!r} does not exist")
+            raise error from exc
+        except BotoCoreError as exc:
+            raise translate_s3_error(exc, bucket=self.bucket) from exc
+        self._bucket_exists = True

@@ -1,0 +1,126 @@
+"""From a URL to the adapter that serves it: the one place that knows the supported schemes.
+
+    file:///abs/dir  or a plain path   LocalStore
+    s3://bucket[/prefix]               S3Store
+    memory://name                      MemoryStore (process-local)
+
+S3 and memory URIs are split by hand rather than with ``urllib.parse``: an S3 key may contain "?"
+and "#", which a URL parser would cut off as query and fragment. File URIs are real URLs
+(``Path.as_uri`` percent-encodes such characters), so they are parsed as URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from common.storage.base import ObjectStore
+from common.storage.local import LocalStore, list_files, read_file
+from common.storage.memory import MemoryStore, read_memory_object
+from common.storage.s3 import S3Store
+
+__all__ = ["file_uri_path", "list_uri", "open_store", "read_uri", "uri_scheme"]
+
+_SUPPORTED = "file:///absolute/dir (or a plain directory path), s3://bucket[/prefix] or memory://name"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def uri_scheme(uri: str) -> str:
+    """The lower-case scheme of ``uri`` ("s3", "file", "https"…), or "" for a plain path."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else ""
+
+
+def open_store(url: str, *, upload_threads: int = 8) -> ObjectStore:
+    """The object store for a storage URL; ``ValueError`` naming the supported schemes otherwise.
+
+    A local folder is created if missing, so a fresh machine can write results at once.
+    ``upload_threads`` is the concurrency of ``put_many`` on S3 (local and memory writes are
+    sequential).
+    """
+    scheme = uri_scheme(url)
+    if scheme == "" and url:
+        return LocalStore(url)
+    if scheme == "file":
+        return LocalStore(file_uri_path(url))
+    if scheme == "s3":
+        bucket, _, prefix = _after_scheme(url).partition("/")
+        if not bucket:
+            raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket[/prefix]")
+        return S3Store(bucket, prefix, upload_threads=upload_threads)
+    if scheme == "memory":
+        name, _, rest = _after_scheme(url).partition("/")
+        if rest:
+            raise ValueError(f"storage URL {url!r}: a memory store takes a name only (memory://name)")
+        return MemoryStore(name)
+    raise ValueError(f"unsupported storage URL {url!r}: use {_SUPPORTED}")
+
+
+def read_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of one object named by an absolute URI (s3://, file://, memory://) or a local path.
+
+    ``NotFoundError`` when it does not exist, ``ObjectTooLargeError`` when ``max_bytes`` is given and
+    the object is larger (checked before downloading, and the read is capped as well).
+    """
+    scheme = uri_scheme(uri)
+    if scheme == "" and uri:
+        return read_file(Path(uri), max_bytes=max_bytes)
+    if scheme == "file":
+        return read_file(file_uri_path(uri), max_bytes=max_bytes)
+    if scheme in ("s3", "memory"):
+        container, _, key = _after_scheme(uri).partition("/")
+        if not container or not key:
+            raise ValueError(f"{uri!r} does not name an object: use {scheme}://<name>/<key>")
+        if scheme == "s3":
+            return S3Store(container).read_object(key, max_bytes=max_bytes)
+        return read_memory_object(container, key, max_bytes=max_bytes)
+    raise ValueError(f"cannot read {uri!r}: use an s3://, file:// or memory:// URI or a local path")
+
+
+def list_uri(prefix_uri: str) -> list[str]:
+    """Absolute URIs of the objects whose URI starts with ``prefix_uri``, sorted.
+
+    The prefix is a plain string prefix as in S3: "s3://b/img/cat" lists "s3://b/img/cat1.jpg" and
+    "s3://b/img/cats/a.jpg". For local files, ".../dir/" lists the files under dir, recursively.
+    """
+    scheme = uri_scheme(prefix_uri)
+    if scheme in ("", "file"):
+        raw = file_uri_path(prefix_uri) if scheme == "file" else Path(prefix_uri)
+        # normpath drops "." and duplicate "/" segments, which a key prefix may not contain, and
+        # the trailing "/", which would be what restricts the listing to the folder's contents.
+        path = os.path.normpath(os.path.abspath(raw))
+        if prefix_uri.endswith("/") and not path.endswith("/"):
+            path += "/"
+        root = Path("/")
+        return [(root / key).as_uri() for key in list_files(root, path.lstrip("/"))]
+    if scheme in ("s3", "memory"):
+        container, _, prefix = _after_scheme(prefix_uri).partition("/")
+        if not container:
+            raise ValueError(f"{prefix_uri!r} names no bucket or store: use {scheme}://<name>/<prefix>")
+        if scheme == "s3":
+            return [f"s3://{container}/{key}" for key in S3Store(container).list_objects(prefix)]
+        store = MemoryStore(container)
+        return [store.uri(key) for key in store.list(prefix)]
+    raise ValueError(f"cannot list {prefix_uri!r}: use an s3://, file:// or memory:// URI or a local path")
+
+
+def file_uri_path(uri: str) -> Path:
+    """The absolute local path of a file URI; ``ValueError`` for remote hosts or relative paths.
+
+    "file://localhost/x" is the same as "file:///x" (RFC 8089); any other host would be a network
+    share this process cannot read.
+    """
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"file URI {uri!r} names the host {parts.netloc!r}; only file:///path is supported")
+    path = url2pathname(parts.path)
+    if not os.path.isabs(path):
+        raise ValueError(f"file URI {uri!r} must hold an absolute path (file:///abs/path)")
+    return Path(path)
+
+
+def _after_scheme(uri: str) -> str:
+    return uri.split("://", 1)[1]

@@ -1,0 +1,353 @@
+"""``producer``: submit datasets, follow batches, read results, retry failures, migrate the database.
+
+A thin shell: it parses options, calls ``producer.submit`` / ``common.db`` and prints. Distributed
+mode publishes by task name and never imports torch; only ``--local`` (the default without a
+broker) imports the worker package to run the same pipeline in this process.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from common.db import Database, open_database
+from common.db.batches import get_batch, retry_failed
+from common.db.models import JobState
+from common.db.reports import batch_status, iter_job_results
+from common.db.session import current_revision, downgrade, head_revision, upgrade
+from common.db.workers import live_workers
+from common.errors import VitscopeError
+from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
+from common.modelspec import resolve_models_option
+from common.settings import Settings, get_settings
+from producer.report import results_table, status_view, write_csv, write_json, write_jsonl
+from producer.submit import SubmitOptions, commit_plan, enqueue, plan_submission
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="Submit ViT attention-explanation batches and read their results.", no_args_is_help=True
+)
+db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[green]{task.fields[ok]} ok[/green] [red]{task.fields[failed]} failed[/red]"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+@app.command()
+def submit(
+    dataset: Annotated[Path, typer.Argument(help="CSV with an image_uri column (see README).")],
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated timm ViT names or models-file entries; 'paper' = the paper's four."
+        ),
+    ] = None,
+    models_file: Annotated[
+        Path | None, typer.Option(help="TOML file of named models (or VITSCOPE_MODELS_FILE).")
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Process in this process (default when no broker is set).")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow a distributed batch until it is done.")
+    ] = False,
+    name: Annotated[str | None, typer.Option(help="A unique name to refer to the batch by.")] = None,
+    head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout head fusion.")] = HeadFusion.MEAN,
+    discard_ratio: Annotated[
+        float, typer.Option(help="Fraction of lowest attention discarded per block.")
+    ] = 0.9,
+    preprocess: Annotated[
+        Preprocess | None, typer.Option(help="Override every model's preprocessing.")
+    ] = None,
+    raw_attention: Annotated[
+        bool, typer.Option("--raw-attention", help="Also store attention.npy [L,H,N,N] (large).")
+    ] = False,
+    target_column: Annotated[
+        str | None, typer.Option(help="Column with the target class (default: target).")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Predictions kept per job.")] = 5,
+    layer_scores: Annotated[
+        LayerScoreReduction, typer.Option(help="Per-layer score reduction.")
+    ] = LayerScoreReduction.QUERY_MAX,
+    weights: Annotated[
+        str | None, typer.Option(help="Weights for every model: 'pretrained', 'random', a path, s3://…")
+    ] = None,
+    random_if_offline: Annotated[
+        bool,
+        typer.Option(
+            "--random-if-offline",
+            help="--local only: use RANDOM weights (labelled) when pretrained ones are unreachable.",
+        ),
+    ] = False,
+) -> None:
+    """Create a batch of image × model jobs and run it (locally) or enqueue it (with a broker)."""
+    settings = get_settings()
+    distributed = bool(settings.broker_url) and not local
+    if random_if_offline and distributed:
+        raise _fail("--random-if-offline needs --local: only a local run can check weights before submitting")
+    try:
+        options = SubmitOptions(
+            models=resolve_models_option(models),
+            models_file=models_file or settings.models_file,
+            settings=MethodSettings(
+                head_fusion=head_fusion,
+                discard_ratio=discard_ratio,
+                layer_score_reduction=layer_scores,
+                raw_attention=raw_attention,
+                top_k=top_k,
+            ),
+            preprocess=preprocess,
+            weights=weights,
+            target_column=target_column,
+            name=name,
+        )
+        plan = plan_submission(dataset, options)
+        db = open_database(settings)
+        if distributed:
+            _submit_distributed(settings, db, plan, options, wait=wait)
+        else:
+            _submit_local(settings, db, plan, options, random_if_offline=random_if_offline)
+    except (VitscopeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _submit_distributed(
+    settings: Settings, db: Database, plan, options: SubmitOptions, *, wait: bool
+) -> None:
+    from common.celery_app import make_celery
+
+    celery = make_celery(settings)
+    start = time.perf_counter()
+    submission = commit_plan(db, plan, options, mode="distributed")
+    messages = enqueue(celery, db, submission.batch_id, chunk_size=settings.chunk_size)
+    elapsed = time.perf_counter() - start
+    err.print(
+        f"enqueued {submission.jobs} job(s) in {messages} message(s) in {elapsed:.1f} s "
+        f"({submission.jobs / max(elapsed, 1e-9):,.0f} jobs/s)"
+    )
+    code = _follow(db, submission.batch_id) if wait else 0
+    out.print(submission.batch_id)
+    raise typer.Exit(code)
+
+
+def _submit_local(
+    settings: Settings, db: Database, plan, options: SubmitOptions, *, random_if_offline: bool
+) -> None:
+    from worker.local import load_models, run_batch
+    from worker.pipeline import Runtime
+
+    runtime = Runtime.from_settings(settings, db=db)
+    try:
+        err.print(f"loading {len(plan.specs)} model(s) on {runtime.device} …")
+        replacements = load_models(runtime, plan.specs, random_fallback=random_if_offline)
+        for model in replacements:
+            err.print(
+                f"[bold yellow]WARNING: pretrained weights for {model} are unreachable (offline?); using RANDOM "
+                "weights as --random-if-offline asked. Its maps show an untrained network, not what a trained "
+                "model attends to; jobs record weights_source = RANDOM.[/bold yellow]"
+            )
+        if replacements:
+            plan = plan_submission(plan.path, options, replace=replacements)
+        submission = commit_plan(db, plan, options, mode="local")
+        err.print(f"batch {submission.batch_id}: {submission.jobs} job(s)")
+        with _progress() as progress:
+            task = progress.add_task("explaining", total=submission.jobs, ok=0, failed=0)
+            tally = {"ok": 0, "failed": 0}
+
+            def on_job(_job_id: str, state: JobState) -> None:
+                if state is JobState.QUEUED:
+                    return
+                tally["ok" if state is JobState.SUCCEEDED else "failed"] += 1
+                progress.update(task, advance=1, **tally)
+
+            run = run_batch(runtime, submission.batch_id, on_job=on_job)
+    finally:
+        runtime.close()
+    storage = settings.resolved_storage_url()
+    err.print(
+        f"done in {run.seconds:.1f} s: {run.succeeded} computed, {run.reused} reused, {run.failed} failed "
+        f"({(run.succeeded + run.reused) / max(run.seconds, 1e-9):.2f} images/s)\n"
+        f"artifacts: {storage}\n"
+        f"database:  {_safe_url(settings.resolved_database_url())}\n"
+        f"next:      producer status {submission.batch_id}   ·   producer results {submission.batch_id} --format csv"
+    )
+    out.print(submission.batch_id)
+    raise typer.Exit(1 if run.failed else 0)
+
+
+def _safe_url(url: str) -> str:
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def _follow(db: Database, batch_id: str, poll_seconds: float = 1.0) -> int:
+    """A live progress bar until every job is done; non-zero when any failed."""
+    with _progress() as progress:
+        task = progress.add_task("waiting", total=None, ok=0, failed=0)
+        while True:
+            with db.session() as session:
+                status = batch_status(session, get_batch(session, batch_id))
+            counts = status.counts
+            progress.update(
+                task,
+                total=status.total,
+                completed=status.done,
+                ok=counts[JobState.SUCCEEDED],
+                failed=counts[JobState.FAILED],
+            )
+            if status.finished:
+                break
+            time.sleep(poll_seconds)
+    return 1 if status.counts[JobState.FAILED] else 0
+
+
+@app.command()
+def status(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh every 2 s until the batch is done.")
+    ] = False,
+) -> None:
+    """Counts by state, throughput, ETA, failures with reasons, live workers."""
+    settings = get_settings()
+    try:
+        db = open_database(settings)
+        while True:
+            with db.session() as session:
+                found = get_batch(session, batch)
+                state = batch_status(session, found)
+                workers = None
+                if found.mode == "distributed":
+                    workers = live_workers(session, stale_after_seconds=3 * settings.heartbeat_seconds)
+            out.print(status_view(state, workers))
+            if not watch or state.finished:
+                break
+            time.sleep(2)
+    except VitscopeError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def results(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    model: Annotated[str | None, typer.Option(help="Only this model's jobs.")] = None,
+    status: Annotated[JobState | None, typer.Option("--status", help="Only jobs in this state.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv, json (an array) or jsonl.")] = "table",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 50,
+) -> None:
+    """Every job's status, prediction and artifact URIs."""
+    writers = {"csv": write_csv, "json": write_json, "jsonl": write_jsonl}
+    if fmt not in (*writers, "table"):
+        raise _fail(f"unknown --format {fmt!r}: use table, csv, json or jsonl")
+    try:
+        db = open_database(get_settings())
+        with db.session() as session:
+            found = get_batch(session, batch)
+            jobs = iter_job_results(session, found.id, model=model, state=status)
+            if fmt == "table":
+                results_table(jobs, out, limit=limit)
+            elif output is not None:
+                with output.open("w", newline="") as handle:
+                    count = writers[fmt](jobs, handle)
+                err.print(f"wrote {count} job(s) to {output}")
+            else:
+                writers[fmt](jobs, sys.stdout)
+    except VitscopeError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def retry(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    local: Annotated[bool, typer.Option("--local", help="Run the retried jobs in this process.")] = False,
+) -> None:
+    """Re-enqueue the batch's failed jobs (with a fresh attempt budget)."""
+    settings = get_settings()
+    try:
+        db = open_database(settings)
+        with db.session() as session:
+            found = get_batch(session, batch)
+            jobs = retry_failed(session, found.id)
+        err.print(f"{len(jobs)} failed job(s) of batch {found.id} queued again")
+        if not jobs:
+            return
+        if settings.broker_url and not local:
+            from common.celery_app import make_celery
+
+            enqueue(make_celery(settings), db, found.id, chunk_size=settings.chunk_size, jobs=jobs)
+            return
+        from worker.local import run_batch
+        from worker.pipeline import Runtime
+
+        runtime = Runtime.from_settings(settings, db=db)
+        try:
+            run = run_batch(runtime, found.id)
+        finally:
+            runtime.close()
+        err.print(f"{run.succeeded} succeeded, {run.reused} reused, {run.failed} failed")
+        raise typer.Exit(1 if run.failed else 0)
+    except VitscopeError as exc:
+        raise _fail(str(exc)) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    url = get_settings().resolved_database_url()
+    upgrade(url, revision)
+    err.print(f"database at {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
+    """Revert migrations down to REVISION."""
+    downgrade(get_settings().resolved_database_url(), revision)
+    err.print(f"database at {revision}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's schema revision and the newest one."""
+    db = Database(get_settings().resolved_database_url())
+    out.print(f"current: {current_revision(db.engine) or 'none'}  head: {head_revision()}")
+    db.dispose()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,168 @@
+"""Turning a dataset into a batch of jobs, and a batch's queued jobs into queue messages.
+
+Everything is validated before anything is written: an invalid file or an unknown model name
+creates no batch. The batch and its jobs are committed in one transaction, and messages are
+published only after that commit (a worker must find the rows its message names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celery import Celery
+
+from common.celery_app import queue_for
+from common.db import Database
+from common.db.batches import add_jobs, create_batch, mark_enqueued, queued_jobs
+from common.db.records import NewJob, QueuedJob
+from common.errors import InvalidDatasetError, VitscopeError
+from common.keys import config_fingerprint, new_batch_id, new_job_id
+from common.methods import MethodSettings, Preprocess
+from common.modelspec import ModelSpec, load_models_file, resolve_model
+from common.publish import publish_jobs
+from producer.dataset import Dataset, read_dataset
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Plan",
+    "Submission",
+    "SubmitOptions",
+    "commit_plan",
+    "enqueue",
+    "plan_jobs",
+    "plan_submission",
+]
+
+# The paper's best-behaved model and the cheapest; used when neither --models nor a `model` column says.
+DEFAULT_MODEL = "deit_tiny_patch16_224"
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    models: Sequence[str] = ()
+    models_file: Path | None = None
+    settings: MethodSettings = field(default_factory=MethodSettings)
+    preprocess: Preprocess | None = None
+    weights: str | None = None
+    target_column: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Submission:
+    batch_id: str
+    name: str | None
+    jobs: int
+    specs: Mapping[str, ModelSpec]
+
+
+def _resolver(options: SubmitOptions) -> Callable[[str], ModelSpec]:
+    models_map = load_models_file(options.models_file) if options.models_file else {}
+    cache: dict[str, ModelSpec] = {}
+
+    def resolve(name: str) -> ModelSpec:
+        if name not in cache:
+            cache[name] = resolve_model(
+                name, models_map, preprocess=options.preprocess, weights=options.weights
+            )
+        return cache[name]
+
+    return resolve
+
+
+def plan_jobs(dataset: Dataset, options: SubmitOptions, resolve: Callable[[str], ModelSpec]) -> list[NewJob]:
+    """Rows × models, as jobs: a row's own ``model`` cell wins over ``--models``."""
+    default_models = list(options.models) or [DEFAULT_MODEL]
+    for name in default_models:
+        resolve(name)  # an unknown --models name is reported before any row
+    settings = options.settings
+    fingerprints: dict[tuple[str, str | None], str] = {}
+    jobs: list[NewJob] = []
+    for row in dataset.rows:
+        for name in row.models or default_models:
+            spec = resolve(name)
+            key = (name, row.target)
+            if key not in fingerprints:
+                fingerprints[key] = config_fingerprint(spec, settings, row.target)
+            jobs.append(
+                NewJob(
+                    row_number=row.line,
+                    image_uri=row.image_uri,
+                    model=name,
+                    queue=queue_for(spec),
+                    model_spec=spec.to_dict(),
+                    config_fingerprint=fingerprints[key],
+                    row_id=row.row_id,
+                    target=row.target,
+                    row_metadata=row.metadata,
+                )
+            )
+    return jobs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated dataset and the jobs it makes, before anything is written."""
+
+    path: Path
+    jobs: list[NewJob]
+    specs: Mapping[str, ModelSpec]
+
+
+def plan_submission(
+    path: str | Path, options: SubmitOptions, *, replace: Mapping[str, ModelSpec] | None = None
+) -> Plan:
+    """Read and validate the dataset and every model name; ``replace`` swaps in specs by name
+    (the local runner's explicit random-weights fallback)."""
+    resolve_named = _resolver(options)
+
+    def resolve(name: str) -> ModelSpec:
+        return (replace or {}).get(name) or resolve_named(name)
+
+    def check_model(name: str) -> None:
+        try:
+            resolve(name)
+        except VitscopeError as exc:
+            raise InvalidDatasetError(str(exc)) from exc
+
+    dataset = read_dataset(path, target_column=options.target_column, check_model=check_model)
+    jobs = plan_jobs(dataset, options, resolve)
+    return Plan(path=Path(path), jobs=jobs, specs={job.model: resolve(job.model) for job in jobs})
+
+
+def commit_plan(db: Database, plan: Plan, options: SubmitOptions, *, mode: str) -> Submission:
+    """Create the batch and its queued jobs in one transaction."""
+    batch_id = new_batch_id()
+    with db.session() as session:
+        create_batch(
+            session,
+            batch_id=batch_id,
+            name=options.name,
+            source=str(plan.path.resolve()),
+            mode=mode,
+            settings=options.settings.to_dict(),
+            models={"names": sorted(plan.specs), "specs": {n: s.to_dict() for n, s in plan.specs.items()}},
+        )
+        add_jobs(session, batch_id, plan.jobs, ids=[new_job_id() for _ in plan.jobs])
+    return Submission(batch_id=batch_id, name=options.name, jobs=len(plan.jobs), specs=plan.specs)
+
+
+def enqueue(
+    app: Celery,
+    db: Database,
+    batch_id: str,
+    *,
+    chunk_size: int,
+    jobs: Sequence[QueuedJob] | None = None,
+    on_published: Callable[[list[str]], None] | None = None,
+) -> int:
+    """Publish the batch's queued jobs (or the given ones) and stamp them enqueued; returns messages sent."""
+    if jobs is None:
+        with db.session() as session:
+            jobs = queued_jobs(session, batch_id)
+    messages = publish_jobs(app, jobs, chunk_size=chunk_size, on_published=on_published)
+    with db.session() as session:
+        mark_enqueued(session, [job.id for job in jobs])
+    return messages

@@ -1,0 +1,105 @@
+"""LocalStore beyond the shared contract: atomic writes, no escape from its folder, file modes."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.errors import NotFoundError, StorageConfigError
+from common.storage import LocalStore, open_store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.mark.parametrize("key", ["../outside.npy", "a/../../outside.npy", "/etc/outside.npy"])
+def test_a_key_cannot_write_outside_the_store_folder(store: LocalStore, tmp_path: Path, key: str) -> None:
+    with pytest.raises(ValueError, match="key"):
+        store.put(key, b"x")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == []
+
+
+def test_readers_never_see_a_half_written_object(store: LocalStore) -> None:
+    """Overwrite one key back and forth while another thread reads it: every read is whole."""
+    versions = (b"A" * 2_000_000, b"B" * 1_500_000)
+    store.put("big.npy", versions[0])
+    done = threading.Event()
+    reads: list[int] = []
+    torn: list[int] = []
+    errors: list[BaseException] = []
+
+    def read_until_done() -> None:
+        try:
+            while not done.is_set():
+                data = store.get("big.npy")
+                reads.append(len(data))
+                if data not in versions:
+                    torn.append(len(data))
+        except BaseException as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=read_until_done)
+    reader.start()
+    for i in range(40):
+        store.put("big.npy", versions[i % 2])
+    done.set()
+    reader.join(timeout=30)
+    assert errors == []
+    assert torn == []
+    assert len(reads) > 1
+
+
+def test_a_failed_write_leaves_the_old_object_and_no_temporary_file(store: LocalStore) -> None:
+    store.put("taken/inner.npy", b"kept")
+    # Replacing a non-empty folder with a file fails inside os.replace, after the temp file exists.
+    with pytest.raises(StorageConfigError, match="cannot write"):
+        store.put("taken", b"new")
+    assert store.get("taken/inner.npy") == b"kept"
+    assert sorted(p.name for p in store.root.iterdir()) == ["taken"]
+    assert store.list() == ["taken/inner.npy"]
+
+
+def test_a_crashed_write_leftover_is_not_listed(store: LocalStore) -> None:
+    store.put("a/real.npy", b"1")
+    (store.root / "a" / ".vitscope-tmp-0123456789abcdef-real.npy").write_bytes(b"half")
+    assert store.list() == ["a/real.npy"]
+
+
+@pytest.fixture
+def umask_027() -> Iterator[int]:
+    previous = os.umask(0o027)
+    try:
+        yield 0o027
+    finally:
+        os.umask(previous)
+
+
+def test_written_files_get_the_umask_mode_not_a_private_temp_mode(store: LocalStore, umask_027: int) -> None:
+    store.put("k.npy", b"1")
+    assert (store.root / "k.npy").stat().st_mode & 0o777 == 0o666 & ~umask_027
+
+
+def test_paths_with_spaces_and_hashes_round_trip_through_the_uri(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "my results #1"))
+    uri = store.put("a b/c#d.npy", b"1")
+    assert uri.startswith("file:///")
+    assert " " not in uri
+    assert "#" not in uri
+    assert open_store(store.url).get("a b/c#d.npy") == b"1"
+    assert (tmp_path / "my results #1" / "a b" / "c#d.npy").read_bytes() == b"1"
+
+
+def test_a_key_below_an_existing_object_is_a_configuration_error(store: LocalStore) -> None:
+    store.put("a.npy", b"1")
+    with pytest.raises(StorageConfigError, match="cannot write"):
+        store.put("a.npy/b.npy", b"2")
+    with pytest.raises(NotFoundError, match="no such file"):
+        store.get("a.npy/b.npy")
+    assert not store.exists("a.npy/b.npy")

@@ -1,0 +1,97 @@
+"""Running a batch in this process: the embedded default, and ``producer submit --local``.
+
+The jobs go through ``process_jobs`` exactly as in a Celery worker; this module only plays the
+queue's part: it hands out the batch's queued jobs in chunks, retries transient failures with
+backoff until their attempts run out, and reports progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from common.db.batches import queued_jobs
+from common.db.models import JobState
+from common.errors import WeightsUnavailableError
+from common.modelspec import RANDOM, ModelSpec
+from worker.pipeline import Runtime, process_jobs
+
+__all__ = ["LocalRun", "load_models", "run_batch"]
+
+log = logging.getLogger(__name__)
+
+# Locally, a chunk can be larger than a queue message: nobody else is competing for the jobs.
+LOCAL_CHUNK_BATCHES = 4
+
+
+@dataclass
+class LocalRun:
+    succeeded: int = 0
+    reused: int = 0
+    failed: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+    fallbacks: dict[str, str] = field(default_factory=dict)
+
+
+def load_models(
+    runtime: Runtime, specs: Mapping[str, ModelSpec], *, random_fallback: bool
+) -> dict[str, ModelSpec]:
+    """Load every model before the batch is created, so missing weights stop the run up front.
+
+    With ``random_fallback`` a model whose pretrained weights cannot be reached is replaced by the
+    same architecture with RANDOM weights — returned, so the caller records (and shows) that choice;
+    without it the WeightsUnavailableError, with its instructions, is raised.
+    """
+    replacements: dict[str, ModelSpec] = {}
+    for name, spec in specs.items():
+        try:
+            runtime.models.get(spec)
+        except WeightsUnavailableError:
+            if not random_fallback or spec.weights == RANDOM:
+                raise
+            random_spec = ModelSpec.from_dict({**spec.to_dict(), "weights": RANDOM})
+            runtime.models.get(random_spec)
+            replacements[name] = random_spec
+    return replacements
+
+
+def run_batch(
+    runtime: Runtime,
+    batch_id: str,
+    *,
+    on_job: Callable[[str, JobState], None] | None = None,
+    backoff_seconds: float = 2.0,
+) -> LocalRun:
+    """Process every queued job of the batch; returns when none is left."""
+    run = LocalRun()
+    start = time.perf_counter()
+    chunk_size = runtime.settings.batch_size * LOCAL_CHUNK_BATCHES
+    while True:
+        with runtime.db.session() as session:
+            jobs = queued_jobs(session, batch_id)
+        if not jobs:
+            break
+        if run.rounds:
+            time.sleep(min(backoff_seconds * 2 ** (run.rounds - 1), 60.0))
+        run.rounds += 1
+        progressed = retried = 0
+        for offset in range(0, len(jobs), chunk_size):
+            ids = [job.id for job in jobs[offset : offset + chunk_size]]
+            report = process_jobs(runtime, ids, on_job=on_job)
+            run.succeeded += len(report.succeeded)
+            run.reused += len(report.reused)
+            run.failed += len(report.failed)
+            retried += len(report.retry)
+            progressed += len(ids) - len(report.skipped)
+        if not progressed:
+            log.warning(
+                "batch %s: %d queued job(s) are held by other workers; leaving them", batch_id, len(jobs)
+            )
+            break
+        if not retried:
+            break
+    run.seconds = time.perf_counter() - start
+    return run

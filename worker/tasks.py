@@ -1,0 +1,94 @@
+"""The Celery shell around ``process_jobs``: decode the message, run the chunk, choose a retry.
+
+Like a web view, the task is thin: the message carries job ids only and the pipeline re-reads
+everything from the database. Start workers with ``worker start`` (``celery -A worker.tasks worker``
+underneath). The runtime — database engine, S3 client, CUDA context, warm models — is created in
+the process that runs tasks, after Celery forks it, never in the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from celery import Task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from common.celery_app import TASK_PROCESS_JOBS, make_celery
+from common.db.records import QueuedJob
+from common.errors import TransientError
+from common.publish import publish_jobs
+from common.settings import get_settings
+from worker.pipeline import Runtime, process_jobs
+
+__all__ = ["app", "process_jobs_task", "runtime"]
+
+log = logging.getLogger(__name__)
+
+settings = get_settings()
+app = make_celery(settings)
+
+# Transient failures back off 5 s, 10 s, 20 s … up to 5 minutes, for about an hour in all.
+MAX_TASK_RETRIES = 16
+_state: dict[str, Runtime | int] = {}
+
+
+def _republish(jobs: list[QueuedJob]) -> None:
+    publish_jobs(app, jobs, chunk_size=settings.chunk_size)
+
+
+def runtime() -> Runtime:
+    """This process's runtime, made on first use (and made again in a forked child)."""
+    current = _state.get("runtime")
+    if not isinstance(current, Runtime) or _state.get("pid") != os.getpid():
+        current = Runtime.from_settings(
+            settings, queues=os.environ.get("VITSCOPE_WORKER_QUEUES"), on_requeued=_republish
+        )
+        _state.update(runtime=current, pid=os.getpid())
+    return current
+
+
+@worker_process_init.connect
+def _start_child(**_kwargs: object) -> None:
+    """Open connections and select the device in the child, then start heartbeats and the reaper."""
+    runtime().keeper.start()
+
+
+@worker_process_shutdown.connect
+def _stop_child(**_kwargs: object) -> None:
+    current = _state.get("runtime")
+    if isinstance(current, Runtime) and _state.get("pid") == os.getpid():
+        current.close()
+
+
+def _backoff(retries: int) -> int:
+    return min(5 * 2**retries, 300)
+
+
+@app.task(name=TASK_PROCESS_JOBS, bind=True, acks_late=True, reject_on_worker_lost=True)
+def process_jobs_task(self: Task, job_ids: list[str]) -> dict[str, int]:
+    """Process one chunk. Returns counts (for logs only: results live in the database)."""
+    if not isinstance(job_ids, list) or not all(isinstance(job_id, str) for job_id in job_ids):
+        log.error("dropping malformed message: %r", job_ids)
+        return {"malformed": 1}
+    try:
+        report = process_jobs(runtime(), job_ids)
+    except TransientError as exc:
+        log.warning("chunk of %d job(s) hit a transient error, retrying: %s", len(job_ids), exc)
+        raise self.retry(
+            exc=exc, countdown=_backoff(self.request.retries), max_retries=MAX_TASK_RETRIES
+        ) from exc
+    if report.retry:
+        # Jobs whose own transient error (a timed-out download, say) put them back in the queue.
+        self.apply_async(
+            args=[report.retry],
+            countdown=_backoff(self.request.retries),
+            queue=self.request.delivery_info.get("routing_key") if self.request.delivery_info else None,
+        )
+    return {
+        "succeeded": len(report.succeeded),
+        "reused": len(report.reused),
+        "failed": len(report.failed),
+        "retry": len(report.retry),
+        "skipped": len(report.skipped),
+    }

@@ -136,3 +136,26 @@ def s3_bucket(s3_env: str) -> str:
     name = f"vitscope-{uuid.uuid4().hex[:12]}"
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+def _write_image(
+    path: Path, *, size: tuple[int, int] = (96, 80), seed: int = 0, fmt: str | None = None
+) -> Path:
+    """A small real photo-like image (smooth gradients plus noise) written in the format of its suffix."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=-1) * 200
+    pixels = np.clip(base + rng.normal(0, 25, (h, w, 3)) + rng.uniform(0, 55, 3), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def write_image():
+    """``write_image(path, size=(w, h), seed=0)``: write a small photo-like test image, return its path."""
+    return _write_image

@@ -24,6 +24,8 @@ from common.methods import Preprocess
 
 __all__ = [
     "PAPER_MODELS",
+    "PRETRAINED",
+    "RANDOM",
     "ModelSpec",
     "is_timm_vit",
     "load_models_file",

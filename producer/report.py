@@ -82,7 +82,7 @@ def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None) -> G
             table.add_column(column, overflow="fold")
         for w in workers:
             table.add_row(
-                w.worker_id,
+                f"{w.node} ({w.worker_id})" if w.node else w.worker_id,
                 w.device or "-",
                 _queues(w.queues),
                 str(w.running_jobs),

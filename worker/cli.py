@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from typing import Annotated
@@ -99,15 +100,22 @@ def worker_commands(
         "--without-mingle",
     ]
     env_queues = {"VITSCOPE_WORKER_QUEUES": ",".join(q.removeprefix(QUEUE_PREFIX) for q in queues)}
+    host = socket.gethostname()
     if not gpus:
         name = hostname or "cpu@%h"
         concurrency_args = [] if pool == "solo" else ["--concurrency", str(concurrency)]
-        return [([*base, *concurrency_args, "--hostname", name], {**env_queues, "VITSCOPE_DEVICE": "cpu"})]
+        env = {**env_queues, "VITSCOPE_DEVICE": "cpu", "VITSCOPE_WORKER_NODE": name.replace("%h", host)}
+        return [([*base, *concurrency_args, "--hostname", name], env)]
     commands = []
     for gpu in gpus:
         name = (hostname or "gpu{gpu}@%h").replace("{gpu}", gpu)
         concurrency_args = [] if pool == "solo" else ["--concurrency", "1"]
-        env = {**env_queues, "CUDA_VISIBLE_DEVICES": gpu, "VITSCOPE_DEVICE": "cuda:0"}
+        env = {
+            **env_queues,
+            "CUDA_VISIBLE_DEVICES": gpu,
+            "VITSCOPE_DEVICE": "cuda:0",
+            "VITSCOPE_WORKER_NODE": name.replace("%h", host),
+        }
         commands.append(([*base, *concurrency_args, "--hostname", name], env))
     return commands
 

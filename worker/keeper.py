@@ -65,12 +65,14 @@ class LeaseKeeper:
         db: Database,
         settings: Settings,
         *,
+        node: str | None = None,
         queues: str | None = None,
         device: str | None = None,
         on_requeued: Callable[[list[QueuedJob]], None] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
+        self.node = node
         self.queues = queues
         self.device = device
         self.on_requeued = on_requeued
@@ -133,6 +135,7 @@ class LeaseKeeper:
             record_heartbeat(
                 session,
                 worker=identity,
+                node=self.node,
                 queues=self.queues,
                 device=self.device,
                 running_jobs=len(held),

@@ -70,6 +70,7 @@ class Runtime:
         db: Database | None = None,
         store: ObjectStore | None = None,
         fetcher: ImageFetcher | None = None,
+        node: str | None = None,
         queues: str | None = None,
         on_requeued: Callable[[list[QueuedJob]], None] | None = None,
     ) -> Runtime:
@@ -84,7 +85,9 @@ class Runtime:
             models=ModelCache(device=device, weights_dir=settings.weights_dir),
             device=device,
             autocast=autocast_dtype(settings.autocast, device),
-            keeper=LeaseKeeper(db, settings, queues=queues, device=str(device), on_requeued=on_requeued),
+            keeper=LeaseKeeper(
+                db, settings, node=node, queues=queues, device=str(device), on_requeued=on_requeued
+            ),
             fetch_pool=ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="vitscope-fetch"),
             render_pool=ThreadPoolExecutor(
                 min(4, settings.upload_threads), thread_name_prefix="vitscope-store"

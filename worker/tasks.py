@@ -42,7 +42,10 @@ def runtime() -> Runtime:
     current = _state.get("runtime")
     if not isinstance(current, Runtime) or _state.get("pid") != os.getpid():
         current = Runtime.from_settings(
-            settings, queues=os.environ.get("VITSCOPE_WORKER_QUEUES"), on_requeued=_republish
+            settings,
+            node=os.environ.get("VITSCOPE_WORKER_NODE"),
+            queues=os.environ.get("VITSCOPE_WORKER_QUEUES"),
+            on_requeued=_republish,
         )
         _state.update(runtime=current, pid=os.getpid())
     return current

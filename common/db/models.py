@@ -202,6 +202,7 @@ class WorkerHeartbeat(Base):
 
     worker_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)  # host:pid
     hostname: Mapped[str] = mapped_column(sa.String(255))
+    node: Mapped[str | None] = mapped_column(sa.String(255))  # the Celery node name, e.g. gpu0@host
     queues: Mapped[str | None] = mapped_column(sa.Text)
     device: Mapped[str | None] = mapped_column(sa.String(64))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)

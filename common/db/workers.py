@@ -18,6 +18,7 @@ def record_heartbeat(
     session: Session,
     *,
     worker: WorkerIdentity,
+    node: str | None = None,
     queues: str | None,
     device: str | None,
     running_jobs: int,
@@ -28,6 +29,7 @@ def record_heartbeat(
     now = now or utcnow()
     values = {
         "hostname": worker.hostname,
+        "node": node,
         "queues": queues,
         "device": device,
         "last_seen_at": now,

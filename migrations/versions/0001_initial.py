@@ -199,6 +199,7 @@ def upgrade() -> None:
         "workers",
         sa.Column("worker_id", sa.String(255), primary_key=True),
         sa.Column("hostname", sa.String(255), nullable=False),
+        sa.Column("node", sa.String(255), nullable=True),
         sa.Column("queues", sa.Text, nullable=True),
         sa.Column("device", sa.String(64), nullable=True),
         sa.Column("started_at", TIMESTAMP, nullable=False),

@@ -1,0 +1,219 @@
+"""Images in: bytes to a checked RGB picture, and that picture to exactly the tensor a model expects.
+
+Two steps, kept apart because they fail differently. ``decode_image`` judges the *file* (too large,
+truncated, not an image: permanent ``ImageError``s, reported per job). A ``Preprocessor`` then
+applies one of the named pipelines of ``METHODS.md`` "Preprocessing"; its ``crop`` is also the
+picture the overlays are drawn on, so a heat map always lines up with what the model saw.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from timm.data import resolve_data_config
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from common.errors import ImageError, ImageTooLargeError, UnsupportedModelError
+from common.methods import Preprocess
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessor", "build_preprocessor", "decode_image"]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# timm's eval crop modes reproduced here; "border" (letterboxing) is used by no ViT in timm.
+_CROP_MODES = ("center", "squash")
+
+# The paper's recipe at its native size: shorter side to 256, centre crop 224.
+_PAPER_RESIZE, _PAPER_CROP = 256, 224
+
+# What Pillow raises for malformed files besides UnidentifiedImageError: OSError for truncated or
+# broken streams, SyntaxError/ValueError/struct.error/EOFError from individual format plugins.
+_PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error, EOFError)
+
+# Grey-level modes holding more than 8 bits. Pillow's own convert("RGB") clips them at 255, which
+# turns a 16-bit scan almost entirely white; they are rescaled from the 16-bit range instead.
+_HIGH_DEPTH_GREY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+_WHITE = (255, 255, 255, 255)
+
+# Largest intermediate picture before the centre crop (~100 MB of RGB); only slivers reach it.
+_MAX_RESIZED_PIXELS = 32_000_000
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode image file bytes into a fully loaded RGB picture, upright as the camera meant it.
+
+    The pixel limit is checked against the size in the file's header *before* any pixel is decoded,
+    so a small file claiming a huge canvas (a decompression bomb) costs nothing. Pillow's own bomb
+    guard (which fires at twice ``Image.MAX_IMAGE_PIXELS``) is reported the same way. The picture is
+    loaded here, not lazily later, so that a truncated file fails in this function with a clear
+    message. EXIF orientation is applied, and every mode becomes RGB (see ``_to_rgb``).
+
+    Raises ``ImageTooLargeError`` over ``max_pixels`` and ``ImageError`` for anything that is not a
+    complete, decodable image.
+    """
+    if not data:
+        raise ImageError("not an image (empty file, 0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Between 1x and 2x Pillow's limit it only warns; our own limit decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+            _check_pixels(image.size, max_pixels)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image too large ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image (no known image format; file starts with {data[:16]!r})") from None
+    except _PIL_DECODE_ERRORS as exc:
+        kind = "truncated image file" if "truncated" in str(exc).lower() else "corrupt image"
+        raise ImageError(f"{kind} ({exc})") from None
+    return _to_rgb(image)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
+        )
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB.
+
+    Transparent pixels (RGBA, LA, palette images with a transparent colour) are composited on
+    white, the background a viewer shows them on; simply dropping alpha would expose whatever colour
+    the encoder left under fully transparent pixels, often black. 16-bit grey levels are scaled to
+    8 bits (``v / 257``, so 65535 -> 255). CMYK, L, 1, P and the rest use Pillow's own conversion.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _HIGH_DEPTH_GREY_MODES:
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE)
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """One model's input recipe: resize, centre crop, scale to [0, 1], normalize per channel.
+
+    The steps are torchvision's functional forms of exactly the transforms
+    ``timm.data.create_transform`` builds for evaluation, so the tensors are bit-identical to timm's.
+
+    ``resize_size`` is the shorter side after resizing (``crop_mode="center"``, aspect ratio kept),
+    or both sides (``crop_mode="squash"``, as timm does for some CLIP/EVA fine-tunes); the centre
+    crop to ``input_size`` follows either way.
+    """
+
+    pipeline: Preprocess
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_size: int
+    interpolation: str = "bicubic"
+    crop_mode: str = "center"
+
+    def __post_init__(self) -> None:
+        if self.crop_mode not in _CROP_MODES:
+            raise ValueError(f"crop_mode must be 'center' or 'squash', got {self.crop_mode!r}")
+
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The resized, centre-cropped RGB picture: exactly the pixels the model sees.
+
+        A sliver (say 20000×2 px) passes the pixel limit but would be resized to a canvas of
+        gigabytes before the crop; it is refused with ``ImageTooLargeError`` instead.
+        """
+        if self.crop_mode == "center":
+            _check_resized_pixels(image.size, self.resize_size)
+        size = self.resize_size if self.crop_mode == "center" else [self.resize_size, self.resize_size]
+        resized = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
+        return TF.center_crop(resized, list(self.input_size))
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """RGB picture -> model input ``[3, H, W]`` float32, ``(x / 255 - mean) / std``."""
+        return TF.normalize(TF.to_tensor(self.crop(image)), list(self.mean), list(self.std))
+
+    def crop_array(self, image: Image.Image) -> np.ndarray:
+        """``crop(image)`` as a writable ``uint8 [H, W, 3]`` array, the background of the overlays."""
+        return np.array(self.crop(image), dtype=np.uint8)
+
+
+def _check_resized_pixels(size: tuple[int, int], shorter_side: int) -> None:
+    short, long = sorted(size)
+    resized = (shorter_side, int(shorter_side * long / short))  # torchvision's rounding
+    if resized[0] * resized[1] > _MAX_RESIZED_PIXELS:
+        raise ImageTooLargeError(
+            f"image {size[0]}×{size[1]} is too elongated: resizing its shorter side to {shorter_side} px "
+            f"would make it {resized[1]} px long (limit {_MAX_RESIZED_PIXELS:,} pixels)"
+        )
+
+
+def build_preprocessor(model: torch.nn.Module, pipeline: Preprocess) -> Preprocessor:
+    """The ``Preprocessor`` for ``model`` under a named pipeline (``METHODS.md`` "Preprocessing").
+
+    ``timm``: the model's own data config (``timm.data.resolve_data_config``): resize to
+    ``floor(S / crop_pct)`` with the config's interpolation, centre crop ``S``, the config's mean
+    and std (0.5 for the augreg ViTs, ImageNet statistics for DeiT).
+
+    ``paper``: shorter side to 256 (bicubic), centre crop 224, ImageNet mean/std. For a model whose
+    input side ``S`` is not 224 both numbers scale with it: shorter side ``round(S * 256 / 224)``,
+    crop ``S``, keeping the paper's crop fraction.
+
+    ``S`` is the size the model was *built* for (``patch_embed.img_size``), which differs from the
+    pretrained config when ``img_size`` was overridden at creation; timm's config would still say
+    224 there and the patch grid would not match.
+    """
+    config = resolve_data_config({}, model=model)
+    height, width = _model_input_size(model, config["input_size"])
+    if height != width:
+        raise UnsupportedModelError(f"non-square model input {height}×{width} is not supported")
+    if pipeline is Preprocess.PAPER:
+        return Preprocessor(
+            pipeline=pipeline,
+            input_size=(height, width),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            resize_size=round(height * _PAPER_RESIZE / _PAPER_CROP),
+        )
+    crop_mode = config.get("crop_mode") or "center"
+    if crop_mode not in _CROP_MODES:
+        raise UnsupportedModelError(f"timm crop_mode {crop_mode!r} is not supported {_CROP_MODES}")
+    return Preprocessor(
+        pipeline=pipeline,
+        input_size=(height, width),
+        mean=_triple(config["mean"]),
+        std=_triple(config["std"]),
+        resize_size=math.floor(height / config["crop_pct"]),
+        interpolation=config["interpolation"],
+        crop_mode=crop_mode,
+    )
+
+
+def _model_input_size(model: torch.nn.Module, config_size: tuple[int, int, int]) -> tuple[int, int]:
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is None:
+        return int(config_size[1]), int(config_size[2])
+    return int(img_size[0]), int(img_size[1])
+
+
+def _triple(values: tuple[float, ...]) -> tuple[float, float, float]:
+    red, green, blue = (float(v) for v in values)
+    return red, green, blue

@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     # Distributed delivery (see the README's "Crash recovery" section).
     chunk_size: int = Field(default=16, ge=1, description="Jobs of one model per queue message.")
     lease_seconds: float = Field(
-        default=900.0, gt=0, description="A claimed job not renewed for this long is reclaimable."
+        default=180.0, gt=0, description="A claimed job not renewed for this long is reclaimable."
     )
     heartbeat_seconds: float = Field(default=30.0, gt=0, description="How often a worker renews its leases.")
     reaper_interval_seconds: float = Field(

@@ -1,0 +1,107 @@
+"""The README is part of the product: its queries, settings and options must be true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from common.db.batches import add_jobs, create_batch
+from common.db.jobs import claim_jobs, record_failure, record_success
+from common.db.records import ArtifactRecord, JobOutcome, NewJob, PredictionRecord, WorkerIdentity
+from common.db.session import Database, upgrade
+from common.settings import Settings
+from producer.cli import app
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def _sql_statements() -> list[str]:
+    blocks = re.findall(r"```sql\n(.*?)```", README, flags=re.S)
+    statements = [s.strip() for block in blocks for s in block.split(";")]
+    return [s for s in statements if s and not all(line.startswith("--") for line in s.splitlines())]
+
+
+def _populate(db: Database) -> None:
+    """Two images under DeiT and ViT-B/16: they agree on the cat and disagree on the coffee."""
+    worker = WorkerIdentity("h", "h:1")
+    labels = {281: "tabby, tabby cat", 967: "espresso", 968: "cup"}
+    plan = [  # (row, image, model, top-1 or None for a failure)
+        (2, "file:///x/chelsea.jpg", "deit_tiny_patch16_224", 281),
+        (2, "file:///x/chelsea.jpg", "vit_base_patch16_224", 281),
+        (3, "file:///x/coffee.jpg", "deit_tiny_patch16_224", 967),
+        (3, "file:///x/coffee.jpg", "vit_base_patch16_224", 968),
+        (4, "file:///x/broken.jpg", "deit_tiny_patch16_224", None),
+    ]
+    with db.session() as s:
+        create_batch(s, batch_id="b1", name="readme", source="x.csv", mode="local", settings={}, models={})
+        jobs = [NewJob(row, uri, model, "q", {}, "cfg") for row, uri, model, _ in plan]
+        ids = [f"job{i}" for i in range(len(plan))]
+        add_jobs(s, "b1", jobs, ids=ids)
+        claim_jobs(s, ids, worker=worker, lease_seconds=60, max_attempts=3)
+        for job_id, (_, uri, _, top) in zip(ids, plan, strict=True):
+            if top is None:
+                record_failure(
+                    s,
+                    job_id,
+                    worker_id=worker.worker_id,
+                    error_class="ImageError",
+                    message="not an image",
+                    retryable=False,
+                    max_attempts=3,
+                )
+                continue
+            outcome = JobOutcome(
+                image_sha256=uri[-12:],
+                target_index=top,
+                device="cpu",
+                weights_source="timm",
+                artifacts=[ArtifactRecord("grad_rollout.png", f"{uri}.png", "image/png", 1, "0" * 64)],
+                predictions=[
+                    PredictionRecord(1, top, 0.8, labels[top]),
+                    PredictionRecord(2, 1, 0.1, "goldfish"),
+                ],
+                fetch_seconds=0.1,
+                compute_seconds=0.2,
+                store_seconds=0.3,
+            )
+            record_success(s, job_id, worker_id=worker.worker_id, outcome=outcome)
+
+
+def test_readme_queries_run_and_answer(database_url: str) -> None:
+    upgrade(database_url)
+    db = Database(database_url)
+    _populate(db)
+    statements = _sql_statements()
+    assert len(statements) == 5
+    with db.engine.connect() as conn:
+        answers = [conn.execute(sa.text(sql)).all() for sql in statements]
+    db.dispose()
+    disagreements, failures, tabbies, timing, top5 = answers
+    assert [tuple(r) for r in disagreements] == [("file:///x/coffee.jpg", "espresso", "cup")]
+    assert [(r.image_uri, r.error_class) for r in failures] == [("file:///x/broken.jpg", "ImageError")]
+    assert {r.model for r in tabbies} == {"deit_tiny_patch16_224", "vit_base_patch16_224"}
+    assert all(r.grad_rollout_png_uri.endswith(".png") for r in tabbies)
+    assert {r.model: r.jobs for r in timing} == {"deit_tiny_patch16_224": 2, "vit_base_patch16_224": 2}
+    assert [(r.model, r.rank) for r in top5] == [
+        ("deit_tiny_patch16_224", 1),
+        ("deit_tiny_patch16_224", 2),
+        ("vit_base_patch16_224", 1),
+        ("vit_base_patch16_224", 2),
+    ]
+
+
+def test_every_setting_is_documented() -> None:
+    for name in Settings.model_fields:
+        assert f"`VITSCOPE_{name.upper()}`" in README, name
+
+
+def test_documented_submit_options_exist() -> None:
+    section = README.split("`producer submit DATASET` options:")[1].split("###")[0]
+    documented = set(re.findall(r"`(--[a-z-]+)", section))
+    help_text = CliRunner().invoke(app, ["submit", "--help"], env={"COLUMNS": "200"}).output
+    assert documented
+    for option in documented:
+        assert option in help_text, option

@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     upload_threads: int = Field(default=8, ge=1, description="Concurrent artifact uploads per worker.")
 
     # Distributed delivery (see the README's "Crash recovery" section).
-    chunk_size: int = Field(default=16, ge=1, description="Jobs of one model per queue message.")
+    chunk_size: int = Field(default=32, ge=1, description="Jobs of one model per queue message.")
     lease_seconds: float = Field(
         default=180.0, gt=0, description="A claimed job not renewed for this long is reclaimable."
     )

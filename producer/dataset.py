@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from common.errors import InvalidDatasetError, VitscopeError
 
@@ -169,13 +169,17 @@ def _row(
     )
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(//([^/?#]*))?")
+
+
 def _absolute_uri(value: str, base_dir: Path) -> str:
-    scheme = urlparse(value).scheme.lower()
+    match = _SCHEME.match(value)
+    scheme = match.group(1).lower() if match else ""
     if scheme in REMOTE_SCHEMES:
-        if scheme in ("s3", "http", "https") and not urlparse(value).netloc:
+        if scheme in ("s3", "http", "https") and not (match and match.group(3)):
             raise InvalidDatasetError(f"image_uri {value!r} has no host or bucket")
         return value
-    if scheme and len(scheme) > 1:  # one letter is a Windows drive, not a scheme
+    if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise InvalidDatasetError(
             f"image_uri {value!r}: unsupported scheme {scheme!r} (use s3://, http(s)://, file:// or a path)"
         )

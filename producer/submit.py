@@ -15,7 +15,7 @@ from celery import Celery
 
 from common.celery_app import queue_for
 from common.db import Database
-from common.db.batches import add_jobs, create_batch, mark_enqueued, queued_jobs
+from common.db.batches import add_jobs, create_batch, mark_published, queued_jobs
 from common.db.records import NewJob, QueuedJob
 from common.errors import InvalidDatasetError, VitscopeError
 from common.keys import config_fingerprint, new_batch_id, new_job_id
@@ -79,20 +79,21 @@ def plan_jobs(dataset: Dataset, options: SubmitOptions, resolve: Callable[[str],
         resolve(name)  # an unknown --models name is reported before any row
     settings = options.settings
     fingerprints: dict[tuple[str, str | None], str] = {}
+    queues: dict[str, str] = {}
     jobs: list[NewJob] = []
     for row in dataset.rows:
         for name in row.models or default_models:
-            spec = resolve(name)
             key = (name, row.target)
             if key not in fingerprints:
-                fingerprints[key] = config_fingerprint(spec, settings, row.target)
+                fingerprints[key] = config_fingerprint(resolve(name), settings, row.target)
+            if name not in queues:
+                queues[name] = queue_for(resolve(name))
             jobs.append(
                 NewJob(
                     row_number=row.line,
                     image_uri=row.image_uri,
                     model=name,
-                    queue=queue_for(spec),
-                    model_spec=spec.to_dict(),
+                    queue=queues[name],
                     config_fingerprint=fingerprints[key],
                     row_id=row.row_id,
                     target=row.target,
@@ -156,13 +157,15 @@ def enqueue(
     *,
     chunk_size: int,
     jobs: Sequence[QueuedJob] | None = None,
-    on_published: Callable[[list[str]], None] | None = None,
 ) -> int:
-    """Publish the batch's queued jobs (or the given ones) and stamp them enqueued; returns messages sent."""
+    """Publish jobs of the batch — the given ones, or all its queued jobs — and stamp them enqueued.
+
+    Returns the number of messages sent. Call only after the jobs' rows are committed.
+    """
     if jobs is None:
         with db.session() as session:
             jobs = queued_jobs(session, batch_id)
-    messages = publish_jobs(app, jobs, chunk_size=chunk_size, on_published=on_published)
+    messages = publish_jobs(app, jobs, chunk_size=chunk_size)
     with db.session() as session:
-        mark_enqueued(session, [job.id for job in jobs])
+        mark_published(session, batch_id)
     return messages

@@ -37,7 +37,7 @@ def _populate(db: Database) -> None:
     ]
     with db.session() as s:
         create_batch(s, batch_id="b1", name="readme", source="x.csv", mode="local", settings={}, models={})
-        jobs = [NewJob(row, uri, model, "q", {}, "cfg") for row, uri, model, _ in plan]
+        jobs = [NewJob(row, uri, model, "q", "cfg") for row, uri, model, _ in plan]
         ids = [f"job{i}" for i in range(len(plan))]
         add_jobs(s, "b1", jobs, ids=ids)
         claim_jobs(s, ids, worker=worker, lease_seconds=60, max_attempts=3)

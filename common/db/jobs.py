@@ -161,7 +161,7 @@ def reap_expired(
                 "error_message": f"worker {owner} stopped responding; gave up after {attempts} attempt(s)",
             }
         else:
-            values |= {"state": JobState.QUEUED.value, "enqueued_at": now}
+            values |= {"state": JobState.QUEUED.value}
         where = [Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_expires_at < now]
         if _compare_and_set(session, where, values):
             if exhausted:
@@ -311,5 +311,6 @@ def record_failure(
         "error_class": error_class[:100],
         "error_message": message[:4000],
     }
-    values |= {"enqueued_at": now} if again else {"finished_at": now}
+    if not again:
+        values["finished_at"] = now
     return state if _finish(session, job_id, worker_id, values) else None

@@ -100,8 +100,9 @@ class Batch(Base):
     source: Mapped[str] = mapped_column(sa.Text)
     mode: Mapped[str] = mapped_column(sa.String(16))  # "local" or "distributed"
     settings: Mapped[dict[str, Any]] = mapped_column()
-    models: Mapped[dict[str, Any]] = mapped_column()  # {"names": [...], "specs": {name: spec}}
+    models: Mapped[dict[str, Any]] = mapped_column()  # {"names": [...], "specs": {name: ModelSpec dict}}
     total_jobs: Mapped[int] = mapped_column(default=0)
+    published_at: Mapped[datetime | None] = mapped_column()  # when its messages were last sent
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", passive_deletes=True)
 
@@ -125,7 +126,6 @@ class Job(Base):
     image_uri: Mapped[str] = mapped_column(sa.Text)
     model: Mapped[str] = mapped_column(sa.String(200))
     queue: Mapped[str] = mapped_column(sa.String(200))  # routing decided once, at submit
-    model_spec: Mapped[dict[str, Any]] = mapped_column()
     target: Mapped[str | None] = mapped_column(sa.String(200))  # as written in the CSV
     config_fingerprint: Mapped[str] = mapped_column(sa.String(32))
     row_metadata: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -138,7 +138,6 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column()
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    enqueued_at: Mapped[datetime | None] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     fetch_seconds: Mapped[float | None] = mapped_column()

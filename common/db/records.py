@@ -17,7 +17,6 @@ class NewJob:
     image_uri: str
     model: str
     queue: str
-    model_spec: dict[str, Any]
     config_fingerprint: str
     row_id: str | None = None
     target: str | None = None

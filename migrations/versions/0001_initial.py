@@ -128,6 +128,7 @@ def upgrade() -> None:
         sa.Column("settings", JSON, nullable=False),
         sa.Column("models", JSON, nullable=False),
         sa.Column("total_jobs", sa.Integer, nullable=False),
+        sa.Column("published_at", TIMESTAMP, nullable=True),
         sa.UniqueConstraint("name", name="uq_batches_name"),
     )
     op.create_table(
@@ -139,7 +140,6 @@ def upgrade() -> None:
         sa.Column("image_uri", sa.Text, nullable=False),
         sa.Column("model", sa.String(200), nullable=False),
         sa.Column("queue", sa.String(200), nullable=False),
-        sa.Column("model_spec", JSON, nullable=False),
         sa.Column("target", sa.String(200), nullable=True),
         sa.Column("config_fingerprint", sa.String(32), nullable=False),
         sa.Column("row_metadata", JSON, nullable=False),
@@ -155,7 +155,6 @@ def upgrade() -> None:
         sa.Column("device", sa.String(64), nullable=True),
         sa.Column("lease_expires_at", TIMESTAMP, nullable=True),
         sa.Column("created_at", TIMESTAMP, nullable=False),
-        sa.Column("enqueued_at", TIMESTAMP, nullable=True),
         sa.Column("started_at", TIMESTAMP, nullable=True),
         sa.Column("finished_at", TIMESTAMP, nullable=True),
         sa.Column("fetch_seconds", sa.Float, nullable=True),

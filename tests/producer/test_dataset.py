@@ -106,4 +106,3 @@ def test_not_utf8_and_missing_file(tmp_path: Path) -> None:
         read_dataset(path)
     with pytest.raises(InvalidDatasetError, match="file not found"):
         read_dataset(tmp_path / "missing.csv")
-

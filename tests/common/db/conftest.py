@@ -36,7 +36,6 @@ def make_batch(db: Database) -> MakeBatch:
                 image_uri=f"file:///images/{row}.png",
                 model=model,
                 queue="vitscope.deit_tiny",
-                model_spec={"name": model, "arch": model},
                 config_fingerprint=f"cfg-{model}",
                 row_id=f"img-{row}",
             )

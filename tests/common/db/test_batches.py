@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from common.db.batches import add_jobs, get_batch, mark_enqueued, queued_jobs
+from common.db.batches import add_jobs, get_batch, mark_published, queued_jobs
 from common.db.models import Batch, Job
 from common.db.records import NewJob
 from common.errors import NotFoundError, PermanentError
@@ -44,7 +44,6 @@ def test_adding_the_same_rows_again_inserts_nothing(db, make_batch) -> None:
             image_uri="x",
             model="deit_tiny_patch16_224",
             queue="q",
-            model_spec={},
             config_fingerprint="c",
         )
         for row in range(2)
@@ -54,9 +53,12 @@ def test_adding_the_same_rows_again_inserts_nothing(db, make_batch) -> None:
         assert s.scalar(sa.select(sa.func.count()).select_from(Job)) == 2
 
 
-def test_bulk_insert_of_many_rows(db, make_batch) -> None:
-    batch_id, ids = make_batch(5000)
+def test_bulk_insert_of_many_rows_and_publication(db, make_batch) -> None:
+    batch_id, _ = make_batch(5000)
     with db.session() as s:
-        mark_enqueued(s, ids)
         assert s.get(Batch, batch_id).total_jobs == 5000
-        assert s.scalar(sa.select(sa.func.count()).where(Job.enqueued_at.is_not(None))) == 5000
+        assert s.scalar(sa.select(sa.func.count()).where(Job.batch_id == batch_id)) == 5000
+        assert s.get(Batch, batch_id).published_at is None
+        mark_published(s, batch_id)
+    with db.session() as s:
+        assert s.get(Batch, batch_id).published_at is not None

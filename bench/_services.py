@@ -1,0 +1,160 @@
+"""Throwaway real services for the benchmarks: a fresh PostgreSQL database, a Redis database, an S3
+endpoint (moto's server), test images in a bucket, and worker processes.
+
+The same components the tests use; run `bash scripts/services` first on a machine without them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import numpy as np
+import redis
+import sqlalchemy as sa
+from PIL import Image
+
+from common.db.models import Job, JobState, WorkerHeartbeat
+from common.db.session import upgrade
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "VITSCOPE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("VITSCOPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0").rsplit("/", 1)[0] + "/14"
+BIN = Path(sys.executable).parent
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    name = f"vitscope_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def redis_broker() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5)
+    client.flushdb()
+    try:
+        yield REDIS_URL
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextmanager
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server; sets the standard AWS variables for this process and its children."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    boto3.client("s3").create_bucket(Bucket="bench")
+    try:
+        yield "bench"
+    finally:
+        server.stop()
+
+
+def upload_images(bucket: str, count: int, workdir: Path, size: tuple[int, int] = (320, 240)) -> Path:
+    """``count`` distinct photo-sized images in the bucket, and a dataset CSV naming them."""
+    s3 = boto3.client("s3")
+    rng = np.random.default_rng(0)
+    lines = ["id,image_uri"]
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = workdir / f"{i}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        s3.upload_file(str(path), bucket, f"images/{i}.jpg")
+        lines.append(f"img{i},s3://{bucket}/images/{i}.jpg")
+    csv = workdir / "dataset.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def start_worker(
+    env: dict[str, str], log: Path, *, pool: str = "prefork", name: str = "bench"
+) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            str(BIN / "worker"),
+            "start",
+            "--gpus",
+            "none",
+            "--pool",
+            pool,
+            "--queues",
+            "deit_tiny",
+            "--loglevel",
+            "warning",
+            "--hostname",
+            f"{name}@%h",
+        ],
+        env=env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_for_worker(engine: sa.Engine, count: int = 1, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(sa.select(sa.func.count()).select_from(WorkerHeartbeat)).scalar() >= count:
+                return
+        time.sleep(0.2)
+    raise RuntimeError("worker did not start")
+
+
+def wait_done(engine: sa.Engine, batch_id: str, timeout: float = 1800) -> float:
+    """Seconds until every job of the batch is succeeded or failed."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        with engine.connect() as conn:
+            open_jobs = conn.execute(
+                sa.select(sa.func.count()).where(
+                    Job.batch_id == batch_id, Job.state.in_([JobState.QUEUED, JobState.RUNNING])
+                )
+            ).scalar()
+        if open_jobs == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise RuntimeError(f"batch {batch_id} did not finish in {timeout} s")

@@ -62,38 +62,56 @@ def redis_broker() -> Iterator[str]:
 
 @contextmanager
 def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server; sets the standard AWS variables for this process and its children."""
-    from moto.server import ThreadedMotoServer
+    """A moto S3 server in its own process (so it does not share the GIL with what is measured).
 
+    Sets the standard AWS variables for this process and its children; yields the bucket name.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     os.environ.update(
         AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
         AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench",
         AWS_DEFAULT_REGION="us-east-1",
     )
-    boto3.client("s3").create_bucket(Bucket="bench")
     try:
+        for _ in range(100):
+            try:
+                boto3.client("s3").create_bucket(Bucket="bench")
+                break
+            except Exception:
+                time.sleep(0.1)
         yield "bench"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
-def upload_images(bucket: str, count: int, workdir: Path, size: tuple[int, int] = (320, 240)) -> Path:
-    """``count`` distinct photo-sized images in the bucket, and a dataset CSV naming them."""
+def upload_images(
+    bucket: str,
+    count: int,
+    workdir: Path,
+    *,
+    prefix: str = "images",
+    size: tuple[int, int] = (320, 240),
+    seed: int = 0,
+) -> Path:
+    """``count`` distinct photo-sized images under ``prefix/`` in the bucket, and a CSV naming them."""
     s3 = boto3.client("s3")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     lines = ["id,image_uri"]
     for i in range(count):
         pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         path = workdir / f"{i}.jpg"
         Image.fromarray(pixels).save(path, quality=90)
-        s3.upload_file(str(path), bucket, f"images/{i}.jpg")
-        lines.append(f"img{i},s3://{bucket}/images/{i}.jpg")
+        s3.upload_file(str(path), bucket, f"{prefix}/{i}.jpg")
+        lines.append(f"img{i},s3://{bucket}/{prefix}/{i}.jpg")
     csv = workdir / "dataset.csv"
     csv.write_text("\n".join(lines) + "\n")
     return csv

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import redis
-from _services import BIN, postgres_database, redis_broker
 
 from common.celery_app import make_celery
 from common.db import Database
 from common.settings import Settings
 from producer.submit import SubmitOptions, commit_plan, enqueue, plan_submission
+
+from _services import BIN, postgres_database, redis_broker
 
 QUEUE = "vitscope.deit_tiny"
 

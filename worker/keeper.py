@@ -148,7 +148,12 @@ class LeaseKeeper:
 
     def reap(self) -> Sequence[QueuedJob]:
         with self.db.session() as session:
-            requeued, failed = reap_expired(session, max_attempts=self.settings.max_attempts)
+            requeued, failed = reap_expired(
+                session,
+                max_attempts=self.settings.max_attempts,
+                host=self.identity.hostname,
+                is_dead=is_dead_local_process,
+            )
         if failed:
             log.warning("gave up on %d job(s) whose workers stopped responding", len(failed))
         if requeued:

@@ -136,21 +136,35 @@ def release_jobs(session: Session, job_ids: Sequence[str], *, worker_id: str) ->
 
 
 def reap_expired(
-    session: Session, *, max_attempts: int, now: datetime | None = None, limit: int = 10_000
+    session: Session,
+    *,
+    max_attempts: int,
+    host: str | None = None,
+    is_dead: Callable[[str], bool] | None = None,
+    now: datetime | None = None,
+    limit: int = 10_000,
 ) -> tuple[list[QueuedJob], list[str]]:
-    """Recover jobs whose worker vanished: expired leases go back to queued, or fail after max_attempts.
+    """Recover jobs whose worker vanished: back to queued, or failed after max_attempts.
 
-    Returns (jobs requeued — to be published again, ids of jobs failed for good).
+    Vanished means the lease expired — or, given ``host`` and ``is_dead``, that the owner is a process
+    on that host which no longer exists (a restarted worker recovers its predecessor's jobs at once
+    instead of after the lease). Returns (jobs requeued — to be published again, ids failed for good).
     """
     now = now or utcnow()
-    expired = session.execute(
-        sa.select(Job.id, Job.model, Job.queue, Job.attempts, Job.worker_id)
-        .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
-        .limit(limit)
+    columns = (Job.id, Job.model, Job.queue, Job.attempts, Job.worker_id)
+    lost = session.execute(
+        sa.select(*columns).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now).limit(limit)
     ).all()
+    if host is not None and is_dead is not None:
+        local = session.execute(
+            sa.select(*columns).where(
+                Job.state == JobState.RUNNING, Job.worker_host == host, Job.lease_expires_at >= now
+            )
+        ).all()
+        lost += [row for row in local if row.worker_id and is_dead(row.worker_id)]
     requeued: list[QueuedJob] = []
     failed: list[str] = []
-    for job_id, model, queue, attempts, owner in expired:
+    for job_id, model, queue, attempts, owner in lost:
         exhausted = attempts >= max_attempts
         values: dict[str, Any] = {"lease_expires_at": None}
         if exhausted:
@@ -162,7 +176,7 @@ def reap_expired(
             }
         else:
             values |= {"state": JobState.QUEUED.value}
-        where = [Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_expires_at < now]
+        where = [Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == owner]
         if _compare_and_set(session, where, values):
             if exhausted:
                 failed.append(job_id)

@@ -276,3 +276,20 @@ def test_retry_failed_requeues_with_a_fresh_budget(db, make_batch) -> None:
     job = _state(db, ids[0])
     assert (job.state, job.attempts, job.error_class) == (JobState.QUEUED, 0, None)
     assert _state(db, ids[1]).state == JobState.SUCCEEDED
+
+
+def test_reaper_recovers_dead_local_owners_before_their_lease_ends(db, make_batch) -> None:
+    _, ids = make_batch(2)
+    now = utcnow()
+    with db.session() as s:
+        claim_jobs(s, ids[:1], worker=A, lease_seconds=600, max_attempts=3, now=now)
+        claim_jobs(s, ids[1:], worker=B, lease_seconds=600, max_attempts=3, now=now)
+    with db.session() as s:  # without the liveness check, unexpired leases are left alone
+        assert reap_expired(s, max_attempts=3, now=now) == ([], [])
+    with db.session() as s:  # A's process is gone; B lives on another host and is not ours to judge
+        requeued, failed = reap_expired(
+            s, max_attempts=3, host="host-a", is_dead=lambda worker_id: True, now=now
+        )
+    assert [job.id for job in requeued] == ids[:1]
+    assert failed == []
+    assert _state(db, ids[1]).state == JobState.RUNNING

@@ -1,0 +1,169 @@
+"""Images/second end to end for one model, three ways, in one run:
+
+1. compute core only: images already decoded and preprocessed, ``explain_in_batches``;
+2. in-process pipeline (``producer submit --local``'s path): fetch from S3, compute, render, upload
+   to S3, record in PostgreSQL;
+3. distributed: ``producer submit`` → Redis → one CPU Celery worker (``worker start``) → S3 +
+   PostgreSQL, timed from submit to the last job finished (the worker is warmed up first).
+
+Each way gets its own images (so nothing is reused). Random weights (``deit_tiny_patch16_224``
+computes the same with trained ones).
+
+    .venv/bin/python bench/bench_end_to_end.py --images 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import boto3
+import sqlalchemy as sa
+import torch
+
+from common.db import open_database
+from common.methods import MethodSettings
+from common.modelspec import ModelSpec
+from common.settings import Settings
+from producer.submit import SubmitOptions, commit_plan, plan_submission
+from worker.attention import explain_in_batches
+from worker.local import run_batch
+from worker.pipeline import Runtime
+from worker.preprocess import decode_image
+
+from _services import (
+    BIN,
+    postgres_database,
+    redis_broker,
+    s3_endpoint,
+    start_worker,
+    stop,
+    upload_images,
+    wait_done,
+    wait_for_worker,
+)
+
+
+def core_rate(runtime: Runtime, bucket: str, count: int, model: str, batch_size: int) -> float:
+    loaded = runtime.models.get(ModelSpec(name=model, arch=model, weights="random"))
+    s3 = boto3.client("s3")
+    images = []
+    for i in range(count):
+        data = s3.get_object(Bucket=bucket, Key=f"core/{i}.jpg")["Body"].read()
+        images.append(loaded.preprocessor(decode_image(data, max_pixels=10**8)))
+    batch = torch.stack(images)
+    explain_in_batches(loaded.model, batch[:batch_size], MethodSettings(), batch_size=batch_size)  # warm-up
+    start = time.perf_counter()
+    explain_in_batches(loaded.model, batch, MethodSettings(), batch_size=batch_size)
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--model", default="deit_tiny_patch16_224")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        postgres_database() as db_url,
+        redis_broker() as broker,
+        s3_endpoint() as bucket,
+    ):
+        work = Path(tmp)
+        sets = {}
+        for seed, name in enumerate(("core", "local", "warmup", "distributed")):
+            (work / name).mkdir()
+            count = args.batch_size if name == "warmup" else args.images
+            sets[name] = upload_images(bucket, count, work / name, prefix=name, seed=seed)
+        settings = Settings(
+            database_url=db_url,
+            storage_url=f"s3://{bucket}/artifacts",
+            batch_size=args.batch_size,
+            device="cpu",
+        )
+        runtime = Runtime.from_settings(settings, db=open_database(settings))
+        try:
+            core = core_rate(runtime, bucket, args.images, args.model, args.batch_size)
+            options = SubmitOptions(models=[args.model], weights="random")
+            submission = commit_plan(
+                runtime.db, plan_submission(sets["local"], options), options, mode="local"
+            )
+            start = time.perf_counter()
+            run = run_batch(runtime, submission.batch_id)
+            local = args.images / (time.perf_counter() - start)
+            assert run.succeeded == args.images, run
+        finally:
+            runtime.close()
+
+        env = {
+            **os.environ,
+            "VITSCOPE_DATABASE_URL": db_url,
+            "VITSCOPE_BROKER_URL": broker,
+            "VITSCOPE_STORAGE_URL": f"s3://{bucket}/artifacts",
+            "VITSCOPE_BATCH_SIZE": str(args.batch_size),
+        }
+        engine = sa.create_engine(db_url)
+        worker = start_worker(env, work / "worker.log")
+        try:
+            wait_for_worker(engine)
+
+            def submit(csv: Path) -> str:
+                out = subprocess.run(
+                    [
+                        str(BIN / "producer"),
+                        "submit",
+                        str(csv),
+                        "--models",
+                        args.model,
+                        "--weights",
+                        "random",
+                    ],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                return out.strip().splitlines()[-1]
+
+            wait_done(engine, submit(sets["warmup"]))
+            start = time.perf_counter()
+            wait_done(engine, submit(sets["distributed"]))
+            distributed = args.images / (time.perf_counter() - start)
+        finally:
+            stop(worker)
+            engine.dispose()
+
+    result = {
+        "model": args.model,
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "core_images_per_second": round(core, 2),
+        "local_pipeline_images_per_second": round(local, 2),
+        "distributed_images_per_second": round(distributed, 2),
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(
+        f"{args.model}, {args.images} images of 320x240, batch {args.batch_size}, CPU ({os.cpu_count()} cores)"
+    )
+    print(f"  {'path':<48} {'images/s':>9} {'vs core':>8}")
+    for label, rate in (
+        ("compute core only (preprocessed tensors)", core),
+        ("in-process pipeline (S3 -> compute -> S3 + PostgreSQL)", local),
+        ("distributed: 1 CPU worker via Redis + PostgreSQL + S3", distributed),
+    ):
+        print(f"  {label:<48} {rate:9.2f} {rate / core:8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Turning the ``device`` and ``autocast`` settings into torch objects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.device import autocast_dtype, select_device
+
+requires_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("cpu", "cpu"), ("CPU", "cpu"), (" cpu ", "cpu")])
+def test_cpu_is_always_available(setting: str, expected: str) -> None:
+    assert select_device(setting) == torch.device(expected)
+
+
+def test_auto_is_cuda_exactly_when_cuda_is_available() -> None:
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert select_device("auto") == expected
+    assert select_device() == expected
+
+
+@requires_no_cuda
+@pytest.mark.parametrize("setting", ["cuda", "cuda:0", "cuda:1"])
+def test_cuda_requested_without_cuda_is_a_clear_error(setting: str) -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        select_device(setting)
+
+
+@pytest.mark.parametrize("setting", ["gpu", "cuda:x", "cuda:", "tpu", ""])
+def test_unknown_devices_are_rejected(setting: str) -> None:
+    with pytest.raises(ValueError, match="unknown device"):
+        select_device(setting)
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "expected"),
+    [
+        ("auto", "cuda", torch.float16),
+        ("auto", "cuda:1", torch.float16),
+        ("auto", "cpu", None),
+        ("off", "cuda", None),
+        ("off", "cpu", None),
+        ("float16", "cuda", torch.float16),
+        ("float16", "cpu", torch.float16),
+        ("bfloat16", "cuda", torch.bfloat16),
+        ("bfloat16", "cpu", torch.bfloat16),
+        ("BFloat16", "cpu", torch.bfloat16),
+    ],
+)
+def test_autocast_dtype_table(setting: str, device: str, expected: torch.dtype | None) -> None:
+    assert autocast_dtype(setting, torch.device(device)) is expected
+
+
+@pytest.mark.parametrize("setting", ["fp16", "float32", "on", "half", ""])
+def test_unknown_autocast_settings_are_rejected(setting: str) -> None:
+    with pytest.raises(ValueError, match="unknown autocast setting"):
+        autocast_dtype(setting, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA machine")
+def test_a_cuda_index_past_the_last_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="CUDA device"):
+        select_device(f"cuda:{torch.cuda.device_count()}")

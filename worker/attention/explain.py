@@ -1,0 +1,156 @@
+"""Every array artifact of a batch of images from one forward and one backward pass.
+
+This is the core's front door for the pipeline: ``explain`` turns a preprocessed batch into one
+``Explanation`` per image (numpy, on the CPU, ready to be written), and ``explain_in_batches`` splits
+a larger batch so a worker survives a GPU that is smaller than its configured batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.methods import ARRAY_ARTIFACTS, MethodSettings
+from worker.attention.capture import capture
+from worker.attention.layer_maps import cls_attention, layer_scores
+from worker.attention.prediction import top_k
+from worker.attention.relevance import gradient_relevance
+from worker.attention.rollout import attention_rollout, gradient_rollout
+
+__all__ = ["Explanation", "explain", "explain_in_batches"]
+
+
+@dataclass
+class Explanation:
+    """The array artifacts of one image (``METHODS.md`` 1–7), as numpy arrays on the CPU.
+
+    Field names are the artifact file names without ``.npy``; ``attention`` is ``None`` unless
+    ``MethodSettings.raw_attention`` asked for it. ``target`` is the class the gradient maps explain.
+    """
+
+    top_indices: np.ndarray  # [k] int64
+    top_probs: np.ndarray  # [k] float32
+    target: int
+    cls_attention: np.ndarray  # [L, H, gh, gw] float32
+    layer_scores: np.ndarray  # [L, gh, gw] float32
+    rollout: np.ndarray  # [gh, gw] float32
+    grad_rollout: np.ndarray  # [gh, gw] float32
+    relevance: np.ndarray  # [gh, gw] float32
+    attention: np.ndarray | None = None  # [L, H, N, N] float16
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays keyed by their file names in ``common.methods.ARRAY_ARTIFACTS``, present ones only."""
+        arrays = {name: getattr(self, name.removesuffix(".npy")) for name in ARRAY_ARTIFACTS}
+        return {name: array for name, array in arrays.items() if array is not None}
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    settings: MethodSettings,
+    targets: Sequence[int | None] | None = None,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Explanation]:
+    """One ``Explanation`` per image of ``images`` ``[B, 3, H, W]``, in order.
+
+    Runs exactly one forward and one backward pass for the whole batch; every artifact is computed
+    from that single capture. ``targets[b]`` (``None`` = top-1) selects the class of the gradient maps.
+    """
+    result = capture(model, images, targets, gradients=True, autocast_dtype=autocast_dtype)
+    attentions, gradients = result.attentions, result.gradients
+    assert gradients is not None, "capture(gradients=True) always returns gradients"
+    p, grid = result.num_prefix_tokens, result.grid_size
+    probs, indices = top_k(result.logits, settings.top_k)
+    cls_maps = cls_attention(attentions, p, grid)
+    scores = layer_scores(attentions, p, grid, settings.layer_score_reduction)
+    rolled = attention_rollout(
+        attentions, p, grid, head_fusion=settings.head_fusion, discard_ratio=settings.discard_ratio
+    )
+    grad_rolled = gradient_rollout(attentions, gradients, p, grid, discard_ratio=settings.discard_ratio)
+    relevance = gradient_relevance(attentions, gradients, p, grid)
+    raw = _numpy(attentions.transpose(0, 1).half()) if settings.raw_attention else None
+    probs_np, indices_np, targets_np = _numpy(probs), _numpy(indices), _numpy(result.targets)
+    cls_np, scores_np = _numpy(cls_maps), _numpy(scores)
+    rolled_np, grad_rolled_np, relevance_np = _numpy(rolled), _numpy(grad_rolled), _numpy(relevance)
+    return [
+        Explanation(
+            top_indices=indices_np[b],
+            top_probs=probs_np[b],
+            target=int(targets_np[b]),
+            cls_attention=cls_np[b],
+            layer_scores=scores_np[b],
+            rollout=rolled_np[b],
+            grad_rollout=grad_rolled_np[b],
+            relevance=relevance_np[b],
+            attention=raw[b] if raw is not None else None,
+        )
+        for b in range(len(targets_np))
+    ]
+
+
+def _explain_unless_out_of_memory(
+    model: nn.Module,
+    images: torch.Tensor,
+    settings: MethodSettings,
+    targets: Sequence[int | None] | None,
+    autocast_dtype: torch.dtype | None,
+) -> list[Explanation] | None:
+    """``explain``, or ``None`` when the micro-batch ran out of memory and can still be split.
+
+    Returning (rather than handling the error in the caller's loop) lets the traceback, and with it
+    the failed attempt's tensors, go before the cache is emptied.
+    """
+    try:
+        return explain(model, images, settings, targets, autocast_dtype=autocast_dtype)
+    except torch.OutOfMemoryError:
+        if len(images) == 1:
+            raise
+        return None
+
+
+def explain_in_batches(
+    model: nn.Module,
+    images: torch.Tensor,
+    settings: MethodSettings,
+    targets: Sequence[int | None] | None = None,
+    *,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Explanation]:
+    """``explain`` over micro-batches of at most ``batch_size`` images; the same results, in order.
+
+    On ``torch.OutOfMemoryError`` the CUDA cache is emptied, the micro-batch is halved and retried;
+    the smaller size is kept for the rest of the images (the next batch would not fit either). At one
+    image the error is re-raised: that input cannot be explained on this device.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total = len(images)
+    if targets is not None and len(targets) != total:
+        raise ValueError(f"got {len(targets)} targets for {total} images")
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    explanations: list[Explanation] = []
+    start, size = 0, batch_size
+    while start < total:
+        stop = min(start + size, total)
+        chunk_targets = targets[start:stop] if targets is not None else None
+        batch = _explain_unless_out_of_memory(
+            model, images[start:stop], settings, chunk_targets, autocast_dtype
+        )
+        if batch is None:
+            size = (stop - start) // 2
+            if on_cuda:
+                torch.cuda.empty_cache()
+            continue
+        explanations.extend(batch)
+        start = stop
+    return explanations

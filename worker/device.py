@@ -1,0 +1,63 @@
+"""Where the compute core runs and in which precision, from the ``device`` and ``autocast`` settings.
+
+Both functions turn a settings string into a torch object once, at worker start, and refuse anything
+they do not understand: a worker told to use a GPU it does not have must stop with a clear message
+rather than quietly run 50× slower on the CPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["autocast_dtype", "select_device"]
+
+_CUDA = re.compile(r"cuda(?::(\d+))?")
+
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "off": None,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def select_device(setting: str = "auto") -> torch.device:
+    """The device named by ``setting``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    ``auto`` is the first CUDA device when one is available, else the CPU. Asking for CUDA explicitly
+    on a machine without it (or for an index past the last GPU) raises ``ValueError``.
+    """
+    value = setting.strip().lower()
+    if value == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if value == "cpu":
+        return torch.device("cpu")
+    match = _CUDA.fullmatch(value)
+    if match is None:
+        raise ValueError(f"unknown device {setting!r}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {setting!r} requested but CUDA is not available on this machine")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"device {setting!r} requested but this machine has {count} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``setting`` on ``device``; ``None`` means full float32.
+
+    ``auto`` picks float16 on CUDA (every CUDA GPU has fast float16; choose ``bfloat16`` explicitly on
+    Ampere or newer for float32's exponent range) and ``None`` elsewhere, because CPU autocast is
+    rarely faster and only bfloat16 is broadly supported there. ``off``, ``float16`` and ``bfloat16``
+    mean what they say on any device. Anything else raises ``ValueError``.
+    """
+    value = setting.strip().lower()
+    if value == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if value not in _AUTOCAST_DTYPES:
+        raise ValueError(
+            f"unknown autocast setting {setting!r}: expected auto, {', '.join(_AUTOCAST_DTYPES)}"
+        )
+    return _AUTOCAST_DTYPES[value]

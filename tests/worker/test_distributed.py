@@ -265,7 +265,7 @@ def test_whole_worker_killed_its_jobs_come_back_to_another_worker(cluster, tmp_p
     _check_artifacts(cluster, jobs)
 
 
-def test_submit_wait_reports_failures_with_a_nonzero_exit(cluster, tmp_path, write_image) -> None:
+def test_submit_wait_reports_failures_and_retry_fixes_them(cluster, tmp_path, write_image) -> None:
     csv = _dataset(tmp_path, cluster.bucket, write_image, 3, broken=1)
     cluster.start_worker("w")
     cluster.wait_for_workers(1)
@@ -279,6 +279,13 @@ def test_submit_wait_reports_failures_with_a_nonzero_exit(cluster, tmp_path, wri
     failed = cluster.producer("results", batch_id, "--status", "failed", "--format", "jsonl").stdout
     assert "ImageError" in failed
     assert "broken0" in failed
+
+    # Fix the image, retry: only the failed job runs again, through the queue.
+    boto3.client("s3").upload_file(str(tmp_path / "img" / "0.png"), cluster.bucket, "images/broken0.png")
+    assert "1 failed job(s)" in cluster.producer("retry", batch_id).stderr
+    jobs = cluster.wait_done(batch_id)
+    assert [job.state for job in jobs] == [JobState.SUCCEEDED] * 4
+    assert jobs[-1].reused_from is not None  # same bytes as image 0: pointed at its artifacts
 
 
 def test_chunked_submission_of_10000_rows(cluster, tmp_path) -> None:

@@ -1,0 +1,47 @@
+"""The producer runs where torch is not installed: it must never import torch, timm or worker code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import redis
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from producer.cli import app
+    try:
+        app(["submit", sys.argv[1], "--models", "deit_tiny_patch16_224,vit_base_patch16_224"])
+    except SystemExit as exit:
+        assert exit.code == 0, exit.code
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision", "worker"))
+    print("HEAVY:", heavy)
+    """
+)
+
+
+def test_distributed_submit_imports_no_torch(tmp_path: Path, redis_url: str) -> None:
+    broker = redis_url.rsplit("/", 1)[0] + "/15"
+    csv = tmp_path / "data.csv"
+    csv.write_text("image_uri\ns3://bucket/a.png\ns3://bucket/b.png\n")
+    env = {
+        **os.environ,
+        "VITSCOPE_BROKER_URL": broker,
+        "VITSCOPE_DATABASE_URL": f"sqlite:///{tmp_path / 'v.db'}",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(csv)], env=env, capture_output=True, text=True, timeout=120
+    )
+    client = redis.Redis.from_url(broker, socket_timeout=5)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert "HEAVY: []" in result.stdout
+        assert client.llen("vitscope.deit_tiny") == 1
+        assert client.llen("vitscope.vit_base") == 1
+    finally:
+        client.flushdb()
+        client.close()

@@ -36,7 +36,8 @@ from common.storage import ObjectStore, open_store
 from worker.attention import Explanation, check_supported, explain_in_batches
 from worker.device import autocast_dtype, select_device
 from worker.keeper import LeaseKeeper, current_identity, is_dead_local_process
-from worker.models import LoadedModel, ModelCache, resolve_target
+from worker.labels import resolve_target
+from worker.models import LoadedModel, ModelCache
 from worker.preprocess import decode_image
 from worker.render import render_artifacts
 

@@ -20,17 +20,15 @@ import safetensors.torch
 import timm
 import torch
 from PIL import Image
-from timm.data import ImageNetInfo
 
 from common.errors import (
     InvalidModelSpecError,
-    InvalidTargetError,
     UnknownModelError,
     WeightsUnavailableError,
 )
 from common.methods import Preprocess
 from common.modelspec import ModelSpec
-from worker.models import LoadedModel, ModelCache, load_model, resolve_target
+from worker.models import LoadedModel, ModelCache, load_model
 from worker.preprocess import IMAGENET_MEAN
 
 ARCH = "deit_tiny_patch16_224"
@@ -419,56 +417,6 @@ def test_offline_hub_uses_the_local_hub_cache(
 def test_architecture_without_pretrained_weights_is_an_error_not_random() -> None:
     with pytest.raises(WeightsUnavailableError, match="no pretrained weights for test_vit4"):
         load_model(ModelSpec(name="t", arch="test_vit4"), device=CPU)
-
-
-# --- resolve_target ---------------------------------------------------------------------------------
-
-IMAGENET = tuple(ImageNetInfo("imagenet-1k").label_descriptions())
-
-
-@pytest.mark.parametrize(
-    ("target", "labels", "num_classes", "expected"),
-    [
-        (None, LABELS, 3, None),
-        ("", LABELS, 3, None),
-        ("   ", LABELS, 3, None),
-        (2, LABELS, 3, 2),
-        ("2", LABELS, 3, 2),
-        (" 0 ", None, 3, 0),
-        ("dog", LABELS, 3, 1),
-        ("DOG", LABELS, 3, 1),
-        ("tabby, tabby cat", IMAGENET, 1000, 281),
-        ("Tabby", IMAGENET, 1000, 281),
-        ("tabby cat", IMAGENET, 1000, 281),
-        ("tiger cat", IMAGENET, 1000, 282),
-        ("Egyptian cat", IMAGENET, 1000, 285),
-        (999, IMAGENET, 1000, 999),
-    ],
-)
-def test_resolve_target(
-    target: str | int | None, labels: tuple[str, ...] | None, num_classes: int, expected: int | None
-) -> None:
-    assert resolve_target(target, labels, num_classes) == expected
-
-
-@pytest.mark.parametrize(
-    ("target", "labels", "num_classes", "message"),
-    [
-        (3, LABELS, 3, "3 is out of range.*3 classes"),
-        ("-1", LABELS, 3, "-1 is out of range"),
-        (1000, IMAGENET, 1000, "1000 is out of range.*1000 classes"),
-        ("horse", LABELS, 3, "'horse'.*3 classes"),
-        ("cat", IMAGENET, 1000, "'cat'.*1000 classes"),
-        ("crane", IMAGENET, 1000, r"ambiguous.*\[134, 517\]"),
-        ("dog", None, 5, "no class names.*0..4"),
-        (True, LABELS, 3, "True"),
-    ],
-)
-def test_resolve_target_refuses(
-    target: str | int, labels: tuple[str, ...] | None, num_classes: int, message: str
-) -> None:
-    with pytest.raises(InvalidTargetError, match=message):
-        resolve_target(target, labels, num_classes)
 
 
 # --- ModelCache -------------------------------------------------------------------------------------

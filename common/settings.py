@@ -42,7 +42,8 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=8, ge=1, description="Images per forward/backward pass.")
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
     autocast: str = Field(
-        default="auto", description="auto (float16 on CUDA, off on CPU), off, float16, bfloat16."
+        default="auto",
+        description="auto (bfloat16 on CUDA, float16 on older GPUs, off on CPU), off, float16, bfloat16.",
     )
 
     # Image fetching: size limits and network policy.

@@ -48,16 +48,27 @@ def select_device(setting: str = "auto") -> torch.device:
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``setting`` on ``device``; ``None`` means full float32.
 
-    ``auto`` picks float16 on CUDA (every CUDA GPU has fast float16; choose ``bfloat16`` explicitly on
-    Ampere or newer for float32's exponent range) and ``None`` elsewhere, because CPU autocast is
-    rarely faster and only bfloat16 is broadly supported there. ``off``, ``float16`` and ``bfloat16``
-    mean what they say on any device. Anything else raises ``ValueError``.
+    ``auto`` on CUDA picks bfloat16 where the GPU supports it (Ampere and newer), else float16.
+    bfloat16 first because the gradient maps need ``∂ logit / ∂ A``, whose entries are often below
+    float16's smallest normal number, and a single logit's gradient is taken without loss scaling;
+    bfloat16 has float32's exponent range. On other devices ``auto`` is ``None``: CPU autocast is
+    rarely faster. ``off``, ``float16`` and ``bfloat16`` mean what they say on any device. Anything
+    else raises ``ValueError``.
     """
     value = setting.strip().lower()
     if value == "auto":
-        return torch.float16 if device.type == "cuda" else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if _cuda_supports_bfloat16(device) else torch.float16
     if value not in _AUTOCAST_DTYPES:
         raise ValueError(
             f"unknown autocast setting {setting!r}: expected auto, {', '.join(_AUTOCAST_DTYPES)}"
         )
     return _AUTOCAST_DTYPES[value]
+
+
+def _cuda_supports_bfloat16(device: torch.device) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported()

@@ -34,11 +34,15 @@ def test_unknown_devices_are_rejected(setting: str) -> None:
         select_device(setting)
 
 
+# bfloat16 where the GPU has it; float16 on older GPUs and when there is no GPU to ask (as here).
+CUDA_AUTO = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float16
+
+
 @pytest.mark.parametrize(
     ("setting", "device", "expected"),
     [
-        ("auto", "cuda", torch.float16),
-        ("auto", "cuda:1", torch.float16),
+        ("auto", "cuda", CUDA_AUTO),
+        ("auto", "cuda:1", CUDA_AUTO),
         ("auto", "cpu", None),
         ("off", "cuda", None),
         ("off", "cpu", None),

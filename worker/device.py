@@ -59,7 +59,7 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if value == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if _cuda_supports_bfloat16(device) else torch.float16
+        return torch.bfloat16 if _cuda_supports_bfloat16() else torch.float16
     if value not in _AUTOCAST_DTYPES:
         raise ValueError(
             f"unknown autocast setting {setting!r}: expected auto, {', '.join(_AUTOCAST_DTYPES)}"
@@ -67,8 +67,6 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     return _AUTOCAST_DTYPES[value]
 
 
-def _cuda_supports_bfloat16(device: torch.device) -> bool:
-    if not torch.cuda.is_available():
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_bf16_supported()
+def _cuda_supports_bfloat16() -> bool:
+    """Asked of the current GPU: hosts mix GPU generations rarely, and a worker sees one GPU."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

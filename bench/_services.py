@@ -176,3 +176,15 @@ def wait_done(engine: sa.Engine, batch_id: str, timeout: float = 1800) -> float:
             return time.monotonic() - start
         time.sleep(0.1)
     raise RuntimeError(f"batch {batch_id} did not finish in {timeout} s")
+
+
+def submit(env: dict[str, str], csv: Path, *args: str, model: str = "deit_tiny_patch16_224") -> str:
+    """``producer submit`` as a user runs it (random weights: nothing to download); the batch id."""
+    result = subprocess.run(
+        [str(BIN / "producer"), "submit", str(csv), "--models", model, "--weights", "random", *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip().splitlines()[-1]

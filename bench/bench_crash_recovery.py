@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,12 +31,12 @@ import sqlalchemy as sa
 from common.db.models import Job, JobState
 
 from _services import (
-    BIN,
     postgres_database,
     redis_broker,
     s3_endpoint,
     start_worker,
     stop,
+    submit,
     upload_images,
     wait_done,
     wait_for_worker,
@@ -81,25 +80,7 @@ def measure(pool: str, images: int, workdir: Path) -> dict[str, float]:
         replacement = None
         try:
             wait_for_worker(engine)
-            batch_id = (
-                subprocess.run(
-                    [
-                        str(BIN / "producer"),
-                        "submit",
-                        str(csv),
-                        "--models",
-                        "deit_tiny_patch16_224",
-                        "--weights",
-                        "random",
-                    ],
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-                .stdout.strip()
-                .splitlines()[-1]
-            )
+            batch_id = submit(env, csv)
             owner = first_running(engine, batch_id)
             pid = int(owner.rsplit(":", 1)[1])
             os.kill(pid, signal.SIGKILL)

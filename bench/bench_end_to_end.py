@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,12 +36,12 @@ from worker.pipeline import Runtime
 from worker.preprocess import decode_image
 
 from _services import (
-    BIN,
     postgres_database,
     redis_broker,
     s3_endpoint,
     start_worker,
     stop,
+    submit,
     upload_images,
     wait_done,
     wait_for_worker,
@@ -61,6 +60,15 @@ def core_rate(runtime: Runtime, bucket: str, count: int, model: str, batch_size:
     start = time.perf_counter()
     explain_in_batches(loaded.model, batch, MethodSettings(), batch_size=batch_size)
     return count / (time.perf_counter() - start)
+
+
+def local_rate(runtime: Runtime, csv: Path, options: SubmitOptions) -> float:
+    """Images/s of ``run_batch`` (the ``--local`` path) over the dataset's images."""
+    submission = commit_plan(runtime.db, plan_submission(csv, options), options, mode="local")
+    start = time.perf_counter()
+    run = run_batch(runtime, submission.batch_id)
+    assert run.succeeded == submission.jobs, run
+    return submission.jobs / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -90,20 +98,13 @@ def main() -> None:
             batch_size=args.batch_size,
             device="cpu",
         )
+        options = SubmitOptions(models=[args.model], weights="random")
         runtime = Runtime.from_settings(settings, db=open_database(settings))
         try:
             core = core_rate(runtime, bucket, args.images, args.model, args.batch_size)
-            options = SubmitOptions(models=[args.model], weights="random")
-            submission = commit_plan(
-                runtime.db, plan_submission(sets["local"], options), options, mode="local"
-            )
-            start = time.perf_counter()
-            run = run_batch(runtime, submission.batch_id)
-            local = args.images / (time.perf_counter() - start)
-            assert run.succeeded == args.images, run
+            local = local_rate(runtime, sets["local"], options)
         finally:
             runtime.close()
-
         # The same pipeline on embedded defaults (local disk + SQLite): what the services cost.
         embedded = Settings(
             database_url=f"sqlite:///{work / 'embedded.db'}",
@@ -113,13 +114,7 @@ def main() -> None:
         )
         runtime = Runtime.from_settings(embedded, db=open_database(embedded))
         try:
-            submission = commit_plan(
-                runtime.db, plan_submission(sets["embedded"], options), options, mode="local"
-            )
-            start = time.perf_counter()
-            run = run_batch(runtime, submission.batch_id)
-            local_embedded = args.images / (time.perf_counter() - start)
-            assert run.succeeded == args.images, run
+            local_embedded = local_rate(runtime, sets["embedded"], options)
         finally:
             runtime.close()
 
@@ -135,27 +130,9 @@ def main() -> None:
         try:
             wait_for_worker(engine)
 
-            def submit(csv: Path) -> str:
-                out = subprocess.run(
-                    [
-                        str(BIN / "producer"),
-                        "submit",
-                        str(csv),
-                        "--models",
-                        args.model,
-                        "--weights",
-                        "random",
-                    ],
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout
-                return out.strip().splitlines()[-1]
-
-            wait_done(engine, submit(sets["warmup"]))
+            wait_done(engine, submit(env, sets["warmup"], model=args.model))
             start = time.perf_counter()
-            batch_id = submit(sets["distributed"])
+            batch_id = submit(env, sets["distributed"], model=args.model)
             submitted = time.perf_counter()
             wait_done(engine, batch_id)
             finished = time.perf_counter()

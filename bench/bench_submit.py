@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from common.db import Database
 from common.settings import Settings
 from producer.submit import SubmitOptions, commit_plan, enqueue, plan_submission
 
-from _services import BIN, postgres_database, redis_broker
+from _services import postgres_database, redis_broker, submit
 
 QUEUE = "vitscope.deit_tiny"
 
@@ -49,20 +48,7 @@ def main() -> None:
         queue = redis.Redis.from_url(broker, socket_timeout=10)
 
         start = time.perf_counter()
-        subprocess.run(
-            [
-                str(BIN / "producer"),
-                "submit",
-                str(csv),
-                "--models",
-                "deit_tiny_patch16_224",
-                "--weights",
-                "random",
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        submit(env, csv)
         cli_seconds = time.perf_counter() - start
         messages = queue.llen(QUEUE)
         queue.flushdb()

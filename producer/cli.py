@@ -297,20 +297,28 @@ def retry(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     local: Annotated[bool, typer.Option("--local", help="Run the retried jobs in this process.")] = False,
 ) -> None:
-    """Re-enqueue the batch's failed jobs (with a fresh attempt budget)."""
+    """Re-enqueue the batch's failed jobs (with a fresh attempt budget).
+
+    A distributed batch whose messages were never all sent (the producer died between committing
+    the jobs and publishing them) has every queued job published again as well.
+    """
     settings = get_settings()
     try:
         db = open_database(settings)
         with db.session() as session:
             found = get_batch(session, batch)
+            unpublished = found.mode == "distributed" and found.published_at is None
             jobs = retry_failed(session, found.id)
         err.print(f"{len(jobs)} failed job(s) of batch {found.id} queued again")
-        if not jobs:
+        if unpublished:
+            err.print("the batch was never fully published: enqueueing all its queued jobs")
+        if not jobs and not unpublished:
             return
         if settings.broker_url and not local:
             from common.celery_app import make_celery
 
-            enqueue(make_celery(settings), db, found.id, chunk_size=settings.chunk_size, jobs=jobs)
+            everything = None if unpublished else jobs
+            enqueue(make_celery(settings), db, found.id, chunk_size=settings.chunk_size, jobs=everything)
             return
         from worker.local import run_batch
         from worker.pipeline import Runtime

@@ -299,19 +299,20 @@ def _process_group(chunk: _Chunk, tickets: list[_Ticket]) -> None:
             pending = []
     if pending:
         stores += _compute(chunk, loaded, pending)
+    _record(chunk, stores)
+    for followers in in_flight.values():
+        for prepared in followers:
+            if not chunk.try_reuse(prepared):  # the original failed: compute this one on its own
+                _record(chunk, _compute(chunk, loaded, [prepared]))
+
+
+def _record(chunk: _Chunk, stores: list[tuple[_Ticket, Future[JobOutcome]]]) -> None:
+    """Wait for each job's rendering and upload, then record it as succeeded, or failed with the reason."""
     for ticket, store in stores:
         try:
             chunk.succeed(ticket, store.result())
         except Exception as exc:
             chunk.fail(ticket, exc)
-    for followers in in_flight.values():
-        for prepared in followers:
-            if not chunk.try_reuse(prepared):  # the original failed: compute this one on its own
-                for ticket, store in _compute(chunk, loaded, [prepared]):
-                    try:
-                        chunk.succeed(ticket, store.result())
-                    except Exception as exc:
-                        chunk.fail(ticket, exc)
 
 
 def _prepare(runtime: Runtime, loaded: LoadedModel, ticket: _Ticket) -> _Prepared:

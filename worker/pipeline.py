@@ -321,11 +321,12 @@ def _prepare(runtime: Runtime, loaded: LoadedModel, ticket: _Ticket) -> _Prepare
     data = runtime.fetcher.fetch(ticket.image_uri)
     image = decode_image(data, max_pixels=runtime.settings.max_image_pixels)
     num_classes = loaded.model.num_classes
+    cropped = loaded.preprocessor.crop(image)
     return _Prepared(
         ticket=ticket,
         sha256=content_sha256(data),
-        tensor=loaded.preprocessor(image),
-        crop=loaded.preprocessor.crop_array(image),
+        tensor=loaded.preprocessor.normalize(cropped),
+        crop=np.array(cropped, dtype=np.uint8),
         target_index=resolve_target(ticket.target, loaded.labels, num_classes),
         fetch_seconds=time.perf_counter() - start,
     )

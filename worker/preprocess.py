@@ -148,11 +148,12 @@ class Preprocessor:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """RGB picture -> model input ``[3, H, W]`` float32, ``(x / 255 - mean) / std``."""
-        return TF.normalize(TF.to_tensor(self.crop(image)), list(self.mean), list(self.std))
+        return self.normalize(self.crop(image))
 
-    def crop_array(self, image: Image.Image) -> np.ndarray:
-        """``crop(image)`` as a writable ``uint8 [H, W, 3]`` array, the background of the overlays."""
-        return np.array(self.crop(image), dtype=np.uint8)
+    def normalize(self, cropped: Image.Image) -> torch.Tensor:
+        """The model input from an already ``crop``-ped picture: callers that also need the crop for
+        the overlays resize once instead of twice."""
+        return TF.normalize(TF.to_tensor(cropped), list(self.mean), list(self.std))
 
 
 def _check_resized_pixels(size: tuple[int, int], shorter_side: int) -> None:

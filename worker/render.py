@@ -164,7 +164,7 @@ def render_artifacts(
     """Every artifact's bytes for one image: each given array as ``.npy`` and the pictures of them.
 
     ``arrays`` is keyed by names from ``ARRAY_ARTIFACTS``; ``crop`` is the model's input crop
-    ``uint8 [H, W, 3]`` (``Preprocessor.crop_array``). Each picture of ``IMAGE_ARTIFACTS`` is rendered
+    ``uint8 [H, W, 3]`` (the array of ``Preprocessor.crop``). Each picture of ``IMAGE_ARTIFACTS`` is rendered
     when its source array (``PICTURE_SOURCES``) is present: the layer grid (with ``title``) from
     ``layer_scores.npy`` and an overlay on ``crop`` for each of the three maps.
     """

@@ -256,10 +256,12 @@ def test_normalization_statistics_per_pipeline(
 
 
 @pytest.mark.parametrize("pipeline", list(Preprocess))
-def test_crop_array_is_exactly_what_the_model_sees(pipeline: Preprocess) -> None:
+def test_the_crop_is_exactly_what_the_model_sees(pipeline: Preprocess) -> None:
     preprocessor = build_preprocessor(meta_model("vit_base_patch32_224"), pipeline)
     image = photo(320, 240)
-    crop = preprocessor.crop_array(image)
+    cropped = preprocessor.crop(image)
+    assert torch.equal(preprocessor.normalize(cropped), preprocessor(image))
+    crop = np.array(cropped)
     assert crop.dtype == np.uint8
     assert crop.shape == (224, 224, 3)
     from_crop = transforms.functional.to_tensor(crop)
@@ -272,8 +274,10 @@ def test_center_crop_keeps_the_middle_of_a_wide_image() -> None:
     """A 768×256 image is already 256 high: the crop is columns 272..495, the white band 352..415."""
     pixels = np.zeros((256, 768, 3), dtype=np.uint8)
     pixels[:, 352:416] = 255
-    crop = build_preprocessor(meta_model("deit_tiny_patch16_224"), Preprocess.PAPER).crop_array(
-        Image.fromarray(pixels)
+    crop = np.asarray(
+        build_preprocessor(meta_model("deit_tiny_patch16_224"), Preprocess.PAPER).crop(
+            Image.fromarray(pixels)
+        )
     )
     assert crop.shape == (224, 224, 3)
     assert (crop[:, 80:144] == 255).all()

@@ -1,0 +1,47 @@
+"""Prepare: fetch, hash, decode and preprocess one image, and resolve its target class."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.fetch import content_sha256
+from worker.labels import resolve_target
+from worker.models import LoadedModel
+from worker.pipeline.claim import Ticket
+from worker.pipeline.runtime import Runtime
+from worker.preprocess import decode_image
+
+__all__ = ["Prepared", "prepare"]
+
+
+@dataclass
+class Prepared:
+    """One image ready to compute: the model input, the crop the overlays are drawn on."""
+
+    ticket: Ticket
+    sha256: str
+    tensor: torch.Tensor
+    crop: np.ndarray
+    target_index: int | None
+    fetch_seconds: float
+
+
+def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
+    """Fetch, hash, decode and preprocess one image; resolve its target. Runs on the fetch pool."""
+    start = time.perf_counter()
+    data = runtime.fetcher.fetch(ticket.image_uri)
+    image = decode_image(data, max_pixels=runtime.settings.max_image_pixels)
+    num_classes = loaded.model.num_classes
+    cropped = loaded.preprocessor.crop(image)
+    return Prepared(
+        ticket=ticket,
+        sha256=content_sha256(data),
+        tensor=loaded.preprocessor.normalize(cropped),
+        crop=np.array(cropped, dtype=np.uint8),
+        target_index=resolve_target(ticket.target, loaded.labels, num_classes),
+        fetch_seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,82 @@
+"""Store: render every artifact of one image, upload it under deterministic keys, describe it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+
+import numpy as np
+from PIL import Image
+
+from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord
+from common.keys import artifact_key
+from worker.attention import Explanation
+from worker.models import LoadedModel
+from worker.pipeline.prepare import Prepared
+from worker.pipeline.runtime import Runtime
+from worker.render import render_artifacts
+
+__all__ = ["store"]
+
+
+def _content_type(name: str) -> str:
+    return "image/png" if name.endswith(".png") else "application/x-npy"
+
+
+def store(
+    runtime: Runtime,
+    loaded: LoadedModel,
+    prepared: Prepared,
+    explanation: Explanation,
+    compute_seconds: float,
+) -> JobOutcome:
+    """Render every artifact, upload them under deterministic keys, describe them for the database."""
+    start = time.perf_counter()
+    ticket = prepared.ticket
+    arrays = explanation.arrays()
+    rendered = render_artifacts(arrays, prepared.crop, title=f"{ticket.model}: layer scores")
+    keys = {name: artifact_key(prepared.sha256, ticket.model, ticket.config, name) for name in rendered}
+    uris = runtime.store.put_many((keys[name], data, _content_type(name)) for name, data in rendered.items())
+    artifacts = [
+        ArtifactRecord(
+            name=name,
+            uri=uris[keys[name]],
+            content_type=_content_type(name),
+            bytes=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+            shape=_shape(name, data, arrays),
+            dtype=str(arrays[name].dtype) if name in arrays else "uint8",
+        )
+        for name, data in sorted(rendered.items())
+    ]
+    labels = loaded.labels
+    predictions = [
+        PredictionRecord(
+            rank=rank,
+            class_index=int(index),
+            prob=float(prob),
+            label=labels[int(index)] if labels is not None and int(index) < len(labels) else None,
+        )
+        for rank, (index, prob) in enumerate(
+            zip(explanation.top_indices, explanation.top_probs, strict=True), 1
+        )
+    ]
+    return JobOutcome(
+        image_sha256=prepared.sha256,
+        target_index=int(explanation.target),
+        device=str(runtime.device),
+        weights_source=loaded.weights_source,
+        artifacts=artifacts,
+        predictions=predictions,
+        fetch_seconds=prepared.fetch_seconds,
+        compute_seconds=compute_seconds,
+        store_seconds=time.perf_counter() - start,
+    )
+
+
+def _shape(name: str, data: bytes, arrays: dict[str, np.ndarray]) -> str:
+    if name in arrays:
+        return "x".join(str(d) for d in arrays[name].shape)
+    width, height = Image.open(io.BytesIO(data)).size  # reads the header only
+    return f"{height}x{width}x3"

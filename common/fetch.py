@@ -8,8 +8,10 @@ host itself, refuses private, loopback, link-local, multicast, reserved and unsp
 the HTTP library resolve the name again would let a DNS answer change in between (DNS rebinding).
 Redirects are followed by hand so that every hop is checked the same way.
 
-Schemes: ``http(s)://``; ``s3://`` and ``file://`` or absolute paths through ``common.storage``.
-Relative paths are refused here: the producer resolves them against the dataset's folder.
+Schemes: ``http(s)://``; ``s3://`` through ``common.storage``; ``file://`` and absolute paths only
+inside the policy's ``file_roots`` (``common.local_files`` says how, and why a dataset must not be a
+way to read the disk of the machine processing it). Relative paths are refused here: the producer
+makes them absolute against the dataset's folder.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import ssl
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -39,9 +42,10 @@ from common.errors import (
     NotFoundError,
     ObjectTooLargeError,
 )
+from common.local_files import FileRoots
 from common.settings import Settings
 from common.storage import read_uri
-from common.storage.uri import uri_scheme
+from common.storage.uri import file_uri_path, uri_scheme
 
 __all__ = [
     "DefaultFetcher",
@@ -66,12 +70,14 @@ _HEADERS = {
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    """Limits for one fetch. ``timeout_seconds`` bounds the whole fetch, redirects included."""
+    """Limits for one fetch. ``timeout_seconds`` bounds the whole fetch, redirects included;
+    ``file_roots`` are the only folders local files are read from (none by default)."""
 
     max_bytes: int = 50 * 1024 * 1024
     timeout_seconds: float = 30.0
     allow_private_networks: bool = False
     max_redirects: int = 5
+    file_roots: tuple[Path, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FetchPolicy:
@@ -79,6 +85,7 @@ class FetchPolicy:
             max_bytes=settings.max_image_bytes,
             timeout_seconds=settings.fetch_timeout_seconds,
             allow_private_networks=settings.allow_private_networks,
+            file_roots=tuple(settings.file_roots),
         )
 
 
@@ -179,20 +186,36 @@ class DefaultFetcher:
 
     def __init__(self, policy: FetchPolicy = FetchPolicy()) -> None:
         self.policy = policy
+        self._file_roots = FileRoots(policy.file_roots)
+
+    def with_file_roots(self, roots: tuple[Path, ...]) -> DefaultFetcher:
+        """The same fetcher reading local files from ``roots`` instead (the local runner's default)."""
+        return DefaultFetcher(replace(self.policy, file_roots=roots))
 
     def fetch(self, uri: str) -> bytes:
         scheme = uri_scheme(uri)
         if scheme in ("http", "https"):
             return self._fetch_http(uri)
-        if scheme in ("s3", "file"):
+        if scheme == "s3":
             return self._read_stored(uri)
+        if scheme == "file":
+            try:
+                path = file_uri_path(uri)
+            except ValueError as exc:  # e.g. file://otherhost/x
+                raise ImageFetchRefusedError(str(exc)) from exc
+            return self._read_local(uri, path)
         if scheme == "" and uri:
             if not os.path.isabs(uri):
                 raise ImageError(f"relative image path {uri!r}: resolve it against the dataset's folder")
-            return self._read_stored(uri)
+            return self._read_local(uri, Path(uri))
         raise ImageFetchRefusedError(
             f"cannot fetch {uri!r}: supported are http(s)://, s3://, file:// and absolute paths"
         )
+
+    def _read_local(self, uri: str, path: Path) -> bytes:
+        """Checked against the file roots first: a refused path is never opened."""
+        checked = self._file_roots.check(uri, path)
+        return self._file_roots.read(checked, max_bytes=self.policy.max_bytes)
 
     def _read_stored(self, uri: str) -> bytes:
         try:
@@ -201,7 +224,7 @@ class DefaultFetcher:
             raise ImageTooLargeError(str(exc)) from exc
         except NotFoundError as exc:
             raise ImageError(str(exc)) from exc
-        except ValueError as exc:  # e.g. file://otherhost/x
+        except ValueError as exc:  # e.g. s3://bucket without a key
             raise ImageFetchRefusedError(str(exc)) from exc
 
     def _fetch_http(self, uri: str) -> bytes:

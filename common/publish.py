@@ -10,8 +10,8 @@ larger chunks do (``VITSCOPE_CHUNK_SIZE``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from itertools import groupby
+from collections.abc import Callable, Iterable, Iterator
+from itertools import groupby, islice
 
 from celery import Celery
 
@@ -21,14 +21,14 @@ from common.db.records import QueuedJob
 __all__ = ["chunk_jobs", "publish_jobs"]
 
 
-def chunk_jobs(jobs: Iterable[QueuedJob], chunk_size: int) -> list[tuple[str, list[str]]]:
-    """Group jobs into (queue, ids) chunks of one model and at most ``chunk_size`` ids."""
-    chunks: list[tuple[str, list[str]]] = []
-    ordered = sorted(jobs, key=lambda job: (job.queue, job.model))
-    for (queue, _model), group in groupby(ordered, key=lambda job: (job.queue, job.model)):
-        ids = [job.id for job in group]
-        chunks += [(queue, ids[i : i + chunk_size]) for i in range(0, len(ids), chunk_size)]
-    return chunks
+def chunk_jobs(jobs: Iterable[QueuedJob], chunk_size: int) -> Iterator[tuple[str, list[str]]]:
+    """(queue, ids) chunks of one model and at most ``chunk_size`` ids, from jobs grouped by model.
+
+    Consecutive jobs of the same model share chunks; the input is consumed as a stream.
+    """
+    for (queue, _model), group in groupby(jobs, key=lambda job: (job.queue, job.model)):
+        while ids := [job.id for job in islice(group, chunk_size)]:
+            yield queue, ids
 
 
 def publish_jobs(
@@ -37,16 +37,24 @@ def publish_jobs(
     *,
     chunk_size: int,
     on_published: Callable[[list[str]], None] | None = None,
+    grouped: bool = False,
 ) -> int:
-    """Publish every job over one broker connection; returns the number of messages sent."""
-    chunks = chunk_jobs(jobs, chunk_size)
+    """Publish every job over one broker connection; returns the number of messages sent.
+
+    Jobs are sorted by model first unless ``grouped`` says they arrive grouped already (a stream
+    from the database in model order, which sorting would have to hold in memory).
+    """
+    if not grouped:
+        jobs = sorted(jobs, key=lambda job: (job.queue, job.model))
+    messages = 0
     with app.producer_or_acquire() as producer:
-        for queue, ids in chunks:
+        for queue, ids in chunk_jobs(jobs, chunk_size):
             # argsrepr: the ids are in the message anyway; Celery's safe repr of them costs more than
             # the rest of publishing.
             app.send_task(
                 TASK_PROCESS_JOBS, args=[ids], queue=queue, producer=producer, argsrepr="", kwargsrepr=""
             )
+            messages += 1
             if on_published is not None:
                 on_published(ids)
-    return len(chunks)
+    return messages

@@ -8,10 +8,12 @@ Everything that differs between a laptop and a GPU fleet lives here, so no modul
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
 
@@ -53,6 +55,11 @@ class Settings(BaseSettings):
     allow_private_networks: bool = Field(
         default=False, description="Allow http(s) image URLs that resolve to private/loopback/link-local IPs."
     )
+    file_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders (separated by ':' as in PATH) that file:// URIs and paths may read images from. "
+        "Unset: a local run reads only the dataset CSV's folder, a distributed worker no local files at all.",
+    )
     fetch_threads: int = Field(default=8, ge=1, description="Concurrent image downloads per worker.")
     upload_threads: int = Field(default=8, ge=1, description="Concurrent artifact uploads per worker.")
 
@@ -70,6 +77,14 @@ class Settings(BaseSettings):
     )
     task_time_limit_seconds: int = Field(default=3600, ge=1, description="Hard limit for one chunk.")
     max_attempts: int = Field(default=3, ge=1, description="Attempts per job before it fails for good.")
+
+    @field_validator("file_roots", mode="before")
+    @classmethod
+    def _split_file_roots(cls, value: Any) -> Any:
+        """``/data/a:/data/b`` in the environment, like PATH; empty entries are dropped."""
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
 
     def resolved_database_url(self) -> str:
         """The configured URL, or the embedded SQLite default (an absolute path, so cwd changes are safe)."""

@@ -4,21 +4,35 @@ The format: a header row; ``image_uri`` is required; ``model`` (one model name, 
 by ``;``), the target column (``target`` unless ``--target-column`` says otherwise) and ``id`` are
 optional; every other column is kept as the job's metadata. Image URIs may be ``s3://``,
 ``http(s)://``, ``file://`` or plain paths, which are relative to the CSV's folder and are stored as
-absolute ``file://`` URIs so any process can find them.
+absolute ``file://`` URIs so any process can find them. Paths are made absolute without following
+symbolic links: whether a path may be read is decided where it is read (``common.local_files``).
+
+A file may have millions of rows, so it is read as a stream, twice: ``scan_dataset`` validates every
+row and keeps only counts and the set of model names; ``iter_rows`` then parses it again for the
+caller to insert row by row. Memory does not grow with the file. If the file changes between the
+two passes, ``iter_rows`` raises and the caller's transaction rolls back: nothing is half-submitted.
+
+What the CSV module already gets right, and the tests hold it to: a UTF-8 byte-order mark is
+dropped, CRLF and LF line ends are both fine, a quoted field may span lines (a row's line number is
+the physical line where its record starts, as an editor shows it), and cells are kept as given —
+``=1+1`` or ``@SUM(A1)`` is data here; only ``producer results --format csv`` escapes such cells
+for spreadsheets.
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import os
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from common.errors import InvalidDatasetError, VitscopeError
 
-__all__ = ["Dataset", "DatasetRow", "read_dataset"]
+__all__ = ["Dataset", "DatasetRow", "DatasetScan", "iter_rows", "read_dataset", "scan_dataset"]
 
 IMAGE_COLUMN = "image_uri"
 MODEL_COLUMN = "model"
@@ -46,53 +60,46 @@ class Dataset:
     rows: tuple[DatasetRow, ...]
 
 
-def read_dataset(
-    path: str | Path,
-    *,
-    target_column: str | None = None,
-    check_model: Callable[[str], object] | None = None,
-) -> Dataset:
-    """Parse and validate the whole file; raise one InvalidDatasetError listing every bad line.
+@dataclass(frozen=True)
+class DatasetScan:
+    """What the validating pass learned about a dataset file, in memory that does not grow with it."""
+
+    path: Path
+    columns: tuple[str, ...]
+    target_column: str
+    rows: int
+    models: frozenset[str]  # every name found in `model` cells
+    rows_without_model: int  # rows that take the submit's --models
+    local_rows: int  # rows naming a local file (file:// or a path)
+
+
+CheckModel = Callable[[str], object]
+
+
+def scan_dataset(
+    path: str | Path, *, target_column: str | None = None, check_model: CheckModel | None = None
+) -> DatasetScan:
+    """Validate the whole file, streaming; raise one InvalidDatasetError listing every bad line.
 
     ``check_model`` is called with each model name found in a ``model`` cell and raises a
     VitscopeError for names it does not know, so unknown models are reported with their line.
     """
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise InvalidDatasetError("file not found", path=str(path)) from None
-    except UnicodeDecodeError as exc:
-        raise InvalidDatasetError(f"not UTF-8 text (byte {exc.start})", path=str(path)) from None
-    if not text.strip():
-        raise InvalidDatasetError(
-            "the file is empty; expected a header row with an image_uri column", path=str(path)
-        )
-
-    records = _records(text, str(path))
-    header_line, header = next(records)
-    columns = tuple(name.strip() for name in header)
     target_column = target_column or DEFAULT_TARGET_COLUMN
-    _check_header(
-        columns, target_column, header_line, str(path), explicit_target=target_column != DEFAULT_TARGET_COLUMN
-    )
-
-    base_dir = path.resolve().parent
     errors: list[tuple[int, str]] = []
-    rows: list[DatasetRow] = []
-    for line, values in records:
-        if not any(value.strip() for value in values):
-            continue  # blank lines are harmless
-        if len(values) != len(columns):
-            errors.append((line, f"expected {len(columns)} fields as in the header, found {len(values)}"))
-            continue
-        cells = {name: value.strip() for name, value in zip(columns, values, strict=True)}
-        try:
-            rows.append(_row(line, cells, target_column, base_dir, check_model))
-        except VitscopeError as exc:
-            errors.append((line, str(exc)))
-        if len(errors) >= MAX_REPORTED:
-            break
+    rows = rows_without_model = local_rows = 0
+    models: set[str] = set()
+    with _parsed(path, target_column, check_model) as (columns, header_line, parsed):
+        for line, row in parsed:
+            if isinstance(row, str):
+                errors.append((line, row))
+                if len(errors) >= MAX_REPORTED:
+                    break
+                continue
+            rows += 1
+            models.update(row.models)
+            rows_without_model += not row.models
+            local_rows += row.image_uri.startswith("file:")
     if errors:
         listing = "\n".join(f"  line {line}: {message}" for line, message in errors)
         more = f" (stopped at the first {MAX_REPORTED})" if len(errors) >= MAX_REPORTED else ""
@@ -103,12 +110,114 @@ def read_dataset(
         )
     if not rows:
         raise InvalidDatasetError("no data rows after the header", line=header_line, path=str(path))
-    return Dataset(path=path, columns=columns, rows=tuple(rows))
+    return DatasetScan(
+        path=path,
+        columns=columns,
+        target_column=target_column,
+        rows=rows,
+        models=frozenset(models),
+        rows_without_model=rows_without_model,
+        local_rows=local_rows,
+    )
 
 
-def _records(text: str, path: str) -> Iterator[tuple[int, list[str]]]:
-    """(starting line, fields) per CSV record; quoted fields may span lines."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+def iter_rows(scan: DatasetScan) -> Iterator[DatasetRow]:
+    """The rows of a scanned file, parsed again as a stream (the second pass).
+
+    Raises InvalidDatasetError if the file no longer matches its scan — edited or replaced in
+    between — so that a caller inserting inside one transaction rolls it back.
+    """
+    count = 0
+    with _parsed(scan.path, scan.target_column, None) as (columns, _, parsed):
+        if columns != scan.columns:
+            raise _changed(scan.path)
+        for line, row in parsed:
+            if isinstance(row, str):
+                raise InvalidDatasetError(
+                    f"{row} (the file changed while it was submitted)", line=line, path=str(scan.path)
+                )
+            count += 1
+            yield row
+    if count != scan.rows:
+        raise _changed(scan.path)
+
+
+def read_dataset(
+    path: str | Path,
+    *,
+    target_column: str | None = None,
+    check_model: CheckModel | None = None,
+) -> Dataset:
+    """Validate and read the whole file into memory: for small files and tests; submit streams."""
+    scan = scan_dataset(path, target_column=target_column, check_model=check_model)
+    return Dataset(path=scan.path, columns=scan.columns, rows=tuple(iter_rows(scan)))
+
+
+def _changed(path: Path) -> InvalidDatasetError:
+    return InvalidDatasetError(
+        "the file changed while it was submitted; nothing was submitted", path=str(path)
+    )
+
+
+ParsedRows = Iterator[tuple[int, DatasetRow | str]]
+
+
+@contextmanager
+def _parsed(
+    path: Path, target_column: str, check_model: CheckModel | None
+) -> Iterator[tuple[tuple[str, ...], int, ParsedRows]]:
+    """Open the file, check its header, and give (columns, header line, rows or per-line problems)."""
+    try:
+        handle = path.open(encoding="utf-8-sig", newline="")
+    except FileNotFoundError:
+        raise InvalidDatasetError("file not found", path=str(path)) from None
+    except IsADirectoryError:
+        raise InvalidDatasetError("a folder, not a CSV file", path=str(path)) from None
+    with handle:
+        records = _records(handle, str(path))
+        first = next(records, None)
+        if first is None:
+            raise InvalidDatasetError(
+                "the file is empty; expected a header row with an image_uri column", path=str(path)
+            )
+        header_line, header = first
+        columns = tuple(name.strip() for name in header)
+        _check_header(
+            columns,
+            target_column,
+            header_line,
+            str(path),
+            explicit_target=target_column != DEFAULT_TARGET_COLUMN,
+        )
+        base_dir = path.resolve().parent
+        yield columns, header_line, _rows(records, columns, target_column, base_dir, check_model)
+
+
+def _rows(
+    records: Iterator[tuple[int, list[str]]],
+    columns: tuple[str, ...],
+    target_column: str,
+    base_dir: Path,
+    check_model: CheckModel | None,
+) -> ParsedRows:
+    for line, values in records:
+        if len(values) != len(columns):
+            yield line, f"expected {len(columns)} fields as in the header, found {len(values)}"
+            continue
+        cells = {name: value.strip() for name, value in zip(columns, values, strict=True)}
+        try:
+            yield line, _row(line, cells, target_column, base_dir, check_model)
+        except VitscopeError as exc:
+            yield line, str(exc)
+
+
+def _records(handle: IO[str], path: str) -> Iterator[tuple[int, list[str]]]:
+    """(starting line, fields) per non-blank CSV record; quoted fields may span lines.
+
+    ``line_num`` counts physical lines read, so a record's first line is one past the previous
+    record's last; blank lines (harmless) are skipped but counted.
+    """
+    reader = csv.reader(handle, strict=True)
     start = 1
     while True:
         try:
@@ -117,7 +226,12 @@ def _records(text: str, path: str) -> Iterator[tuple[int, list[str]]]:
             return
         except csv.Error as exc:
             raise InvalidDatasetError(f"malformed CSV: {exc}", line=reader.line_num, path=path) from None
-        yield start, values
+        except UnicodeDecodeError:
+            raise InvalidDatasetError(
+                f"not UTF-8 text (at or after line {reader.line_num + 1})", path=path
+            ) from None
+        if any(value.strip() for value in values):
+            yield start, values
         start = reader.line_num + 1
 
 
@@ -184,4 +298,5 @@ def _absolute_uri(value: str, base_dir: Path) -> str:
             f"image_uri {value!r}: unsupported scheme {scheme!r} (use s3://, http(s)://, file:// or a path)"
         )
     path = Path(value).expanduser()
-    return (path if path.is_absolute() else base_dir / path).resolve().as_uri()
+    # normpath, not resolve(): ".." is folded but no link is followed; the reader judges the real path.
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path)).as_uri()

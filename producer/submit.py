@@ -3,11 +3,16 @@
 Everything is validated before anything is written: an invalid file or an unknown model name
 creates no batch. The batch and its jobs are committed in one transaction, and messages are
 published only after that commit (a worker must find the rows its message names).
+
+Nothing here holds the dataset in memory: the file is validated in one streaming pass
+(``scan_dataset``), its rows are streamed again into the database (COPY on PostgreSQL) inside the
+batch's transaction, and the queued jobs are streamed back out of the database to be published. A
+million-row CSV costs the same memory as a thousand-row one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,14 +20,14 @@ from celery import Celery
 
 from common.celery_app import queue_for
 from common.db import Database
-from common.db.batches import add_jobs, create_batch, mark_published, queued_jobs
+from common.db.batches import add_jobs, create_batch, iter_queued_jobs, mark_published
 from common.db.records import NewJob, QueuedJob
 from common.errors import InvalidDatasetError, VitscopeError
-from common.keys import config_fingerprint, new_batch_id, new_job_id
+from common.keys import config_fingerprint, new_batch_id
 from common.methods import MethodSettings, Preprocess
 from common.modelspec import ModelSpec, load_models_file, resolve_model
 from common.publish import publish_jobs
-from producer.dataset import Dataset, read_dataset
+from producer.dataset import DatasetRow, DatasetScan, iter_rows, scan_dataset
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -72,50 +77,61 @@ def _resolver(options: SubmitOptions) -> Callable[[str], ModelSpec]:
     return resolve
 
 
-def plan_jobs(dataset: Dataset, options: SubmitOptions, resolve: Callable[[str], ModelSpec]) -> list[NewJob]:
-    """Rows × models, as jobs: a row's own ``model`` cell wins over ``--models``."""
+def plan_jobs(
+    rows: Iterable[DatasetRow], options: SubmitOptions, resolve: Callable[[str], ModelSpec]
+) -> Iterator[NewJob]:
+    """Rows × models, as a stream of jobs: a row's own ``model`` cell wins over ``--models``."""
     default_models = list(options.models) or [DEFAULT_MODEL]
     for name in default_models:
         resolve(name)  # an unknown --models name is reported before any row
     settings = options.settings
     fingerprints: dict[tuple[str, str | None], str] = {}
     queues: dict[str, str] = {}
-    jobs: list[NewJob] = []
-    for row in dataset.rows:
+    for row in rows:
         for name in row.models or default_models:
             key = (name, row.target)
             if key not in fingerprints:
                 fingerprints[key] = config_fingerprint(resolve(name), settings, row.target)
             if name not in queues:
                 queues[name] = queue_for(resolve(name))
-            jobs.append(
-                NewJob(
-                    row_number=row.line,
-                    image_uri=row.image_uri,
-                    model=name,
-                    queue=queues[name],
-                    config_fingerprint=fingerprints[key],
-                    row_id=row.row_id,
-                    target=row.target,
-                    row_metadata=row.metadata,
-                )
+            yield NewJob(
+                row_number=row.line,
+                image_uri=row.image_uri,
+                model=name,
+                queue=queues[name],
+                config_fingerprint=fingerprints[key],
+                row_id=row.row_id,
+                target=row.target,
+                row_metadata=row.metadata,
             )
-    return jobs
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A validated dataset and the jobs it makes, before anything is written."""
+    """A validated dataset and how its rows become jobs, before anything is written.
+
+    It holds the scan's counts, not the rows: ``jobs()`` reads the file again as a stream.
+    """
 
     path: Path
-    jobs: list[NewJob]
+    scan: DatasetScan
+    options: SubmitOptions
     specs: Mapping[str, ModelSpec]
+    resolve: Callable[[str], ModelSpec]
+
+    @property
+    def local_rows(self) -> int:
+        """Rows naming a local file, which distributed workers read only under their own roots."""
+        return self.scan.local_rows
+
+    def jobs(self) -> Iterator[NewJob]:
+        return plan_jobs(iter_rows(self.scan), self.options, self.resolve)
 
 
 def plan_submission(
     path: str | Path, options: SubmitOptions, *, replace: Mapping[str, ModelSpec] | None = None
 ) -> Plan:
-    """Read and validate the dataset and every model name; ``replace`` swaps in specs by name
+    """Validate the dataset and every model name; ``replace`` swaps in specs by name
     (the local runner's explicit random-weights fallback)."""
     resolve_named = _resolver(options)
 
@@ -128,13 +144,22 @@ def plan_submission(
         except VitscopeError as exc:
             raise InvalidDatasetError(str(exc)) from exc
 
-    dataset = read_dataset(path, target_column=options.target_column, check_model=check_model)
-    jobs = plan_jobs(dataset, options, resolve)
-    return Plan(path=Path(path), jobs=jobs, specs={job.model: resolve(job.model) for job in jobs})
+    default_models = list(options.models) or [DEFAULT_MODEL]
+    for name in default_models:
+        resolve(name)  # an unknown --models name is reported before the file is read
+    scan = scan_dataset(path, target_column=options.target_column, check_model=check_model)
+    names = set(scan.models) | (set(default_models) if scan.rows_without_model else set())
+    return Plan(
+        path=Path(path),
+        scan=scan,
+        options=options,
+        specs={name: resolve(name) for name in sorted(names)},
+        resolve=resolve,
+    )
 
 
 def commit_plan(db: Database, plan: Plan, options: SubmitOptions, *, mode: str) -> Submission:
-    """Create the batch and its queued jobs in one transaction."""
+    """Create the batch and its queued jobs in one transaction, streaming the rows into it."""
     batch_id = new_batch_id()
     with db.session() as session:
         create_batch(
@@ -146,8 +171,8 @@ def commit_plan(db: Database, plan: Plan, options: SubmitOptions, *, mode: str) 
             settings=options.settings.to_dict(),
             models={"names": sorted(plan.specs), "specs": {n: s.to_dict() for n, s in plan.specs.items()}},
         )
-        add_jobs(session, batch_id, plan.jobs, ids=[new_job_id() for _ in plan.jobs])
-    return Submission(batch_id=batch_id, name=options.name, jobs=len(plan.jobs), specs=plan.specs)
+        count = add_jobs(session, batch_id, plan.jobs())
+    return Submission(batch_id=batch_id, name=options.name, jobs=count, specs=plan.specs)
 
 
 def enqueue(
@@ -160,12 +185,16 @@ def enqueue(
 ) -> int:
     """Publish jobs of the batch — the given ones, or all its queued jobs — and stamp them enqueued.
 
-    Returns the number of messages sent. Call only after the jobs' rows are committed.
+    Returns the number of messages sent. Call only after the jobs' rows are committed. All queued
+    jobs are streamed from the database in model order, never held in memory at once.
     """
     if jobs is None:
         with db.session() as session:
-            jobs = queued_jobs(session, batch_id)
-    messages = publish_jobs(app, jobs, chunk_size=chunk_size)
+            messages = publish_jobs(
+                app, iter_queued_jobs(session, batch_id), chunk_size=chunk_size, grouped=True
+            )
+    else:
+        messages = publish_jobs(app, jobs, chunk_size=chunk_size)
     with db.session() as session:
         mark_published(session, batch_id)
     return messages

@@ -3,22 +3,29 @@
 The jobs go through ``process_jobs`` exactly as in a Celery worker; this module only plays the
 queue's part: it hands out the batch's queued jobs in chunks, retries transient failures with
 backoff until their attempts run out, and reports progress.
+
+Local image files: where ``VITSCOPE_FILE_ROOTS`` is unset, a local run reads them from the batch's
+dataset folder only (the folder of the CSV it was submitted from), so ``producer submit data.csv``
+works with images beside the CSV while ``../../etc/passwd`` in a downloaded CSV is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from common.db.batches import queued_jobs
+from common.db.batches import get_batch, queued_jobs
 from common.db.models import JobState
 from common.errors import WeightsUnavailableError
+from common.fetch import DefaultFetcher
 from common.modelspec import RANDOM, ModelSpec
 from worker.pipeline import Runtime, process_jobs
 
-__all__ = ["LocalRun", "load_models", "run_batch"]
+__all__ = ["LocalRun", "dataset_folder_runtime", "load_models", "run_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,7 @@ def run_batch(
     backoff_seconds: float = 2.0,
 ) -> LocalRun:
     """Process every queued job of the batch; returns when none is left."""
+    runtime = dataset_folder_runtime(runtime, batch_id)
     run = LocalRun()
     start = time.perf_counter()
     chunk_size = runtime.settings.batch_size * LOCAL_CHUNK_BATCHES
@@ -95,3 +103,19 @@ def run_batch(
             break
     run.seconds = time.perf_counter() - start
     return run
+
+
+def dataset_folder_runtime(runtime: Runtime, batch_id: str) -> Runtime:
+    """The runtime whose fetcher reads local files from the batch's dataset folder, when it has no
+    file roots of its own (``VITSCOPE_FILE_ROOTS`` unset); otherwise ``runtime`` unchanged.
+
+    The copy shares the original's connections, pools and warm models: closing either closes both.
+    """
+    fetcher = runtime.fetcher
+    if not isinstance(fetcher, DefaultFetcher) or fetcher.policy.file_roots:
+        return runtime
+    with runtime.db.session() as session:
+        source = Path(get_batch(session, batch_id).source)
+    if not source.is_absolute():
+        return runtime
+    return dataclasses.replace(runtime, fetcher=fetcher.with_file_roots((source.parent,)))

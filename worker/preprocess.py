@@ -60,25 +60,35 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     message. EXIF orientation is applied, and every mode becomes RGB (see ``_to_rgb``).
 
     Raises ``ImageTooLargeError`` over ``max_pixels`` and ``ImageError`` for anything that is not a
-    complete, decodable image.
+    complete, decodable image. No message quotes the file's content (see issue 7): an error naming a
+    file the worker was tricked into reading must not hand its first bytes to whoever reads results.
     """
     if not data:
         raise ImageError("not an image (empty file, 0 bytes)")
+    image_format = "unknown format"
     try:
         with warnings.catch_warnings():
             # Between 1x and 2x Pillow's limit it only warns; our own limit decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))  # reads the header only
+            image_format = image.format or image_format
             _check_pixels(image.size, max_pixels)
             image.load()
             image = ImageOps.exif_transpose(image)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image too large ({exc})") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(
+            f"image too large (over Pillow's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels)"
+        ) from None
     except UnidentifiedImageError:
-        raise ImageError(f"not an image (no known image format; file starts with {data[:16]!r})") from None
+        raise ImageError(f"not an image (no known image format in its {len(data):,} bytes)") from None
     except _PIL_DECODE_ERRORS as exc:
-        kind = "truncated image file" if "truncated" in str(exc).lower() else "corrupt image"
-        raise ImageError(f"{kind} ({exc})") from None
+        # Pillow's own messages may quote the file (a PNG chunk name, a PPM header token): the
+        # reason is stored where anyone reading results can see it, so it names the problem only.
+        if "truncated" in str(exc).lower():
+            raise ImageError(f"truncated image file ({image_format}, {len(data):,} bytes)") from None
+        raise ImageError(
+            f"corrupt image file ({image_format}; the decoder stopped with {type(exc).__name__})"
+        ) from None
     return _to_rgb(image)
 
 

@@ -493,6 +493,11 @@ def image_file(tmp_path: Path) -> Path:
     return path
 
 
+def _files(root: Path, **limits: int) -> DefaultFetcher:
+    """A fetcher that may read local files under ``root`` (``common.local_files`` has the policy's tests)."""
+    return DefaultFetcher(FetchPolicy(file_roots=(root,), **limits))
+
+
 @pytest.mark.parametrize("spelling", ["file_uri", "file_uri_localhost", "absolute_path"])
 def test_local_images_are_read_by_file_uri_or_absolute_path(image_file: Path, spelling: str) -> None:
     uri = {
@@ -500,29 +505,29 @@ def test_local_images_are_read_by_file_uri_or_absolute_path(image_file: Path, sp
         "file_uri_localhost": "file://localhost" + image_file.as_uri().removeprefix("file://"),
         "absolute_path": str(image_file),
     }[spelling]
-    assert DefaultFetcher().fetch(uri) == IMAGE
+    assert _files(image_file.parent).fetch(uri) == IMAGE
 
 
 def test_a_relative_path_is_refused_even_when_the_file_exists(image_file: Path) -> None:
     assert Path("images/cat 1.png").is_file()  # the autouse fixture chdirs into tmp_path
     with pytest.raises(ImageError, match="relative image path"):
-        DefaultFetcher().fetch("images/cat 1.png")
+        _files(image_file.parent.parent).fetch("images/cat 1.png")
 
 
 @pytest.mark.parametrize(
-    ("relative", "message"), [("images/missing.png", "no such file"), ("images", "directory")]
+    ("relative", "message"), [("images/missing.png", "no such file"), ("images", "not a regular file")]
 )
 def test_a_path_without_an_image_file_is_an_image_error(
     image_file: Path, tmp_path: Path, relative: str, message: str
 ) -> None:
     for uri in (str(tmp_path / relative), (tmp_path / relative).as_uri()):
         with pytest.raises(ImageError, match=message):
-            DefaultFetcher().fetch(uri)
+            _files(tmp_path).fetch(uri)
 
 
 @pytest.mark.parametrize(("max_bytes", "fits"), [(len(IMAGE), True), (len(IMAGE) - 1, False)])
 def test_the_size_limit_applies_to_files(image_file: Path, max_bytes: int, fits: bool) -> None:
-    fetcher = DefaultFetcher(FetchPolicy(max_bytes=max_bytes))
+    fetcher = _files(image_file.parent, max_bytes=max_bytes)
     if fits:
         assert fetcher.fetch(str(image_file)) == IMAGE
     else:
@@ -581,10 +586,15 @@ def test_content_sha256_is_the_hex_sha256_of_the_bytes() -> None:
     assert content_sha256(IMAGE) != content_sha256(IMAGE + b"\x00")
 
 
-def test_the_policy_comes_from_the_settings() -> None:
+def test_the_policy_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITSCOPE_FILE_ROOTS", "/data/images:/mnt/scans")
     settings = Settings(max_image_bytes=1234, fetch_timeout_seconds=2.5, allow_private_networks=True)
     assert FetchPolicy.from_settings(settings) == FetchPolicy(
-        max_bytes=1234, timeout_seconds=2.5, allow_private_networks=True, max_redirects=5
+        max_bytes=1234,
+        timeout_seconds=2.5,
+        allow_private_networks=True,
+        max_redirects=5,
+        file_roots=(Path("/data/images"), Path("/mnt/scans")),
     )
 
 

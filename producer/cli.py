@@ -34,7 +34,7 @@ from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Prep
 from common.modelspec import resolve_models_option
 from common.settings import Settings, get_settings
 from producer.report import results_table, status_view, write_csv, write_json, write_jsonl
-from producer.submit import SubmitOptions, commit_plan, enqueue, plan_submission
+from producer.submit import Plan, SubmitOptions, commit_plan, enqueue, plan_submission
 
 __all__ = ["app", "main"]
 
@@ -144,11 +144,17 @@ def submit(
 
 
 def _submit_distributed(
-    settings: Settings, db: Database, plan, options: SubmitOptions, *, wait: bool
+    settings: Settings, db: Database, plan: Plan, options: SubmitOptions, *, wait: bool
 ) -> None:
     from common.celery_app import make_celery
 
     celery = make_celery(settings)
+    if plan.local_rows:
+        err.print(
+            f"[bold yellow]WARNING: {plan.local_rows:,} row(s) name local files (file:// or paths). Workers read "
+            "local files only under their own VITSCOPE_FILE_ROOTS (none by default), so these jobs fail unless "
+            "that folder is shared with the workers and set there; s3:// works everywhere.[/bold yellow]"
+        )
     start = time.perf_counter()
     submission = commit_plan(db, plan, options, mode="distributed")
     messages = enqueue(celery, db, submission.batch_id, chunk_size=settings.chunk_size)
@@ -163,7 +169,7 @@ def _submit_distributed(
 
 
 def _submit_local(
-    settings: Settings, db: Database, plan, options: SubmitOptions, *, random_if_offline: bool
+    settings: Settings, db: Database, plan: Plan, options: SubmitOptions, *, random_if_offline: bool
 ) -> None:
     from worker.local import load_models, run_batch
     from worker.pipeline import Runtime

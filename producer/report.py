@@ -15,7 +15,16 @@ from common.db.models import WorkerHeartbeat
 from common.db.reports import BatchStatus
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 
-__all__ = ["CSV_COLUMNS", "results_table", "status_view", "write_csv", "write_json", "write_jsonl"]
+__all__ = [
+    "CSV_COLUMNS",
+    "FORMULA_PREFIXES",
+    "results_table",
+    "spreadsheet_safe",
+    "status_view",
+    "write_csv",
+    "write_json",
+    "write_jsonl",
+]
 
 CSV_COLUMNS = (
     "job_id",
@@ -113,12 +122,33 @@ def _flat(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# OWASP "CSV Injection": a spreadsheet treats a cell starting with one of these as a formula (tab
+# and carriage return can hide one), so `=HYPERLINK(...)` in a dataset's id column would run on the
+# machine of whoever opens the results.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell that starts like a formula, prefixed with a single quote (OWASP's rule), else as is.
+
+    Only text is touched: numbers the database produced (a negative duration, say) stay numbers.
+    Quotes and separators inside cells are escaped by the csv module's quoting.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
 def write_csv(jobs: Iterable[dict[str, Any]], out: IO[str]) -> int:
+    """One row per job; text cells are made safe to open in a spreadsheet (``spreadsheet_safe``).
+
+    The database keeps every value as given: only this export, meant for spreadsheets, escapes.
+    """
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     count = 0
     for job in jobs:
-        writer.writerow(_flat(job))
+        writer.writerow({key: spreadsheet_safe(value) for key, value in _flat(job).items()})
         count += 1
     return count
 

@@ -191,3 +191,49 @@ def test_retry_publishes_a_batch_whose_producer_died_before_publishing(
     finally:
         client.flushdb()
         client.close()
+
+
+def test_formula_cells_are_kept_in_the_database_and_escaped_in_csv_results(
+    tmp_path: Path, write_image
+) -> None:
+    """A CSV written on Windows (BOM, CRLF) with spreadsheet formulas in its cells."""
+    write_image(tmp_path / "images" / "cat.png")
+    ids = ['=HYPERLINK("http://x")', "+1", "-2", "@SUM(A1)", "plain"]
+    lines = ["id,image_uri,target,site"] + [
+        f'"{cell.replace(chr(34), 2 * chr(34))}",images/cat.png,,s' for cell in ids
+    ]
+    (tmp_path / "data.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    result = _invoke("submit", str(tmp_path / "data.csv"), "--weights", "random")
+    assert result.exit_code == 0, result.output
+    batch_id = result.stdout.strip().splitlines()[-1]
+
+    as_json = json.loads(_invoke("results", batch_id, "--format", "json").stdout)
+    assert [job["id"] for job in as_json] == ids  # stored and returned as given
+    assert [job["reused_from"] is None for job in as_json].count(True) == 1  # one image: computed once
+
+    rows = list(csv.DictReader(io.StringIO(_invoke("results", batch_id, "--format", "csv").stdout)))
+    assert [row["id"] for row in rows] == ["'" + cell for cell in ids[:-1]] + ["plain"]
+    for row in rows:
+        for value in row.values():
+            assert not value.startswith(("=", "+", "-", "@", "\t", "\r"))
+
+
+def test_a_distributed_submit_warns_about_local_paths(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = redis_url.rsplit("/", 1)[0] + "/15"
+    monkeypatch.setenv("VITSCOPE_BROKER_URL", broker)
+    data = tmp_path / "data.csv"
+    data.write_text("image_uri\nimages/a.png\nfile:///srv/b.png\ns3://bucket/c.png\n")
+    client = redis.Redis.from_url(broker, socket_timeout=5)
+    try:
+        result = _invoke("submit", str(data), "--weights", "random")
+        assert result.exit_code == 0, result.output
+        assert "2 row(s) name local files" in result.output
+        assert "VITSCOPE_FILE_ROOTS" in result.output
+        assert client.llen("vitscope.deit_tiny") == 1  # submitted all the same: the warning is advice
+        data.write_text("image_uri\ns3://bucket/c.png\n")
+        assert "local files" not in _invoke("submit", str(data), "--weights", "random").output
+    finally:
+        client.flushdb()
+        client.close()

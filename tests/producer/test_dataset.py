@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from common.errors import InvalidDatasetError
 from common.modelspec import resolve_model
-from producer.dataset import read_dataset
+from producer.dataset import iter_rows, read_dataset, scan_dataset
 
 
 def _write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
@@ -106,3 +107,89 @@ def test_not_utf8_and_missing_file(tmp_path: Path) -> None:
         read_dataset(path)
     with pytest.raises(InvalidDatasetError, match="file not found"):
         read_dataset(tmp_path / "missing.csv")
+
+
+# ---- CSV oddities, streaming, and what the producer does with paths ----------------------------
+
+
+def test_crlf_bom_and_quoted_line_breaks_keep_physical_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(
+        b'\xef\xbb\xbfid,image_uri,note\r\na,/x/1.png,"first\r\nsecond\r\nthird"\r\n\r\nb,/x/2.png,plain\r\n'
+    )
+    rows = read_dataset(path).rows
+    assert [(r.line, r.row_id, r.metadata["note"]) for r in rows] == [
+        (2, "a", "first\r\nsecond\r\nthird"),
+        (6, "b", "plain"),
+    ]
+
+
+def test_a_bad_row_after_a_multi_line_record_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'image_uri,note\n/x.png,"a\nb\nc"\n,empty uri\n/y.png,"d\ne",extra\n')
+    with pytest.raises(InvalidDatasetError) as info:
+        read_dataset(path)
+    assert "line 5: empty image_uri" in str(info.value)
+    assert "line 6: expected 2 fields" in str(info.value)
+
+
+def test_formula_like_cells_are_stored_as_given(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "id,image_uri,target,note,site\n=1+1,/x.png,-1,\"@SUM(A1:A9)\",+cmd|' /C calc'!A0\n",
+    )
+    (row,) = read_dataset(path).rows
+    assert row.row_id == "=1+1"
+    assert row.target == "-1"
+    assert row.metadata == {"note": "@SUM(A1:A9)", "site": "+cmd|' /C calc'!A0"}
+
+
+def test_paths_are_made_absolute_without_following_links(tmp_path: Path) -> None:
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "link.png").symlink_to("/etc/passwd")
+    path = _write(tmp_path, "image_uri\nimages/link.png\nimages/../../up.png\n")
+    first, second = read_dataset(path).rows
+    assert first.image_uri == (tmp_path / "images" / "link.png").as_uri()  # the worker judges the link
+    assert second.image_uri == (tmp_path.parent / "up.png").as_uri()
+
+
+def test_the_scan_keeps_counts_not_rows(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "image_uri,model\ns3://b/1.png,\n/x/2.png,deit_tiny_patch16_224;vit_base_patch16_224\nimages/3.png,\n",
+    )
+    scan = scan_dataset(path, check_model=resolve_model)
+    assert (scan.rows, scan.rows_without_model, scan.local_rows) == (3, 2, 2)
+    assert scan.models == {"deit_tiny_patch16_224", "vit_base_patch16_224"}
+    assert [row.line for row in iter_rows(scan)] == [2, 3, 4]
+
+
+def test_both_passes_run_in_memory_that_does_not_grow_with_the_file(tmp_path: Path) -> None:
+    rows, note = 2_000, "x" * 900
+    lines = "".join(f"r{i},s3://bucket/img/{i}.jpg,{note}\n" for i in range(rows))
+    path = _write(tmp_path, "id,image_uri,note\n" + lines)
+    assert path.stat().st_size > 1_800_000
+    tracemalloc.start()
+    try:
+        scan = scan_dataset(path)
+        streamed = sum(1 for _ in iter_rows(scan))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert scan.rows == streamed == rows
+    assert peak < 300_000  # the file alone is 1.8 MB; its rows as objects would be more
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "image_uri,model\ns3://b/1.png,\n",
+        "image_uri,model\ns3://b/1.png,\n,x\n/x/2.png,\n",
+        "image_uri,site\ns3://b/1.png,a\n/x/2.png,b\n",
+    ],
+)
+def test_a_file_changed_between_the_two_passes_is_refused(tmp_path: Path, edit: str) -> None:
+    path = _write(tmp_path, "image_uri,model\ns3://b/1.png,\n/x/2.png,\n")
+    scan = scan_dataset(path)
+    path.write_text(edit)
+    with pytest.raises(InvalidDatasetError, match="changed while it was submitted"):
+        list(iter_rows(scan))

@@ -294,3 +294,31 @@ def test_slivers_are_refused_before_a_huge_resize(size: tuple[int, int], refused
             preprocessor(image)
     else:
         assert preprocessor(image).shape == (3, 224, 224)
+
+
+def _png_with_broken_chunk() -> bytes:
+    """A PNG whose second chunk has a name Pillow quotes in its error ("broken PNG file (chunk b'…')")."""
+    data = bytearray(_PNG)
+    ihdr_end = 8 + 8 + 13 + 4
+    data[ihdr_end + 4 : ihdr_end + 8] = b"rOOt"  # the next chunk's type field
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n",
+        b"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n",
+        b"P6\n" + b"rootSECRET" * 200,  # a PPM header token Pillow would echo back
+        _png_with_broken_chunk(),
+        _PNG[: len(_PNG) // 2],
+    ],
+    ids=["passwd", "ssh-key", "ppm-token", "png-chunk-name", "truncated-png"],
+)
+def test_no_error_message_quotes_the_file(data: bytes) -> None:
+    """The reason is stored where anyone reading results sees it: it names the problem, never the bytes."""
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, max_pixels=LIMIT)
+    message = str(caught.value)
+    for marker in ("root", "OPENSSH", "b3Bl", "SECRET", "rOOt", "\\x"):
+        assert marker not in message, message

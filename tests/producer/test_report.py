@@ -1,0 +1,54 @@
+"""Result files: the CSV export is safe to open in a spreadsheet (OWASP's CSV-injection rule)."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from producer.report import CSV_COLUMNS, spreadsheet_safe, write_csv
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("=1+1", "'=1+1"),
+        ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1:A2)", "'@SUM(A1:A2)"),
+        ("\t=1", "'\t=1"),
+        ("\r=1", "'\r=1"),
+        ("cat", "cat"),
+        ("a=b", "a=b"),
+        ("", ""),
+        (-1.5, -1.5),  # numbers the database produced stay numbers
+        (None, None),
+    ],
+)
+def test_formula_like_text_is_prefixed_with_a_quote(value: object, expected: object) -> None:
+    assert spreadsheet_safe(value) == expected
+
+
+def _job(**fields: object) -> dict:
+    base = {key: None for key in CSV_COLUMNS}
+    base |= {"predictions": [], "timings": {}, "artifacts": {}, "row": 2, "status": "failed"}
+    return base | fields
+
+
+def test_written_rows_are_escaped_and_quoted() -> None:
+    out = io.StringIO()
+    jobs = [
+        _job(
+            id='=HYPERLINK("http://evil","x")',
+            image_uri="s3://b/=x.png",
+            error="ImageError: no such file: -x",
+        ),
+        _job(id="plain, with comma", target="@home"),
+    ]
+    assert write_csv(jobs, out) == 2
+    first, second = csv.DictReader(io.StringIO(out.getvalue()))
+    assert first["id"] == '\'=HYPERLINK("http://evil","x")'
+    assert first["image_uri"] == "s3://b/=x.png"  # only a leading character matters
+    assert first["error"] == "ImageError: no such file: -x"
+    assert (second["id"], second["target"]) == ("plain, with comma", "'@home")

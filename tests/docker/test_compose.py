@@ -59,3 +59,12 @@ def test_workers_and_producer_share_the_same_configuration() -> None:
         env = services[name]["environment"]
         for key, value in env.items():
             assert worker_env[key] == value, f"{name} and worker disagree on {key}"
+
+
+def test_the_worker_reads_local_files_only_from_the_mounted_dataset_folder() -> None:
+    """Compose's worker resolves the example CSV's /data paths; nothing else on it is readable."""
+    worker = _compose()["services"]["worker"]
+    roots = worker["environment"]["VITSCOPE_FILE_ROOTS"].split(":")
+    mounted = {volume.split(":")[1] for volume in worker["volumes"]}
+    assert roots == ["/data"]
+    assert set(roots) <= mounted

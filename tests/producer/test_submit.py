@@ -1,0 +1,57 @@
+"""Submission as a stream: validated first, inserted in one transaction, all or nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from common.db import open_database
+from common.db.models import Batch, Job
+from common.errors import InvalidDatasetError
+from common.settings import Settings
+from producer.submit import SubmitOptions, commit_plan, plan_submission
+
+OPTIONS = SubmitOptions(models=["deit_tiny_patch16_224", "vit_base_patch16_224"], weights="random")
+
+
+def _counts(db) -> tuple[int, int]:
+    with db.session() as session:
+        return (
+            session.scalar(sa.select(sa.func.count()).select_from(Batch)),
+            session.scalar(sa.select(sa.func.count()).select_from(Job)),
+        )
+
+
+def test_rows_are_streamed_into_one_batch(tmp_path: Path, database_url: str) -> None:
+    csv = tmp_path / "data.csv"
+    csv.write_text("image_uri\n" + "".join(f"s3://b/{i}.png\n" for i in range(4500)))
+    db = open_database(Settings(database_url=database_url), migrate=True)
+    try:
+        plan = plan_submission(csv, OPTIONS)
+        assert set(plan.specs) == {"deit_tiny_patch16_224", "vit_base_patch16_224"}
+        submission = commit_plan(db, plan, OPTIONS, mode="distributed")
+        assert submission.jobs == 9000
+        assert _counts(db) == (1, 9000)
+        with db.session() as session:
+            assert session.get(Batch, submission.batch_id).total_jobs == 9000
+    finally:
+        db.dispose()
+
+
+def test_a_file_broken_between_validation_and_insertion_submits_nothing(
+    tmp_path: Path, database_url: str
+) -> None:
+    csv = tmp_path / "data.csv"
+    good = "".join(f"s3://b/{i}.png\n" for i in range(3000))
+    csv.write_text("image_uri\n" + good)
+    db = open_database(Settings(database_url=database_url), migrate=True)
+    try:
+        plan = plan_submission(csv, OPTIONS)
+        csv.write_text("image_uri\n" + good + "ftp://late/x.png\n")  # past the first insert chunks
+        with pytest.raises(InvalidDatasetError, match="unsupported scheme"):
+            commit_plan(db, plan, OPTIONS, mode="distributed")
+        assert _counts(db) == (0, 0)
+    finally:
+        db.dispose()

@@ -11,7 +11,7 @@ larger chunks do (``VITSCOPE_CHUNK_SIZE``).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from itertools import groupby, islice
+from itertools import groupby
 
 from celery import Celery
 
@@ -21,13 +21,28 @@ from common.db.records import QueuedJob
 __all__ = ["chunk_jobs", "publish_jobs"]
 
 
-def chunk_jobs(jobs: Iterable[QueuedJob], chunk_size: int) -> Iterator[tuple[str, list[str]]]:
-    """(queue, ids) chunks of one model and at most ``chunk_size`` ids, from jobs grouped by model.
+# A run of jobs repeating one image may stretch a chunk to this many times ``chunk_size``.
+MAX_STRETCH = 4
 
-    Consecutive jobs of the same model share chunks; the input is consumed as a stream.
+
+def chunk_jobs(jobs: Iterable[QueuedJob], chunk_size: int) -> Iterator[tuple[str, list[str]]]:
+    """(queue, ids) chunks of one model, from jobs grouped by model; the input is a stream.
+
+    A chunk holds ``chunk_size`` ids, except that a run of consecutive jobs naming the same image
+    is not split across two messages (two workers would each compute it) until the chunk reaches
+    ``MAX_STRETCH`` times that size, which bounds a message however repetitive the dataset.
     """
     for (queue, _model), group in groupby(jobs, key=lambda job: (job.queue, job.model)):
-        while ids := [job.id for job in islice(group, chunk_size)]:
+        ids: list[str] = []
+        previous: str | None = None
+        for job in group:
+            repeats = job.image_uri is not None and job.image_uri == previous
+            if len(ids) >= chunk_size and (not repeats or len(ids) >= MAX_STRETCH * chunk_size):
+                yield queue, ids
+                ids = []
+            ids.append(job.id)
+            previous = job.image_uri
+        if ids:
             yield queue, ids
 
 

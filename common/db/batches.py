@@ -154,15 +154,17 @@ def queued_jobs(session: Session, batch_id: str) -> list[QueuedJob]:
 
 
 def iter_queued_jobs(session: Session, batch_id: str, *, buffer: int = 10_000) -> Iterator[QueuedJob]:
-    """The batch's queued jobs as a stream, grouped by model (in row order within a model).
+    """The batch's queued jobs as a stream, grouped by model, then by image URI, then in row order.
 
-    Rows are fetched ``buffer`` at a time (a server-side cursor on PostgreSQL), so publishing a
-    million jobs holds ten thousand in memory, not a million. Consume it inside the session.
+    Grouping by URI puts rows that repeat an image next to each other, so they share a message
+    and are computed once. Rows are fetched ``buffer`` at a time (a server-side cursor on
+    PostgreSQL), so publishing a million jobs holds ten thousand in memory, not a million. Consume
+    it inside the session.
     """
     rows = session.execute(
-        sa.select(Job.id, Job.model, Job.queue)
+        sa.select(Job.id, Job.model, Job.queue, Job.image_uri)
         .where(Job.batch_id == batch_id, Job.state == JobState.QUEUED)
-        .order_by(Job.model, Job.row_number)
+        .order_by(Job.model, Job.image_uri, Job.row_number)
         .execution_options(yield_per=buffer)
     )
     for row in rows:

@@ -24,11 +24,16 @@ class NewJob:
 
 
 class QueuedJob(NamedTuple):
-    """A job to put on the queue: messages are chunks of one model, sent to that model's queue."""
+    """A job to put on the queue: messages are chunks of one model, sent to that model's queue.
+
+    ``image_uri``, when known, lets publishing keep rows repeating one image in one message, where
+    the worker computes them once (``common.publish.chunk_jobs``).
+    """
 
     id: str
     model: str
     queue: str
+    image_uri: str | None = None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from itertools import groupby
 from celery import Celery
 
 from common.celery_app import TASK_PROCESS_JOBS
-from common.db.records import QueuedJob
+from common.db.records import QueuedImageJob, QueuedJob
 
 __all__ = ["chunk_jobs", "publish_jobs"]
 
@@ -25,30 +25,33 @@ __all__ = ["chunk_jobs", "publish_jobs"]
 MAX_STRETCH = 4
 
 
-def chunk_jobs(jobs: Iterable[QueuedJob], chunk_size: int) -> Iterator[tuple[str, list[str]]]:
+def chunk_jobs(
+    jobs: Iterable[QueuedJob | QueuedImageJob], chunk_size: int
+) -> Iterator[tuple[str, list[str]]]:
     """(queue, ids) chunks of one model, from jobs grouped by model; the input is a stream.
 
     A chunk holds ``chunk_size`` ids, except that a run of consecutive jobs naming the same image
-    is not split across two messages (two workers would each compute it) until the chunk reaches
+    (``QueuedImageJob``s; plain ``QueuedJob``s carry no URI) is not split across two messages (two workers would each compute it) until the chunk reaches
     ``MAX_STRETCH`` times that size, which bounds a message however repetitive the dataset.
     """
     for (queue, _model), group in groupby(jobs, key=lambda job: (job.queue, job.model)):
         ids: list[str] = []
         previous: str | None = None
         for job in group:
-            repeats = job.image_uri is not None and job.image_uri == previous
+            image_uri = job.image_uri if isinstance(job, QueuedImageJob) else None
+            repeats = image_uri is not None and image_uri == previous
             if len(ids) >= chunk_size and (not repeats or len(ids) >= MAX_STRETCH * chunk_size):
                 yield queue, ids
                 ids = []
             ids.append(job.id)
-            previous = job.image_uri
+            previous = image_uri
         if ids:
             yield queue, ids
 
 
 def publish_jobs(
     app: Celery,
-    jobs: Iterable[QueuedJob],
+    jobs: Iterable[QueuedJob | QueuedImageJob],
     *,
     chunk_size: int,
     on_published: Callable[[list[str]], None] | None = None,

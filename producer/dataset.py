@@ -189,26 +189,65 @@ def _parsed(
             str(path),
             explicit_target=target_column != DEFAULT_TARGET_COLUMN,
         )
-        base_dir = path.resolve().parent
-        yield columns, header_line, _rows(records, columns, target_column, base_dir, check_model)
+        reader = _RowReader(columns, target_column, path.resolve().parent, check_model)
+        yield columns, header_line, reader.rows(records)
 
 
-def _rows(
-    records: Iterator[tuple[int, list[str]]],
-    columns: tuple[str, ...],
-    target_column: str,
-    base_dir: Path,
-    check_model: CheckModel | None,
-) -> ParsedRows:
-    for line, values in records:
-        if len(values) != len(columns):
-            yield line, f"expected {len(columns)} fields as in the header, found {len(values)}"
-            continue
-        cells = {name: value.strip() for name, value in zip(columns, values, strict=True)}
-        try:
-            yield line, _row(line, cells, target_column, base_dir, check_model)
-        except VitscopeError as exc:
-            yield line, str(exc)
+class _RowReader:
+    """Turns one file's records into rows; column positions are worked out once per file, since
+    this runs twice per row of files with millions of rows."""
+
+    def __init__(
+        self, columns: tuple[str, ...], target_column: str, base_dir: Path, check_model: CheckModel | None
+    ) -> None:
+        def position(name: str) -> int | None:
+            return columns.index(name) if name in columns else None
+
+        self.width = len(columns)
+        self.image = columns.index(IMAGE_COLUMN)
+        self.model = position(MODEL_COLUMN)
+        self.row_id = position(ID_COLUMN)
+        self.target = position(target_column)
+        special = {IMAGE_COLUMN, MODEL_COLUMN, ID_COLUMN, target_column}
+        self.metadata = [(index, name) for index, name in enumerate(columns) if name not in special]
+        self.base_dir = base_dir
+        self.check_model = check_model
+
+    def rows(self, records: Iterator[tuple[int, list[str]]]) -> ParsedRows:
+        for line, values in records:
+            if len(values) != self.width:
+                yield line, f"expected {self.width} fields as in the header, found {len(values)}"
+                continue
+            try:
+                yield line, self._row(line, values)
+            except VitscopeError as exc:
+                yield line, str(exc)
+
+    def _row(self, line: int, values: list[str]) -> DatasetRow:
+        image_uri = values[self.image].strip()
+        if not image_uri:
+            raise InvalidDatasetError("empty image_uri")
+        models: tuple[str, ...] = ()
+        if self.model is not None and values[self.model].strip():
+            models = tuple(name.strip() for name in values[self.model].split(";") if name.strip())
+            if self.check_model is not None:
+                for name in models:
+                    self.check_model(name)
+        return DatasetRow(
+            line=line,
+            image_uri=_absolute_uri(image_uri, self.base_dir),
+            models=models,
+            row_id=_cell(values, self.row_id),
+            target=_cell(values, self.target),
+            metadata={name: values[index].strip() for index, name in self.metadata},
+        )
+
+
+def _cell(values: list[str], index: int | None) -> str | None:
+    """The trimmed cell at ``index``; None for an absent column or an empty cell."""
+    if index is None:
+        return None
+    return values[index].strip() or None
 
 
 def _records(handle: IO[str], path: str) -> Iterator[tuple[int, list[str]]]:
@@ -254,33 +293,6 @@ def _check_header(
         raise InvalidDatasetError(
             f"--target-column {target_column!r} is not in the header", line=line, path=path
         )
-
-
-def _row(
-    line: int,
-    cells: dict[str, str],
-    target_column: str,
-    base_dir: Path,
-    check_model: Callable[[str], object] | None,
-) -> DatasetRow:
-    image_uri = cells[IMAGE_COLUMN]
-    if not image_uri:
-        raise InvalidDatasetError("empty image_uri")
-    models = tuple(name.strip() for name in cells.get(MODEL_COLUMN, "").split(";") if name.strip())
-    if check_model is not None:
-        for name in models:
-            check_model(name)
-    metadata = {
-        k: v for k, v in cells.items() if k not in (IMAGE_COLUMN, MODEL_COLUMN, ID_COLUMN, target_column)
-    }
-    return DatasetRow(
-        line=line,
-        image_uri=_absolute_uri(image_uri, base_dir),
-        models=models,
-        row_id=cells.get(ID_COLUMN) or None,
-        target=cells.get(target_column) or None,
-        metadata=metadata,
-    )
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(//([^/?#]*))?")

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from common.db._sql import dialect_insert
 from common.db.models import Batch, Job, JobState, utcnow
-from common.db.records import NewJob, QueuedJob
+from common.db.records import NewJob, QueuedImageJob, QueuedJob
 from common.errors import NotFoundError, PermanentError
 from common.keys import new_job_id
 
@@ -150,10 +150,10 @@ def get_batch(session: Session, ref: str) -> Batch:
 
 def queued_jobs(session: Session, batch_id: str) -> list[QueuedJob]:
     """The batch's queued jobs, grouped by model for chunked publishing."""
-    return list(iter_queued_jobs(session, batch_id))
+    return [QueuedJob(job.id, job.model, job.queue) for job in iter_queued_jobs(session, batch_id)]
 
 
-def iter_queued_jobs(session: Session, batch_id: str, *, buffer: int = 10_000) -> Iterator[QueuedJob]:
+def iter_queued_jobs(session: Session, batch_id: str, *, buffer: int = 10_000) -> Iterator[QueuedImageJob]:
     """The batch's queued jobs as a stream, grouped by model, then by image URI, then in row order.
 
     Grouping by URI puts rows that repeat an image next to each other, so they share a message
@@ -168,7 +168,7 @@ def iter_queued_jobs(session: Session, batch_id: str, *, buffer: int = 10_000) -
         .execution_options(yield_per=buffer)
     )
     for row in rows:
-        yield QueuedJob(*row)
+        yield QueuedImageJob(*row)
 
 
 def mark_published(session: Session, batch_id: str, *, now: datetime | None = None) -> None:

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-__all__ = ["ArtifactRecord", "JobOutcome", "NewJob", "PredictionRecord", "QueuedJob", "WorkerIdentity"]
+__all__ = [
+    "ArtifactRecord",
+    "JobOutcome",
+    "NewJob",
+    "PredictionRecord",
+    "QueuedImageJob",
+    "QueuedJob",
+    "WorkerIdentity",
+]
 
 
 @dataclass(frozen=True)
@@ -24,16 +32,21 @@ class NewJob:
 
 
 class QueuedJob(NamedTuple):
-    """A job to put on the queue: messages are chunks of one model, sent to that model's queue.
-
-    ``image_uri``, when known, lets publishing keep rows repeating one image in one message, where
-    the worker computes them once (``common.publish.chunk_jobs``).
-    """
+    """A job to put on the queue: messages are chunks of one model, sent to that model's queue."""
 
     id: str
     model: str
     queue: str
-    image_uri: str | None = None
+
+
+class QueuedImageJob(NamedTuple):
+    """A queued job with its image URI, which lets publishing keep rows repeating one image in one
+    message, where the worker computes them once (``common.publish.chunk_jobs``)."""
+
+    id: str
+    model: str
+    queue: str
+    image_uri: str
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from common.db.records import QueuedJob
+from common.db.records import QueuedImageJob, QueuedJob
 from common.publish import MAX_STRETCH, chunk_jobs
 
 
-def _jobs(model: str, uris: list[str]) -> list[QueuedJob]:
-    return [QueuedJob(f"{model}-{i}", model, f"q-{model}", uri) for i, uri in enumerate(uris)]
+def _jobs(model: str, uris: list[str]) -> list[QueuedImageJob]:
+    return [QueuedImageJob(f"{model}-{i}", model, f"q-{model}", uri) for i, uri in enumerate(uris)]
 
 
 def test_chunks_hold_one_model_and_at_most_chunk_size_ids() -> None:
@@ -29,5 +29,5 @@ def test_a_long_run_is_split_at_the_stretch_limit() -> None:
 
 
 def test_jobs_without_a_uri_are_chunked_by_size_alone() -> None:
-    jobs = [QueuedJob(str(i), "m", "q") for i in range(5)]
+    jobs = [QueuedJob(str(i), "m", "q") for i in range(5)]  # retries and the reaper send these
     assert [len(ids) for _, ids in chunk_jobs(jobs, 2)] == [2, 2, 1]

@@ -7,6 +7,9 @@ mode). ``G_l = ∂ Σ_b y[b, t_b] / ∂ A_l`` comes from ``torch.autograd.grad``
 which returns them in layer order and never touches parameter ``.grad``. Module backward hooks are
 avoided on purpose: they fire in reverse order and the deprecated one returns the wrong gradient.
 
+A backbone without a head (``num_classes = 0``, e.g. DINOv2 or a CLIP image tower) has no class
+logit: it is captured without gradients, and ``logits``/``targets`` are ``None``.
+
 What ``capture`` changes on the model: it is put in eval mode (and left there: explaining is
 inference); ``fused_attn`` flags are restored afterwards so other users of a cached model keep the
 fast kernel; hooks are always removed, also when the forward raises. Two threads must not capture
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from common.errors import InvalidTargetError, UnsupportedModelError
+from worker.attention.readout import Readout
 from worker.attention.support import ModelLayout, model_layout
 
 __all__ = ["Capture", "capture"]
@@ -32,17 +36,21 @@ __all__ = ["Capture", "capture"]
 class Capture:
     """Everything one pass produces, detached, on the model's device.
 
-    ``logits`` ``[B, C]`` float32; ``attentions`` ``[L, B, H, N, N]`` float32 post-softmax ``A_l``;
-    ``gradients`` ``[L, B, H, N, N]`` float32 ``∂ y[b, t_b] / ∂ A_l`` or ``None`` when not requested;
-    ``targets`` ``[B]`` int64 (the given class, else the top-1); ``N = p + gh · gw``.
+    ``logits`` ``[B, C]`` float32 (``None`` for a headless backbone); ``attentions``
+    ``[L, B, H, N, N]`` float32 post-softmax ``A_l``; ``gradients`` ``[L, B, H, N, N]`` float32
+    ``∂ y[b, t_b] / ∂ A_l`` or ``None`` when not requested; ``targets`` ``[B]`` int64 (the given
+    class, else the top-1; ``None`` without a head); ``N = p + gh · gw``. ``readout`` and
+    ``has_class_token`` come from the model's layout (``worker.attention.support``).
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     attentions: torch.Tensor
     gradients: torch.Tensor | None
-    targets: torch.Tensor
+    targets: torch.Tensor | None
     num_prefix_tokens: int
     grid_size: tuple[int, int]
+    readout: Readout = Readout.TOKEN
+    has_class_token: bool = True
 
 
 @contextlib.contextmanager
@@ -117,7 +125,8 @@ def _stack_maps(maps: list[list[torch.Tensor]], layout: ModelLayout, batch: int)
         if attention.ndim != 4 or attention.shape[0] != batch or attention.shape[-2:] != (N, N):
             raise UnsupportedModelError(
                 f"block {layer} attention has shape {tuple(attention.shape)}, expected [{batch}, H, {N}, {N}] "
-                f"for {layout.num_prefix_tokens} prefix tokens and a {gh}×{gw} grid"
+                f"for {layout.num_prefix_tokens} prefix tokens and a {gh}×{gw} grid: its attention is not "
+                "token-to-token self-attention over all tokens (as XCiT's cross-covariance attention)"
             )
     return [layer_maps[0] for layer_maps in maps]
 
@@ -136,9 +145,20 @@ def capture(
     With ``gradients=False`` no graph is built and no backward runs. With ``autocast_dtype`` the
     forward and backward run under ``torch.autocast`` on the model's device type; the captured maps
     are returned in float32 either way. Works inside ``torch.no_grad()`` and ``torch.inference_mode()``.
-    Images are moved to the model's device and parameter dtype.
+    Images are moved to the model's device and parameter dtype. A headless backbone
+    (``num_classes = 0``) has no logit to differentiate: ``gradients=True`` is a ``ValueError`` and a
+    given target an ``InvalidTargetError``.
     """
     layout = model_layout(model)
+    if not layout.has_head:
+        if gradients:
+            raise ValueError(
+                "the model has no classification head (num_classes = 0): capture without gradients"
+            )
+        if targets is not None and any(target is not None for target in targets):
+            raise InvalidTargetError(
+                "the model has no classification head (num_classes = 0), so no target class can be explained"
+            )
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty [B, C, H, W] batch, got shape {tuple(images.shape)}")
     parameter = next(model.parameters())
@@ -160,20 +180,23 @@ def capture(
         # Inference tensors (made under a caller's inference_mode) cannot enter an autograd graph.
         inputs = images.clone() if images.is_inference() else images
         inputs = inputs.to(device=parameter.device, dtype=parameter.dtype)
-        logits = model(inputs)
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
-            raise UnsupportedModelError("the model's forward must return [B, C] logits")
+        output = model(inputs)
+        if not isinstance(output, torch.Tensor) or output.ndim != 2:
+            raise UnsupportedModelError("the model's forward must return [B, C] logits (or [B, D] features)")
         attentions = _stack_maps(maps, layout, batch=inputs.shape[0])
-        resolved = _resolve_targets(targets, logits)
+        logits = output if layout.has_head else None
+        resolved = _resolve_targets(targets, logits) if logits is not None else None
         grads = None
-        if gradients:
+        if gradients and logits is not None and resolved is not None:
             score = logits.float().gather(1, resolved[:, None]).sum()
             grads = torch.autograd.grad(score, attentions, allow_unused=True, materialize_grads=True)
     return Capture(
-        logits=logits.detach().float(),
+        logits=logits.detach().float() if logits is not None else None,
         attentions=torch.stack([attention.detach().float() for attention in attentions]),
         gradients=torch.stack([grad.float() for grad in grads]) if grads is not None else None,
         targets=resolved,
         num_prefix_tokens=layout.num_prefix_tokens,
         grid_size=layout.grid_size,
+        readout=layout.readout,
+        has_class_token=layout.has_class_token,
     )

@@ -18,29 +18,40 @@ from common.methods import ARRAY_ARTIFACTS, MethodSettings
 from worker.attention.capture import capture
 from worker.attention.layer_maps import cls_attention, layer_scores
 from worker.attention.prediction import top_k
+from worker.attention.readout import Readout
 from worker.attention.relevance import gradient_relevance
 from worker.attention.rollout import attention_rollout, gradient_rollout
+from worker.attention.support import model_layout
 
 __all__ = ["Explanation", "explain", "explain_in_batches"]
 
 
 @dataclass
 class Explanation:
-    """The array artifacts of one image (``METHODS.md`` 1–7), as numpy arrays on the CPU.
+    """The array artifacts of one image (``docs/methods.md`` 1–7), as numpy arrays on the CPU.
 
     Field names are the artifact file names without ``.npy``; ``attention`` is ``None`` unless
     ``MethodSettings.raw_attention`` asked for it. ``target`` is the class the gradient maps explain.
+    ``readout`` is the row the rollout maps read (``Readout``). A backbone without a head has no
+    prediction, target, gradient rollout or relevance (``None``); a model without a class token has
+    no ``cls_attention``.
     """
 
-    top_indices: np.ndarray  # [k] int64
-    top_probs: np.ndarray  # [k] float32
-    target: int
-    cls_attention: np.ndarray  # [L, H, gh, gw] float32
+    readout: Readout
     layer_scores: np.ndarray  # [L, gh, gw] float32
     rollout: np.ndarray  # [gh, gw] float32
-    grad_rollout: np.ndarray  # [gh, gw] float32
-    relevance: np.ndarray  # [gh, gw] float32
+    top_indices: np.ndarray | None = None  # [k] int64
+    top_probs: np.ndarray | None = None  # [k] float32
+    target: int | None = None
+    cls_attention: np.ndarray | None = None  # [L, H, gh, gw] float32
+    grad_rollout: np.ndarray | None = None  # [gh, gw] float32
+    relevance: np.ndarray | None = None  # [gh, gw] float32
     attention: np.ndarray | None = None  # [L, H, N, N] float16
+
+    @property
+    def has_head(self) -> bool:
+        """False for a headless backbone: class-agnostic artifacts only."""
+        return self.target is not None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays keyed by their file names in ``common.methods.ARRAY_ARTIFACTS``, present ones only."""
@@ -50,6 +61,11 @@ class Explanation:
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
+
+
+def _rows(tensor: torch.Tensor | None) -> list[np.ndarray | None] | None:
+    """Per-sample numpy rows of a batched tensor, or ``None`` when the artifact is absent."""
+    return list(_numpy(tensor)) if tensor is not None else None
 
 
 def explain(
@@ -64,36 +80,50 @@ def explain(
 
     Runs exactly one forward and one backward pass for the whole batch; every artifact is computed
     from that single capture. ``targets[b]`` (``None`` = top-1) selects the class of the gradient maps.
+    A headless backbone runs the forward only and gets the class-agnostic artifacts.
     """
-    result = capture(model, images, targets, gradients=True, autocast_dtype=autocast_dtype)
+    has_head = model_layout(model).has_head
+    result = capture(model, images, targets, gradients=has_head, autocast_dtype=autocast_dtype)
     attentions, gradients = result.attentions, result.gradients
-    assert gradients is not None, "capture(gradients=True) always returns gradients"
-    p, grid = result.num_prefix_tokens, result.grid_size
-    probs, indices = top_k(result.logits, settings.top_k)
-    cls_maps = cls_attention(attentions, p, grid)
+    p, grid, readout = result.num_prefix_tokens, result.grid_size, result.readout
+    B = attentions.shape[1]
     scores = layer_scores(attentions, p, grid, settings.layer_score_reduction)
     rolled = attention_rollout(
-        attentions, p, grid, head_fusion=settings.head_fusion, discard_ratio=settings.discard_ratio
+        attentions,
+        p,
+        grid,
+        head_fusion=settings.head_fusion,
+        discard_ratio=settings.discard_ratio,
+        readout=readout,
     )
-    grad_rolled = gradient_rollout(attentions, gradients, p, grid, discard_ratio=settings.discard_ratio)
-    relevance = gradient_relevance(attentions, gradients, p, grid)
+    cls_maps = cls_attention(attentions, p, grid) if result.has_class_token else None
+    probs = indices = grad_rolled = relevance = None
+    if result.logits is not None and gradients is not None:
+        probs, indices = top_k(result.logits, settings.top_k)
+        grad_rolled = gradient_rollout(
+            attentions, gradients, p, grid, discard_ratio=settings.discard_ratio, readout=readout
+        )
+        relevance = gradient_relevance(attentions, gradients, p, grid, readout=readout)
     raw = _numpy(attentions.transpose(0, 1).half()) if settings.raw_attention else None
-    probs_np, indices_np, targets_np = _numpy(probs), _numpy(indices), _numpy(result.targets)
-    cls_np, scores_np = _numpy(cls_maps), _numpy(scores)
-    rolled_np, grad_rolled_np, relevance_np = _numpy(rolled), _numpy(grad_rolled), _numpy(relevance)
+    targets_np = _numpy(result.targets) if result.targets is not None else None
+    columns = {
+        "top_probs": _rows(probs),
+        "top_indices": _rows(indices),
+        "cls_attention": _rows(cls_maps),
+        "grad_rollout": _rows(grad_rolled),
+        "relevance": _rows(relevance),
+    }
+    scores_np, rolled_np = _numpy(scores), _numpy(rolled)
     return [
         Explanation(
-            top_indices=indices_np[b],
-            top_probs=probs_np[b],
-            target=int(targets_np[b]),
-            cls_attention=cls_np[b],
+            readout=readout,
             layer_scores=scores_np[b],
             rollout=rolled_np[b],
-            grad_rollout=grad_rolled_np[b],
-            relevance=relevance_np[b],
+            target=int(targets_np[b]) if targets_np is not None else None,
             attention=raw[b] if raw is not None else None,
+            **{name: rows[b] if rows is not None else None for name, rows in columns.items()},
         )
-        for b in range(len(targets_np))
+        for b in range(B)
     ]
 
 

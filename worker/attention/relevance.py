@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import torch
 
+from worker.attention.readout import Readout, readout_vector
 from worker.attention.tokens import check_attention_shape, to_grid
 
 __all__ = ["gradient_relevance"]
 
 
 def gradient_relevance(
-    attentions: torch.Tensor, gradients: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]
+    attentions: torch.Tensor,
+    gradients: torch.Tensor,
+    num_prefix_tokens: int,
+    grid_size: tuple[int, int],
+    *,
+    readout: Readout = Readout.TOKEN,
 ) -> torch.Tensor:
     """``Ā_l = mean_h(relu(A_l ⊙ G_l))``; ``R_0 = I``; ``R ← R + Ā_l R`` over the blocks in order.
 
-    The map is ``R[0, p:]`` min–max normalised to [0, 1] per sample (all zeros where it is constant).
-    The final ``R`` is ``(I + Ā_{L-1}) ⋯ (I + Ā_0)``, so its row 0 is evaluated from the left,
-    ``r ← r + r Ā_l`` for ``l = L-1 … 0`` from ``e_0``: ``O(L·N²)`` instead of ``O(L·N³)``.
+    The map is ``(ρ R)[p:]`` (``ρ`` the ``readout`` row) min–max normalised to [0, 1] per sample (all
+    zeros where it is constant). The final ``R`` is ``(I + Ā_{L-1}) ⋯ (I + Ā_0)``, so ``ρ R`` is
+    evaluated from the left, ``r ← r + r Ā_l`` for ``l = L-1 … 0`` from ``ρ``: ``O(L·N²)`` instead
+    of ``O(L·N³)``.
     Accumulated in float64, one block at a time. ``[L, B, H, N, N] (×2) -> [B, gh, gw]`` float32.
     """
     L, B, _, N = check_attention_shape(attentions, num_prefix_tokens, grid_size)
@@ -29,8 +36,7 @@ def gradient_relevance(
         raise ValueError(
             f"gradients {tuple(gradients.shape)} must match attentions {tuple(attentions.shape)}"
         )
-    row = torch.zeros(B, 1, N, dtype=torch.float64, device=attentions.device)
-    row[:, :, 0] = 1.0
+    row = readout_vector(readout, num_prefix_tokens, N, B, device=attentions.device)
     for layer in reversed(range(L)):
         weighted = (attentions[layer].double() * gradients[layer].double()).clamp_min(0.0).mean(dim=1)
         row = row + row @ weighted

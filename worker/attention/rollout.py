@@ -14,6 +14,7 @@ import math
 import torch
 
 from common.methods import HeadFusion
+from worker.attention.readout import Readout, readout_vector
 from worker.attention.tokens import check_attention_shape, to_grid
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "fuse_heads",
     "gradient_fusion",
     "gradient_rollout",
+    "readout_row",
     "rollout_matrices",
 ]
 
@@ -98,26 +100,40 @@ def rollout_matrices(fused: torch.Tensor, num_prefix_tokens: int, discard_ratio:
     return with_residual / with_residual.sum(dim=-1, keepdim=True)
 
 
-def class_token_row(matrices: torch.Tensor) -> torch.Tensor:
-    """Row 0 of ``R = Â_{L-1} ⋯ Â_1 Â_0`` (later blocks multiply from the left).
+def readout_row(matrices: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """``ρ R`` with ``R = Â_{L-1} ⋯ Â_1 Â_0`` (later blocks multiply from the left).
 
-    Only the class token's row is read out, so it is evaluated from the left as vector–matrix
-    products, ``r ← r Â_l`` for ``l = L-1 … 0`` starting from ``e_0``: the same number by
-    associativity, in ``O(L·N²)`` instead of the ``O(L·N³)`` of the full product.
-    ``[L, B, N, N] -> [B, N]``.
+    Only this one row is read out, so it is evaluated from the left as vector–matrix products,
+    ``r ← r Â_l`` for ``l = L-1 … 0`` starting from ``ρ``: the same numbers by associativity, in
+    ``O(L·N²)`` instead of the ``O(L·N³)`` of the full product.
+    ``[L, B, N, N], ρ [B, 1, N] -> [B, N]``.
     """
-    row = matrices[-1][:, :1, :]
-    for layer in reversed(range(len(matrices) - 1)):
+    row = rho.to(matrices.dtype)
+    for layer in reversed(range(len(matrices))):
         row = row @ matrices[layer]
     return row[:, 0, :]
 
 
-def _class_token_map(row: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
-    """``R[b, 0, p:] / max`` on the grid, all zeros where the maximum is 0. ``[B, N] -> [B, gh, gw]`` float32."""
+def class_token_row(matrices: torch.Tensor) -> torch.Tensor:
+    """Row 0 of ``R``: ``readout_row`` from ``ρ = e_0``. ``[L, B, N, N] -> [B, N]``."""
+    _, B, N, _ = matrices.shape
+    return readout_row(matrices, readout_vector(Readout.TOKEN, 1, N, B, device=matrices.device))
+
+
+def _grid_map(row: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """``(ρ R)[b, p:] / max`` on the grid, all zeros where the maximum is 0. ``[B, N] -> [B, gh, gw]`` float32."""
     readout = row[:, num_prefix_tokens:]
     peak = readout.amax(dim=-1, keepdim=True)
     scaled = torch.where(peak > 0, readout / peak.clamp_min(torch.finfo(readout.dtype).tiny), 0.0)
     return to_grid(scaled, grid_size).float()
+
+
+def _read_out(
+    matrices: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int], readout: Readout
+) -> torch.Tensor:
+    _, B, N, _ = matrices.shape
+    rho = readout_vector(readout, num_prefix_tokens, N, B, dtype=matrices.dtype, device=matrices.device)
+    return _grid_map(readout_row(matrices, rho), num_prefix_tokens, grid_size)
 
 
 def attention_rollout(
@@ -127,16 +143,17 @@ def attention_rollout(
     *,
     head_fusion: HeadFusion = HeadFusion.MEAN,
     discard_ratio: float = 0.9,
+    readout: Readout = Readout.TOKEN,
 ) -> torch.Tensor:
     """Attention rollout: ``F_l = fuse_h(A_l)``, then discard, ``+ I``, row-normalise, multiply, read out.
 
-    The map is ``R[0, p:]`` divided by its maximum (class-agnostic: no gradients involved).
-    ``[L, B, H, N, N] -> [B, gh, gw]`` float32 in [0, 1].
+    The map is ``(ρ R)[p:]`` divided by its maximum, ``ρ`` the ``readout`` row (class-agnostic: no
+    gradients involved). ``[L, B, H, N, N] -> [B, gh, gw]`` float32 in [0, 1].
     """
     check_attention_shape(attentions, num_prefix_tokens, grid_size)
     fused = fuse_heads(attentions, head_fusion)
     matrices = rollout_matrices(fused, num_prefix_tokens, discard_ratio)
-    return _class_token_map(class_token_row(matrices), num_prefix_tokens, grid_size)
+    return _read_out(matrices, num_prefix_tokens, grid_size, readout)
 
 
 def gradient_rollout(
@@ -146,6 +163,7 @@ def gradient_rollout(
     grid_size: tuple[int, int],
     *,
     discard_ratio: float = 0.9,
+    readout: Readout = Readout.TOKEN,
 ) -> torch.Tensor:
     """Gradient rollout: ``F_l = relu(mean_h(A_l ⊙ G_l))``, then the same discard, ``+ I``, product, readout.
 
@@ -154,4 +172,4 @@ def gradient_rollout(
     check_attention_shape(attentions, num_prefix_tokens, grid_size)
     fused = gradient_fusion(attentions, gradients)
     matrices = rollout_matrices(fused, num_prefix_tokens, discard_ratio)
-    return _class_token_map(class_token_row(matrices), num_prefix_tokens, grid_size)
+    return _read_out(matrices, num_prefix_tokens, grid_size, readout)

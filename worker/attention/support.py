@@ -1,19 +1,33 @@
-"""Which models the compute core can explain, and where their attention lives.
+"""Which models the compute core can explain, decided from the model's structure, not its name.
 
-Every artifact reads the class token's row of hooked post-softmax attention, so a model qualifies
-when it has timm's ViT layout: ``blocks[l].attn.attn_drop`` (the hook point), a fixed patch grid
-``patch_embed.grid_size``, a class token among its ``num_prefix_tokens`` leading tokens, and a
-classification head (the gradient maps explain a class logit). Checking this up front turns "the
-hooks never fired" or "row 0 is a register" into a clear, permanent error.
+A timm model qualifies when its blocks use timm's standard attention pattern: ``blocks[l].attn``
+with an ``attn_drop`` module (the hook point: in eval mode its output is the post-softmax
+attention) and a ``fused_attn`` flag (so the fused kernel, which never materialises the attention,
+can be switched off). That covers timm's ``vision_transformer`` (ViT, CLIP, DINOv2, registers,
+FlexiViT, ``*_gap_*``), ``deit`` (DeiT, distilled, DeiT III), ``beit`` (BEiT, BEiT v2; the relative
+position bias is added before the softmax, so the hooked map includes it) and ``eva`` (EVA, EVA-02;
+the rotary embedding rotates queries and keys before the softmax, likewise) modules, at any input
+size. The map must also read out one row: the model's pooling (``model.global_pool``) decides which
+(``worker.attention.readout``).
+
+``check_supported`` adds a probe: one forward of a blank image at the model's input size, checking
+that each block gives one token-to-token ``N × N`` map with ``N = p + gh · gw``. Attention that
+passes the name check but is not over tokens (XCiT's cross-covariance attention is channel to
+channel) is refused there, at load time, with the shape it did produce.
+
+Refusals are ``UnsupportedModelError`` (permanent: the job fails with the message), naming the model
+and what is missing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from common.errors import UnsupportedModelError
+from worker.attention.readout import Readout
 
 __all__ = ["ModelLayout", "check_supported", "model_layout"]
 
@@ -23,11 +37,17 @@ class ModelLayout:
     """Where a supported model keeps what the core needs, read once per capture.
 
     ``attn_drops[l]`` is block ``l``'s attention dropout, whose output in eval mode is the softmax.
+    ``readout`` follows the model's pooling; ``has_class_token`` says whether token 0 is a class
+    token (``cls_attention`` exists only then); ``has_head`` is False for backbones built with
+    ``num_classes = 0``, which have no class logit to differentiate.
     """
 
     attn_drops: tuple[nn.Module, ...]
     num_prefix_tokens: int
     grid_size: tuple[int, int]
+    readout: Readout = Readout.TOKEN
+    has_class_token: bool = True
+    has_head: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -41,47 +61,114 @@ def _model_label(model: nn.Module, name: str | None) -> str:
     return architecture or type(model).__name__
 
 
-def model_layout(model: nn.Module, name: str | None = None) -> ModelLayout:
-    """The model's hook points, prefix count and patch grid; ``UnsupportedModelError`` if it has none.
+def _attention_dropouts(blocks: nn.Module, label: str) -> tuple[nn.Module, ...]:
+    """Every block's ``attn.attn_drop``, or a refusal naming the first block that lacks the pattern."""
+    attn_drops = []
+    for index, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, nn.Module):
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: block {index} has no `attn` self-attention module"
+            )
+        attn_drop = getattr(attn, "attn_drop", None)
+        if not isinstance(attn_drop, nn.Module):
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: block {index} has no `attn.attn_drop` to hook "
+                f"({type(attn).__name__} does not apply dropout to its post-softmax attention)"
+            )
+        if not hasattr(attn, "fused_attn"):
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: block {index}'s {type(attn).__name__} has no "
+                "`fused_attn` flag, so its attention matrix cannot be made to exist"
+            )
+        attn_drops.append(attn_drop)
+    return tuple(attn_drops)
 
-    ``name`` is used in the message (default: timm's architecture name, else the class name).
+
+def _readout(model: nn.Module, label: str, has_class_token: bool) -> Readout:
+    """The readout the model's pooling implies, or a refusal that says why there is none."""
+    pool = getattr(model, "global_pool", "token")
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(
+            f"model {label!r} is not supported: it pools with attention (global_pool = {pool!r}, as "
+            "SigLIP's `map` head), whose own attention over the tokens is computed inside the pool "
+            "without an attention-dropout module to hook, so the row its classifier reads is unknown"
+        )
+    if pool == "token":
+        if not has_class_token:
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: it pools the class token but has none"
+            )
+        return Readout.TOKEN
+    if pool == "avg":
+        if getattr(model, "pool_include_prefix", False):
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: its average pooling includes the prefix tokens "
+                "(pool_include_prefix), which no readout here follows"
+            )
+        return Readout.AVG
+    raise UnsupportedModelError(
+        f"model {label!r} is not supported: global_pool = {pool!r} is not a readout of one row of "
+        "the attention (supported: 'token' for the class token, 'avg' for the mean of the patch tokens)"
+    )
+
+
+def model_layout(model: nn.Module, name: str | None = None) -> ModelLayout:
+    """The model's hook points, prefix count, patch grid and readout; ``UnsupportedModelError`` if none.
+
+    Structural only (no forward pass): cheap enough to run on every capture. ``name`` is used in the
+    message (default: timm's architecture name, else the class name).
     """
     label = _model_label(model, name)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
-        raise UnsupportedModelError(f"model {label!r} is not supported: it has no transformer `blocks`")
-    attn_drops = []
-    for index, block in enumerate(blocks):
-        attn_drop = getattr(getattr(block, "attn", None), "attn_drop", None)
-        if not isinstance(attn_drop, nn.Module):
-            raise UnsupportedModelError(
-                f"model {label!r} is not supported: block {index} has no `attn.attn_drop` to hook"
-            )
-        attn_drops.append(attn_drop)
+        raise UnsupportedModelError(
+            f"model {label!r} is not supported: it has no transformer `blocks` of global self-attention "
+            "(hierarchical models such as Swin attend within windows, stage by stage)"
+        )
+    attn_drops = _attention_dropouts(blocks, label)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if grid is None or len(grid) != 2:
         raise UnsupportedModelError(f"model {label!r} is not supported: it has no `patch_embed.grid_size`")
     num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    if num_prefix_tokens < 1 or getattr(model, "has_class_token", True) is False:
-        raise UnsupportedModelError(
-            f"model {label!r} is not supported: it has no class token whose attention could be read out"
-        )
-    if getattr(model, "num_classes", None) == 0:
-        raise UnsupportedModelError(
-            f"model {label!r} is not supported: it has no classification head (num_classes = 0), "
-            "so there is no class logit to explain"
-        )
+    has_class_token = getattr(model, "cls_token", None) is not None and num_prefix_tokens >= 1
+    readout = _readout(model, label, has_class_token)
     return ModelLayout(
-        attn_drops=tuple(attn_drops),
+        attn_drops=attn_drops,
         num_prefix_tokens=num_prefix_tokens,
         grid_size=(int(grid[0]), int(grid[1])),
+        readout=readout,
+        has_class_token=has_class_token,
+        has_head=int(getattr(model, "num_classes", 0) or 0) > 0,
     )
 
 
-def check_supported(model: nn.Module, name: str | None = None) -> None:
-    """Raise ``UnsupportedModelError`` naming the model unless the core can explain it.
+def _input_size(model: nn.Module, layout: ModelLayout) -> tuple[int, int]:
+    """The model's own input height and width: ``patch_embed.img_size``, else grid × patch size."""
+    patch_embed = model.patch_embed
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None:
+        return int(img_size[0]), int(img_size[1])
+    patch = getattr(patch_embed, "patch_size", (1, 1))
+    return layout.grid_size[0] * int(patch[0]), layout.grid_size[1] * int(patch[1])
+
+
+def check_supported(model: nn.Module, name: str | None = None) -> ModelLayout:
+    """The layout of a model the core can explain; ``UnsupportedModelError`` naming it otherwise.
 
     Called by the model registry right after building a model, so an unusable architecture fails its
-    jobs before any image is fetched.
+    jobs before any image is fetched. Beyond ``model_layout`` it runs one probe forward of a blank
+    image (no gradients) and checks every block's attention is token-to-token.
     """
-    model_layout(model, name)
+    from worker.attention.capture import capture  # capture reads layouts: import it only when probing
+
+    label = _model_label(model, name)
+    layout = model_layout(model, label)
+    parameter = next(model.parameters())
+    height, width = _input_size(model, layout)
+    blank = torch.zeros(1, 3, height, width, dtype=parameter.dtype, device=parameter.device)
+    try:
+        capture(model, blank, gradients=False)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"model {label!r} is not supported: {exc}") from None
+    return layout

@@ -1,6 +1,7 @@
 """The token layout every artifact shares: ``N = p + P`` tokens, the ``P = gh × gw`` patches last.
 
-The prefix tokens (class token, distillation token, registers) come first; the patches follow in
+The prefix tokens (class token, distillation token, registers; none in a ViT without a class
+token) come first; the patches follow in
 row-major grid order, so ``values[..., p:]`` reshapes straight to ``[..., gh, gw]``.
 """
 
@@ -16,8 +17,8 @@ def check_attention_shape(
 ) -> tuple[int, int, int, int]:
     """``(L, B, H, N)`` of ``attentions`` ``[L, B, H, N, N]``; ``ValueError`` unless ``N = p + gh · gw``."""
     gh, gw = grid_size
-    if num_prefix_tokens < 1:
-        raise ValueError(f"num_prefix_tokens must be >= 1 (a class token), got {num_prefix_tokens}")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
     N = num_prefix_tokens + gh * gw
     if attentions.ndim != 5 or attentions.shape[-2:] != (N, N):
         raise ValueError(

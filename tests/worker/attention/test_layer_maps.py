@@ -74,9 +74,9 @@ def test_patches_keep_row_major_grid_order() -> None:
     [
         ((1, 1, 1, 5, 5), 1, (2, 3), r"must be \[L, B, H, 7, 7\]"),
         ((1, 1, 5, 5), 1, (2, 2), r"must be \[L, B, H, 5, 5\]"),
-        ((1, 1, 1, 5, 5), 0, (2, 2), "num_prefix_tokens must be >= 1"),
+        ((1, 1, 1, 5, 5), -1, (2, 2), "num_prefix_tokens must be >= 0"),
     ],
-    ids=["tokens-do-not-match-grid", "missing-layer-axis", "no-prefix-token"],
+    ids=["tokens-do-not-match-grid", "missing-layer-axis", "negative-prefix-count"],
 )
 def test_malformed_attention_is_rejected(
     shape: tuple[int, ...], p: int, grid: tuple[int, int], message: str

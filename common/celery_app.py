@@ -14,7 +14,7 @@ import re
 from celery import Celery
 
 from common.errors import PermanentError
-from common.modelspec import ModelSpec, timm_vit_names
+from common.modelspec import ModelSpec, timm_model_names
 from common.settings import Settings
 
 __all__ = [
@@ -50,8 +50,8 @@ def queue_for(spec: ModelSpec) -> str:
 
 
 def known_queues() -> list[str]:
-    """Every queue a job can be routed to: the families of timm's ViT names, plus the default."""
-    families = {family_of(name) for name in timm_vit_names()}
+    """Every queue a job can be routed to: the families of timm's architecture names, plus the default."""
+    families = {family_of(name) for name in timm_model_names()}
     return [DEFAULT_QUEUE, *sorted(QUEUE_PREFIX + f for f in families if f)]
 
 

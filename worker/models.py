@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from common.modelspec import ModelSpec
+from worker.attention import ModelLayout, check_supported
 from worker.labels import class_labels
 from worker.preprocess import Preprocessor, build_preprocessor
 from worker.weights import build_model, check_arch
@@ -25,7 +26,8 @@ class LoadedModel:
 
     ``labels`` are the class names (the spec's own, or timm's ImageNet names for an ImageNet-sized
     head), ``None`` when unknown. ``weights_source`` says in words where the weights came from, for
-    logs and job records.
+    logs and job records. ``layout`` is what the attention core read from the model's structure
+    (readout, class token, head), checked once when the model was loaded.
     """
 
     spec: ModelSpec
@@ -34,6 +36,7 @@ class LoadedModel:
     preprocessor: Preprocessor
     device: torch.device
     weights_source: str
+    layout: ModelLayout
 
 
 def load_model(
@@ -47,12 +50,15 @@ def load_model(
 
     ``weights_dir`` is searched for ``"pretrained"`` weights before any download; ``cache_dir``
     receives checkpoints fetched from object storage (default: ``weights_dir``, else
-    ``~/.cache/vitscope/weights``).
+    ``~/.cache/vitscope/weights``). A model the attention core cannot explain (Swin's windowed
+    attention, SigLIP's attention pooling, …) raises ``UnsupportedModelError`` here, naming what it
+    lacks: a permanent failure of its jobs before any image is fetched.
     """
     check_arch(spec.arch)
     model, weights_source = build_model(spec, weights_dir=weights_dir, cache_dir=cache_dir)
     model.eval()
     model.to(device)
+    layout = check_supported(model, spec.name)
     return LoadedModel(
         spec=spec,
         model=model,
@@ -60,6 +66,7 @@ def load_model(
         preprocessor=build_preprocessor(model, spec.preprocess),
         device=torch.device(device),
         weights_source=weights_source,
+        layout=layout,
     )
 
 

@@ -97,7 +97,7 @@ def test_retry_reruns_only_failed_jobs(dataset: Path, tmp_path: Path) -> None:
     ("csv_text", "message"),
     [
         ("path\nimages/cat.png\n", "no 'image_uri' column"),
-        ("image_uri,model\nimages/cat.png,resnet50\n", "line 2: unknown model 'resnet50'"),
+        ("image_uri,model\nimages/cat.png,resnet5000\n", "line 2: unknown model 'resnet5000'"),
         ("", "the file is empty"),
     ],
 )

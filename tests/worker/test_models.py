@@ -24,10 +24,12 @@ from PIL import Image
 from common.errors import (
     InvalidModelSpecError,
     UnknownModelError,
+    UnsupportedModelError,
     WeightsUnavailableError,
 )
 from common.methods import Preprocess
 from common.modelspec import ModelSpec
+from worker.attention import Readout
 from worker.models import LoadedModel, ModelCache, load_model
 from worker.preprocess import IMAGENET_MEAN
 
@@ -142,6 +144,42 @@ def test_labels_must_fit_the_head() -> None:
 def test_unknown_architectures_and_tags_are_named(arch: str, message: str) -> None:
     with pytest.raises(UnknownModelError, match=message):
         load_model(ModelSpec(name="x", arch=arch, weights="random"), device=CPU)
+
+
+@pytest.mark.parametrize(
+    ("arch", "message"),
+    [
+        ("test_vit3", "pools with attention"),  # SigLIP-style `map` head
+        ("test_efficientnet", "block 0 has no `attn` self-attention module"),  # a CNN
+    ],
+)
+def test_models_the_core_cannot_explain_fail_at_load_naming_what_is_missing(arch: str, message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=f"model 'mine' is not supported: .*{message}"):
+        load_model(ModelSpec(name="mine", arch=arch, weights="random"), device=CPU)
+
+
+@pytest.mark.parametrize(
+    ("arch", "readout", "has_class_token", "has_head"),
+    [
+        (ARCH, Readout.TOKEN, True, True),
+        ("test_vit2", Readout.AVG, False, True),  # registers, no class token, average pooling
+        ("eva02_tiny_patch14_224", Readout.AVG, True, False),  # a backbone without a head (MIM weights)
+    ],
+)
+def test_the_loaded_layout_is_read_from_the_model(
+    arch: str, readout: Readout, has_class_token: bool, has_head: bool
+) -> None:
+    loaded = load_model(ModelSpec(name="x", arch=arch, weights="random"), device=CPU)
+    assert (loaded.layout.readout, loaded.layout.has_class_token, loaded.layout.has_head) == (
+        readout,
+        has_class_token,
+        has_head,
+    )
+
+
+def test_a_models_file_head_makes_a_backbone_a_classifier() -> None:
+    spec = ModelSpec(name="x", arch="eva02_tiny_patch14_224", weights="random", num_classes=3)
+    assert load_model(spec, device=CPU).layout.has_head
 
 
 # --- checkpoint files -------------------------------------------------------------------------------

@@ -146,6 +146,8 @@ class Job(Base):
 
     image_sha256: Mapped[str | None] = mapped_column(sa.String(64))
     target_index: Mapped[int | None] = mapped_column()  # the class the gradient maps explain
+    readout: Mapped[str | None] = mapped_column(sa.String(16))  # "token" or "avg": the row the maps read
+    note: Mapped[str | None] = mapped_column(sa.Text)  # what the artifacts leave out, and why
     weights_source: Mapped[str | None] = mapped_column(sa.Text)
     reused_from: Mapped[str | None] = mapped_column(sa.String(32))
     error_class: Mapped[str | None] = mapped_column(sa.String(100))

@@ -78,10 +78,14 @@ class PredictionRecord:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What a worker learned about a job, written in one transaction when it succeeds."""
+    """What a worker learned about a job, written in one transaction when it succeeds.
+
+    ``target_index`` is ``None`` (and ``predictions`` empty) for a backbone without a head; ``readout``
+    is the row the rollout maps read (``token`` or ``avg``); ``note`` says what the artifacts leave out.
+    """
 
     image_sha256: str
-    target_index: int
+    target_index: int | None
     device: str
     weights_source: str
     artifacts: Sequence[ArtifactRecord]
@@ -89,3 +93,5 @@ class JobOutcome:
     fetch_seconds: float | None = None
     compute_seconds: float | None = None
     store_seconds: float | None = None
+    readout: str | None = None
+    note: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -293,3 +294,28 @@ def test_reaper_recovers_dead_local_owners_before_their_lease_ends(db, make_batc
     assert [job.id for job in requeued] == ids[:1]
     assert failed == []
     assert _state(db, ids[1]).state == JobState.RUNNING
+
+
+def test_a_headless_outcome_records_its_readout_and_note_and_a_reuse_copies_them(db, make_batch) -> None:
+    _, first = make_batch(1)
+    _, second = make_batch(1)
+    headless = replace(
+        _outcome("12" * 32),
+        target_index=None,
+        predictions=[],
+        readout="token",
+        note="no classification head: no prediction, gradient rollout or relevance",
+    )
+    with db.session() as s:
+        claim_jobs(s, first + second, worker=A, lease_seconds=60, max_attempts=3)
+        record_success(s, first[0], worker_id=A.worker_id, outcome=headless)
+        source = find_reusable(s, "12" * 32, "cfg-deit_tiny_patch16_224")
+        assert source is not None
+        assert record_reuse(s, second[0], worker_id=A.worker_id, source=source)
+    with db.session() as s:
+        rows = s.execute(
+            sa.text("SELECT job_id, target_index, top1_index, readout, note FROM job_results ORDER BY job_id")
+        ).all()
+    assert sorted(rows) == sorted(
+        (job_id, None, None, "token", headless.note) for job_id in (first[0], second[0])
+    )

@@ -70,3 +70,46 @@ def test_postgres_behind_head_is_refused_with_the_upgrade_command(postgres_url: 
         open_database(Settings(database_url=postgres_url))
     upgrade(postgres_url)
     open_database(Settings(database_url=postgres_url)).dispose()
+
+
+def _columns(url: str, name: str) -> list[str]:
+    engine = sa.create_engine(url)
+    try:
+        return [column["name"] for column in sa.inspect(engine).get_columns(name)]
+    finally:
+        engine.dispose()
+
+
+def test_0002_adds_the_readout_and_note_to_jobs_and_job_results_and_takes_them_back(
+    database_url: str,
+) -> None:
+    upgrade(database_url, "0001")
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:  # a job from before 0002 keeps its row through both directions
+        conn.execute(
+            sa.text(
+                "INSERT INTO batches (id, created_at, source, mode, settings, models, total_jobs) "
+                "VALUES ('b1', CURRENT_TIMESTAMP, 's.csv', 'local', '{}', '{}', 1)"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO jobs (id, batch_id, row_number, image_uri, model, queue, config_fingerprint, "
+                "row_metadata, state, attempts, created_at) VALUES ('j1', 'b1', 2, 'file:///a.png', 'm', "
+                "'q', 'c', '{}', 'queued', 0, CURRENT_TIMESTAMP)"
+            )
+        )
+    for step in ("head", "0001", "head"):
+        (upgrade if step == "head" else downgrade)(database_url, step)
+        expected = step == "head"
+        for relation in ("jobs", "job_results"):
+            columns = _columns(database_url, relation)
+            assert ("readout" in columns, "note" in columns) == (expected, expected), (step, relation)
+        assert _names(database_url) == (TABLES, VIEWS)
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT job_id FROM job_results")).scalars().all() == ["j1"]
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET readout = 'avg', note = 'no head' WHERE id = 'j1'"))
+        row = conn.execute(sa.text("SELECT readout, note FROM job_results WHERE job_id = 'j1'")).one()
+    engine.dispose()
+    assert tuple(row) == ("avg", "no head")

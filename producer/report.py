@@ -38,6 +38,8 @@ CSV_COLUMNS = (
     "error",
     "target",
     "target_index",
+    "readout",
+    "note",
     "top1_index",
     "top1_label",
     "top1_prob",

@@ -18,9 +18,11 @@ from PIL import Image
 
 from common.db import open_database
 from common.db.models import Artifact, Job, JobState, Prediction
+from common.db.reports import iter_job_results
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS, MethodSettings
 from common.settings import Settings
 from common.storage import read_uri
+from producer.report import write_csv
 from producer.submit import SubmitOptions, commit_plan, plan_submission
 from worker.attention import explain
 from worker.local import run_batch
@@ -256,5 +258,81 @@ def test_custom_checkpoint_from_a_models_file(write_image, tmp_path, sqlite_url)
             labels = session.scalars(sa.select(Prediction.label).where(Prediction.job_id == job.id)).all()
         assert sorted(labels) == ["healthy", "lesion"]  # top-k is capped by the number of classes
         assert "lesion.safetensors" in job.weights_source
+    finally:
+        runtime.close()
+
+
+def test_headless_average_pooled_and_unexplainable_models_each_get_what_they_can(
+    write_image, tmp_path, sqlite_url
+) -> None:
+    """A backbone without a head gets the class-agnostic artifacts and says so; a model without a
+    class token has no cls_attention; a model the core cannot explain fails at load, naming why."""
+    write_image(tmp_path / "a.png")
+    csv = tmp_path / "data.csv"
+    csv.write_text("id,image_uri,target\nplain,a.png,\ntargeted,a.png,3\n")
+    headless, no_class_token, map_pooled = "eva02_tiny_patch14_224", "test_vit2", "test_vit3"
+    options = SubmitOptions(models=[headless, no_class_token, map_pooled], weights="random")
+    runtime, submission, _ = _run(_settings(sqlite_url, (tmp_path / "out").as_uri()), csv, options=options)
+    try:
+        with runtime.db.session() as session:
+            jobs = {
+                (job.row_id, job.model): job
+                for job in session.scalars(sa.select(Job).where(Job.batch_id == submission.batch_id))
+            }
+            predictions = {
+                key: session.scalars(sa.select(Prediction).where(Prediction.job_id == job.id)).all()
+                for key, job in jobs.items()
+            }
+            results = {
+                (row.row_id, row.model): row
+                for row in session.execute(
+                    sa.text("SELECT * FROM job_results WHERE batch_id = :b"), {"b": submission.batch_id}
+                )
+            }
+            reported = {
+                (job["id"], job["model"]): job for job in iter_job_results(session, submission.batch_id)
+            }
+            csv_out = io.StringIO()
+            write_csv(reported.values(), csv_out)
+        job = jobs["plain", headless]
+        assert job.state == JobState.SUCCEEDED, job.error_message
+        assert (job.readout, job.target_index, predictions["plain", headless]) == ("avg", None, [])
+        assert "no classification head" in job.note
+        assert set(_artifacts(runtime, job.id)) == {
+            "layer_scores.npy",
+            "layer_scores.png",
+            "rollout.npy",
+            "rollout.png",
+            "cls_attention.npy",
+        }
+        row = results["plain", headless]
+        assert (row.readout, row.top1_index, row.grad_rollout_uri, row.relevance_uri) == (
+            "avg",
+            None,
+            None,
+            None,
+        )
+        assert row.rollout_uri is not None
+        assert row.cls_attention_uri is not None
+        report = reported["plain", headless]
+        assert (report["readout"], report["note"], report["predictions"]) == ("avg", job.note, [])
+        assert "relevance.npy" not in report["artifacts"]
+        assert ",readout,note," in csv_out.getvalue().splitlines()[0]
+        failed = jobs["targeted", headless]
+        assert (failed.state, failed.error_class) == (JobState.FAILED, "InvalidTargetError")
+        assert "no classification head" in failed.error_message
+
+        job = jobs["plain", no_class_token]
+        assert job.state == JobState.SUCCEEDED, job.error_message
+        assert (job.readout, job.note) == ("avg", "no class token: no cls_attention")
+        names = set(_artifacts(runtime, job.id))
+        assert "cls_attention.npy" not in names
+        assert {"grad_rollout.npy", "relevance.npy"} <= names
+        assert len(predictions["plain", no_class_token]) == 5
+
+        for row_id in ("plain", "targeted"):
+            job = jobs[row_id, map_pooled]
+            assert (job.state, job.error_class) == (JobState.FAILED, "UnsupportedModelError")
+            assert f"model {map_pooled!r} is not supported: it pools with attention" in job.error_message
     finally:
         runtime.close()

@@ -14,7 +14,6 @@ from concurrent.futures import Future
 from common.db.records import JobOutcome
 from common.errors import PermanentError, TransientError
 from common.methods import MethodSettings
-from worker.attention import check_supported
 from worker.pipeline.claim import Ticket, claim
 from worker.pipeline.compute import compute
 from worker.pipeline.prepare import Prepared, prepare
@@ -58,8 +57,7 @@ def _process_group(recorder: Recorder, tickets: list[Ticket]) -> None:
     spec = tickets[0].spec
     runtime.keeper.current_model = spec.name
     try:
-        loaded = runtime.models.get(spec)
-        check_supported(loaded.model, spec.name)
+        loaded = runtime.models.get(spec)  # refuses a model the core cannot explain
     except (PermanentError, TransientError) as exc:
         for ticket in tickets:
             recorder.fail(ticket, exc)

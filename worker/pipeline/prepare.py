@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.errors import InvalidTargetError
 from common.fetch import content_sha256
 from worker.labels import resolve_target
 from worker.models import LoadedModel
@@ -35,13 +36,25 @@ def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
     start = time.perf_counter()
     data = runtime.fetcher.fetch(ticket.image_uri)
     image = decode_image(data, max_pixels=runtime.settings.max_image_pixels)
-    num_classes = loaded.model.num_classes
     cropped = loaded.preprocessor.crop(image)
     return Prepared(
         ticket=ticket,
         sha256=content_sha256(data),
         tensor=loaded.preprocessor.normalize(cropped),
         crop=np.array(cropped, dtype=np.uint8),
-        target_index=resolve_target(ticket.target, loaded.labels, num_classes),
+        target_index=_target_index(loaded, ticket),
         fetch_seconds=time.perf_counter() - start,
     )
+
+
+def _target_index(loaded: LoadedModel, ticket: Ticket) -> int | None:
+    """The class the job's gradient maps explain; a backbone without a head has none to explain."""
+    if not loaded.layout.has_head:
+        if ticket.target is not None and str(ticket.target).strip():
+            raise InvalidTargetError(
+                f"target {ticket.target!r}: model {ticket.model!r} has no classification head "
+                "(num_classes = 0), so no class can be explained; leave the target empty or give the "
+                "model a head in a models file (num_classes and a checkpoint)"
+            )
+        return None
+    return resolve_target(ticket.target, loaded.labels, loaded.model.num_classes)

@@ -50,8 +50,26 @@ def store(
         )
         for name, data in sorted(rendered.items())
     ]
-    labels = loaded.labels
-    predictions = [
+    return JobOutcome(
+        image_sha256=prepared.sha256,
+        target_index=explanation.target,
+        readout=explanation.readout.value,
+        note=_note(explanation),
+        device=str(runtime.device),
+        weights_source=loaded.weights_source,
+        artifacts=artifacts,
+        predictions=_predictions(explanation, loaded.labels),
+        fetch_seconds=prepared.fetch_seconds,
+        compute_seconds=compute_seconds,
+        store_seconds=time.perf_counter() - start,
+    )
+
+
+def _predictions(explanation: Explanation, labels: tuple[str, ...] | None) -> list[PredictionRecord]:
+    """The top-k classes with their names when known; none for a backbone without a head."""
+    if explanation.top_indices is None or explanation.top_probs is None:
+        return []
+    return [
         PredictionRecord(
             rank=rank,
             class_index=int(index),
@@ -62,17 +80,18 @@ def store(
             zip(explanation.top_indices, explanation.top_probs, strict=True), 1
         )
     ]
-    return JobOutcome(
-        image_sha256=prepared.sha256,
-        target_index=int(explanation.target),
-        device=str(runtime.device),
-        weights_source=loaded.weights_source,
-        artifacts=artifacts,
-        predictions=predictions,
-        fetch_seconds=prepared.fetch_seconds,
-        compute_seconds=compute_seconds,
-        store_seconds=time.perf_counter() - start,
-    )
+
+
+def _note(explanation: Explanation) -> str | None:
+    """What this job's artifacts leave out and why, in words for ``job_results.note``; None if nothing."""
+    missing = []
+    if not explanation.has_head:
+        missing.append(
+            "no classification head (num_classes = 0): no prediction, target, gradient rollout or relevance"
+        )
+    if explanation.cls_attention is None:
+        missing.append("no class token: no cls_attention")
+    return "; ".join(missing) or None
 
 
 def _shape(name: str, data: bytes, arrays: dict[str, np.ndarray]) -> str:

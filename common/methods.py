@@ -1,7 +1,7 @@
 """The knobs of the attention methods, shared by the producer (which records them) and the worker.
 
 Kept free of torch so the producer can validate and store them. The semantics of every option are
-fixed in ``METHODS.md``; ``ARTIFACT_NAMES`` is the list of objects one job writes.
+defined in ``docs/methods.md``; ``ARTIFACT_NAMES`` is the list of objects one job writes.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class HeadFusion(enum.StrEnum):
 
 
 class LayerScoreReduction(enum.StrEnum):
-    """Which axis the per-layer score matrix reduces with a maximum (see ``METHODS.md`` §4).
+    """Which axis the per-layer score matrix reduces with a maximum (``docs/methods.md`` artifact 4).
 
     ``query_max``: m[h, j] = max_i a[h, i, j], mean over heads (how strongly patch j is attended to).
     ``key_max``:   m[h, i] = max_j a[h, i, j], mean over heads (how peaked patch i's own attention is).
@@ -42,7 +42,7 @@ class LayerScoreReduction(enum.StrEnum):
 
 
 class Preprocess(enum.StrEnum):
-    """Named preprocessing pipelines (``METHODS.md`` "Preprocessing")."""
+    """Named preprocessing pipelines (``docs/methods.md`` "Preprocessing")."""
 
     TIMM = "timm"
     PAPER = "paper"

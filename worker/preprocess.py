@@ -2,7 +2,7 @@
 
 Two steps, kept apart because they fail differently. ``decode_image`` judges the *file* (too large,
 truncated, not an image: permanent ``ImageError``s, reported per job). A ``Preprocessor`` then
-applies one of the named pipelines of ``METHODS.md`` "Preprocessing"; its ``crop`` is also the
+applies one of the named pipelines of ``docs/methods.md`` "Preprocessing"; its ``crop`` is also the
 picture the overlays are drawn on, so a heat map always lines up with what the model saw.
 """
 
@@ -177,7 +177,7 @@ def _check_resized_pixels(size: tuple[int, int], shorter_side: int) -> None:
 
 
 def build_preprocessor(model: torch.nn.Module, pipeline: Preprocess) -> Preprocessor:
-    """The ``Preprocessor`` for ``model`` under a named pipeline (``METHODS.md`` "Preprocessing").
+    """The ``Preprocessor`` for ``model`` under a named pipeline (``docs/methods.md`` "Preprocessing").
 
     ``timm``: the model's own data config (``timm.data.resolve_data_config``): resize to
     ``floor(S / crop_pct)`` with the config's interpolation, centre crop ``S``, the config's mean

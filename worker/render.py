@@ -1,4 +1,4 @@
-"""Pictures out: the computed arrays as ``.npy`` bytes and their PNG presentations (``METHODS.md`` §8).
+"""Pictures out: the computed arrays as ``.npy`` bytes and their PNG presentations (``docs/methods.md`` artifact 8).
 
 Pure functions from arrays to bytes; storing them is the pipeline's business. The ``.npy`` grid maps
 are the primary artifacts; the PNGs are for people. Everything here runs once per image in the
@@ -67,7 +67,7 @@ def _jet(values: np.ndarray) -> np.ndarray:
 def heatmap_overlay(crop: np.ndarray, grid_map: np.ndarray) -> np.ndarray:
     """Draw a grid map over the model's input crop: ``uint8 [H, W, 3]`` + ``[gh, gw]`` -> ``uint8 [H, W, 3]``.
 
-    ``METHODS.md`` §8: ``m = bilinear(grid_map)`` upsampled to ``H × W`` with ``align_corners=False``
+    ``docs/methods.md`` artifact 8: ``m = bilinear(grid_map)`` upsampled to ``H × W`` with ``align_corners=False``
     (pixel centres, as the patch grid tiles the crop), ``c = jet(m) + crop / 255`` (both in [0, 1]),
     ``out = round(255 * c / max(c))``. The map is expected in [0, 1] (the rollout maps are divided by
     their maximum, relevance is min-max normalized); values outside are clipped by the colormap.

@@ -1,4 +1,4 @@
-"""Specification of ``worker.render``: exact ``.npy`` bytes, overlays as METHODS.md §8 defines them,
+"""Specification of ``worker.render``: exact ``.npy`` bytes, overlays as docs/methods.md artifact 8 defines them,
 and a layer grid whose panels sit where the layout says."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One forward and one backward pass that record every block's attention ``A_l`` and its gradient ``G_l``.
 
-``METHODS.md`` "Capturing A and G from timm": timm's fused attention never materialises the
+``docs/methods.md`` "Capturing the attention and its gradient": timm's fused attention never materialises the
 attention matrix, so ``fused_attn`` is switched off on every module that has it; a forward hook on
 ``blocks[l].attn.attn_drop`` then sees the post-softmax attention (dropout is the identity in eval
 mode). ``G_l = ∂ Σ_b y[b, t_b] / ∂ A_l`` comes from ``torch.autograd.grad`` on the captured tensors,

@@ -1,6 +1,6 @@
 """Per-layer maps read straight from the attention: what the class token reads, and the score matrix.
 
-``METHODS.md`` artifacts 3 and 4. Neither needs gradients; both keep one map per block (and per head
+``docs/methods.md`` artifacts 3 and 4. Neither needs gradients; both keep one map per block (and per head
 for the class-token map) so the layer-by-layer picture of the paper's Fig. 4.1 can be drawn.
 """
 

@@ -1,6 +1,6 @@
 """Gradient-weighted relevance (Chefer, Gur & Wolf, 2021, "Generic Attention-model Explainability").
 
-``METHODS.md`` artifact 7. Unlike rollout it clamps per head before averaging and accumulates
+``docs/methods.md`` artifact 7. Unlike rollout it clamps per head before averaging and accumulates
 additively, ``R ← R + Ā_l R``, so blocks that carry no positive evidence leave the map unchanged
 instead of blurring it.
 """

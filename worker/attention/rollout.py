@@ -1,6 +1,6 @@
 """Attention rollout (Abnar & Zuidema, 2020) and its gradient-weighted variant.
 
-``METHODS.md`` artifacts 5 and 6. Both fuse each block's heads into one ``N × N`` matrix ``F_l``,
+``docs/methods.md`` artifacts 5 and 6. Both fuse each block's heads into one ``N × N`` matrix ``F_l``,
 optionally discard its smallest entries, add the identity for the residual connection, make every
 row sum to 1 and multiply the blocks together; the class token's row of the product, restricted to
 the patches, is the map. The product is taken in float64 because 24 blocks of float32 matrix products

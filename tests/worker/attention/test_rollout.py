@@ -12,7 +12,14 @@ from common.methods import HeadFusion
 from tests.worker.attention.conftest import VitRun
 from tests.worker.attention.reference import ref_attention_rollout, ref_discard, ref_gradient_rollout
 from worker.attention import attention_rollout, gradient_rollout, rollout_matrices
-from worker.attention.rollout import class_token_row, discard_smallest, fuse_heads, gradient_fusion
+from worker.attention.readout import Readout, readout_vector
+from worker.attention.rollout import (
+    class_token_row,
+    discard_smallest,
+    fuse_heads,
+    gradient_fusion,
+    readout_row,
+)
 
 RATIOS = [0.0, 0.9]
 
@@ -208,6 +215,34 @@ def test_the_class_token_row_is_row_0_of_the_full_product(vit_run: VitRun) -> No
     for matrix in matrices[1:]:
         product = matrix @ product
     torch.testing.assert_close(class_token_row(matrices), product[:, 0, :], rtol=1e-10, atol=1e-12)
+
+
+def test_the_average_readout_is_the_mean_of_the_patch_rows_of_the_full_product(vit_run: VitRun) -> None:
+    p = vit_run.case.num_prefix_tokens
+    fused = fuse_heads(vit_run.capture.attentions, HeadFusion.MEAN)
+    matrices = rollout_matrices(fused, p, 0.9)
+    product = matrices[0]
+    for matrix in matrices[1:]:
+        product = matrix @ product
+    _, B, N, _ = matrices.shape
+    rho = readout_vector(Readout.AVG, p, N, B)
+    torch.testing.assert_close(
+        readout_row(matrices, rho), product[:, p:, :].mean(dim=1), rtol=1e-10, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("readout", list(Readout))
+@pytest.mark.parametrize("p", [0, 1, 5])
+def test_readout_vectors_are_rows_that_sum_to_one_on_their_tokens(readout: Readout, p: int) -> None:
+    if readout is Readout.TOKEN and p == 0:
+        with pytest.raises(ValueError, match="needs a class token"):
+            readout_vector(readout, p, p + 4, 2)
+        return
+    rho = readout_vector(readout, p, p + 4, 2)
+    assert rho.shape == (2, 1, p + 4)
+    torch.testing.assert_close(rho.sum(dim=-1), torch.ones(2, 1, dtype=torch.float64))
+    weighted = (rho[0, 0] > 0).nonzero().flatten().tolist()
+    assert weighted == ([0] if readout is Readout.TOKEN else list(range(p, p + 4)))
 
 
 def test_a_map_without_positive_evidence_is_all_zeros_not_nan() -> None:

@@ -63,7 +63,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def _rows(tensor: torch.Tensor | None) -> list[np.ndarray | None] | None:
+def _rows(tensor: torch.Tensor | None) -> list[np.ndarray] | None:
     """Per-sample numpy rows of a batched tensor, or ``None`` when the artifact is absent."""
     return list(_numpy(tensor)) if tensor is not None else None
 

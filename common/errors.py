@@ -21,12 +21,14 @@ message and a non-zero exit code instead of a traceback.
     └── TransientError            the world may heal: retry with backoff
         ├── StorageUnavailableError
         ├── DatabaseUnavailableError
+        ├── BrokerUnavailableError    the queue (Redis) unreachable or refusing messages
         └── ImageFetchTransientError  timeouts, 5xx, connection resets
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BrokerUnavailableError",
     "DatabaseUnavailableError",
     "ImageError",
     "ImageFetchRefusedError",
@@ -124,6 +126,10 @@ class StorageUnavailableError(TransientError):
 
 class DatabaseUnavailableError(TransientError):
     """The SQL database could not be reached or the transaction could not be committed."""
+
+
+class BrokerUnavailableError(TransientError):
+    """The message broker could not be reached, or refused a message (e.g. out of memory)."""
 
 
 class ImageFetchTransientError(TransientError):

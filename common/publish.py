@@ -14,11 +14,40 @@ from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
 
 from celery import Celery
+from kombu.exceptions import KombuError
+from kombu.utils.url import maybe_sanitize_url
 
 from common.celery_app import TASK_PROCESS_JOBS
 from common.db.records import QueuedImageJob, QueuedJob
+from common.errors import BrokerUnavailableError
 
-__all__ = ["chunk_jobs", "publish_jobs"]
+__all__ = ["check_broker", "chunk_jobs", "publish_jobs"]
+
+
+def _broker_errors(app: Celery) -> tuple[type[BaseException], ...]:
+    """What the broker's client raises when it is down or refuses a message (transport-specific)."""
+    with app.connection_for_write() as connection:
+        return (KombuError, OSError, *connection.connection_errors, *connection.channel_errors)
+
+
+def _describe(app: Celery, exc: BaseException) -> str:
+    where = maybe_sanitize_url(app.conf.broker_url)  # the password masked
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return f"message broker {where} unavailable: {reason}"
+
+
+def check_broker(app: Celery, *, timeout: float = 5.0) -> None:
+    """Connect to the broker once (within ``timeout`` seconds) or raise ``BrokerUnavailableError``.
+
+    The producer asks before committing a batch, so an unreachable broker costs nothing to undo.
+    """
+    with app.connection_for_write() as connection:
+        try:
+            connection.ensure_connection(
+                max_retries=1, interval_start=0.5, interval_step=0.5, timeout=timeout
+            )
+        except _broker_errors(app) as exc:
+            raise BrokerUnavailableError(_describe(app, exc)) from exc
 
 
 # A run of jobs repeating one image may stretch a chunk to this many times ``chunk_size``.
@@ -61,18 +90,23 @@ def publish_jobs(
 
     Jobs are sorted by model first unless ``grouped`` says they arrive grouped already (a stream
     from the database in model order, which sorting would have to hold in memory).
+    ``BrokerUnavailableError`` when the broker is down or refuses a message (Celery has already
+    retried the publish a few times by then); earlier chunks may have been sent.
     """
     if not grouped:
         jobs = sorted(jobs, key=lambda job: (job.queue, job.model))
     messages = 0
-    with app.producer_or_acquire() as producer:
-        for queue, ids in chunk_jobs(jobs, chunk_size):
-            # argsrepr: the ids are in the message anyway; Celery's safe repr of them costs more than
-            # the rest of publishing.
-            app.send_task(
-                TASK_PROCESS_JOBS, args=[ids], queue=queue, producer=producer, argsrepr="", kwargsrepr=""
-            )
-            messages += 1
-            if on_published is not None:
-                on_published(ids)
+    try:
+        with app.producer_or_acquire() as producer:
+            for queue, ids in chunk_jobs(jobs, chunk_size):
+                # argsrepr: the ids are in the message anyway; Celery's safe repr of them costs more
+                # than the rest of publishing.
+                app.send_task(
+                    TASK_PROCESS_JOBS, args=[ids], queue=queue, producer=producer, argsrepr="", kwargsrepr=""
+                )
+                messages += 1
+                if on_published is not None:
+                    on_published(ids)
+    except _broker_errors(app) as exc:
+        raise BrokerUnavailableError(_describe(app, exc)) from exc
     return messages

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     )
     fetch_threads: int = Field(default=8, ge=1, description="Concurrent image downloads per worker.")
     upload_threads: int = Field(default=8, ge=1, description="Concurrent artifact uploads per worker.")
+    storage_retry_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="How long one object-store request keeps retrying an unreachable or failing endpoint "
+        "(with backoff) before the job's attempt fails; rides out restarts and short outages.",
+    )
 
     # Distributed delivery (see the README's "Crash recovery" section).
     chunk_size: int = Field(default=32, ge=1, description="Jobs of one model per queue message.")
@@ -77,6 +83,12 @@ class Settings(BaseSettings):
     )
     task_time_limit_seconds: int = Field(default=3600, ge=1, description="Hard limit for one chunk.")
     max_attempts: int = Field(default=3, ge=1, description="Attempts per job before it fails for good.")
+    republish_after_seconds: float = Field(
+        default=7200.0,
+        gt=0,
+        description="A queued job with no message published for this long is published again by the "
+        "reaper: its message was lost (broker restarted without persistence, queue purged).",
+    )
 
     @field_validator("file_roots", mode="before")
     @classmethod

@@ -25,11 +25,12 @@ from rich.progress import (
 
 from common.db import Database, open_database
 from common.db.batches import get_batch, retry_failed
+from common.db.jobs import republish_stale
 from common.db.models import JobState
 from common.db.reports import batch_status, iter_job_results
 from common.db.session import current_revision, downgrade, head_revision, upgrade
 from common.db.workers import live_workers
-from common.errors import VitscopeError
+from common.errors import DatabaseUnavailableError, TransientError, VitscopeError
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
 from common.modelspec import resolve_models_option
 from common.settings import Settings, get_settings
@@ -46,6 +47,11 @@ app.add_typer(db_app, name="db")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
+
+
+# Exit status of a command stopped by an unreachable service (database, broker): retrying may help,
+# unlike invalid input (2).
+EXIT_UNAVAILABLE = 3
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -139,6 +145,8 @@ def submit(
             _submit_distributed(settings, db, plan, options, wait=wait)
         else:
             _submit_local(settings, db, plan, options, random_if_offline=random_if_offline)
+    except TransientError as exc:
+        raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except (VitscopeError, ValueError) as exc:
         raise _fail(str(exc)) from None
 
@@ -147,8 +155,10 @@ def _submit_distributed(
     settings: Settings, db: Database, plan: Plan, options: SubmitOptions, *, wait: bool
 ) -> None:
     from common.celery_app import make_celery
+    from common.publish import check_broker
 
     celery = make_celery(settings)
+    check_broker(celery)  # before anything is written: an unreachable broker leaves no batch behind
     if plan.local_rows:
         err.print(
             f"[bold yellow]WARNING: {plan.local_rows:,} row(s) name local files (file:// or paths). Workers read "
@@ -157,7 +167,15 @@ def _submit_distributed(
         )
     start = time.perf_counter()
     submission = commit_plan(db, plan, options, mode="distributed")
-    messages = enqueue(celery, db, submission.batch_id, chunk_size=settings.chunk_size)
+    try:
+        messages = enqueue(celery, db, submission.batch_id, chunk_size=settings.chunk_size)
+    except TransientError as exc:
+        # Committed but not (fully) published: the batch is kept, and completed by `producer retry`
+        # (or by a worker's reaper after VITSCOPE_REPUBLISH_AFTER_SECONDS).
+        raise TransientError(
+            f"{exc}; batch {submission.batch_id} is saved but not published: run `producer retry "
+            f"{submission.batch_id}` once the broker is back"
+        ) from exc
     elapsed = time.perf_counter() - start
     err.print(
         f"enqueued {submission.jobs} job(s) in {messages} message(s) in {elapsed:.1f} s "
@@ -224,8 +242,15 @@ def _follow(db: Database, batch_id: str, poll_seconds: float = 1.0) -> int:
     with _progress() as progress:
         task = progress.add_task("waiting", total=None, ok=0, failed=0)
         while True:
-            with db.session() as session:
-                status = batch_status(session, get_batch(session, batch_id))
+            try:
+                with db.session() as session:
+                    status = batch_status(session, get_batch(session, batch_id))
+            except DatabaseUnavailableError:
+                # The workers ride out a database restart; so does the one following them.
+                progress.update(task, description="waiting (database unreachable, retrying)")
+                time.sleep(poll_seconds)
+                continue
+            progress.update(task, description="waiting")
             counts = status.counts
             progress.update(
                 task,
@@ -254,7 +279,7 @@ def status(
         while True:
             with db.session() as session:
                 found = get_batch(session, batch)
-                state = batch_status(session, found)
+                state = batch_status(session, found, stale_after_seconds=settings.republish_after_seconds)
                 workers = None
                 if found.mode == "distributed":
                     workers = live_workers(session, stale_after_seconds=3 * settings.heartbeat_seconds)
@@ -306,7 +331,8 @@ def retry(
     """Re-enqueue the batch's failed jobs (with a fresh attempt budget).
 
     A distributed batch whose messages were never all sent (the producer died between committing
-    the jobs and publishing them) has every queued job published again as well.
+    the jobs and publishing them) has every queued job published again as well, and so are queued
+    jobs with no publication for VITSCOPE_REPUBLISH_AFTER_SECONDS (lost messages).
     """
     settings = get_settings()
     try:
@@ -314,10 +340,18 @@ def retry(
         with db.session() as session:
             found = get_batch(session, batch)
             unpublished = found.mode == "distributed" and found.published_at is None
+            lost = []
+            if found.mode == "distributed" and not unpublished:
+                lost = republish_stale(
+                    session, older_than_seconds=settings.republish_after_seconds, batch_id=found.id
+                )
             jobs = retry_failed(session, found.id)
         err.print(f"{len(jobs)} failed job(s) of batch {found.id} queued again")
         if unpublished:
             err.print("the batch was never fully published: enqueueing all its queued jobs")
+        if lost:
+            err.print(f"{len(lost)} queued job(s) with no recent publication published again")
+        jobs = [*jobs, *lost]
         if not jobs and not unpublished:
             return
         if settings.broker_url and not local:
@@ -336,6 +370,8 @@ def retry(
             runtime.close()
         err.print(f"{run.succeeded} succeeded, {run.reused} reused, {run.failed} failed")
         raise typer.Exit(1 if run.failed else 0)
+    except TransientError as exc:
+        raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
 

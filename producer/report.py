@@ -79,6 +79,12 @@ def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None) -> G
     lines.add_row("reused", f"{status.reused} job(s) pointed at earlier identical results")
     lines.add_row("throughput", rate)
     lines.add_row("eta", "-" if status.finished else _duration(status.eta_seconds))
+    if status.stale_queued:
+        lines.add_row(
+            "unpublished",
+            f"{status.stale_queued} queued job(s) with no recent publication (message lost?): a live "
+            "worker's reaper publishes them again, or run `producer retry`",
+        )
     parts: list[Any] = [summary, lines]
     if status.failures:
         failures = Table(title="failures by reason", title_justify="left")

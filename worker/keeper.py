@@ -3,7 +3,9 @@
 One daemon thread per process. Leases are short (minutes) so a worker that vanishes gives its jobs
 back quickly, which means a live worker must renew them while a long chunk computes; the same tick
 writes the heartbeat ``producer status`` shows and, every ``reaper_interval_seconds``, returns jobs
-whose lease expired to the queue (compare-and-set, so many workers reaping at once is harmless).
+whose lease expired to the queue and publishes again queued jobs whose message was lost (no
+publication for ``republish_after_seconds``) — both compare-and-set, so many workers reaping at
+once is harmless.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from common.db import Database
-from common.db.jobs import reap_expired, renew_leases
+from common.db.jobs import reap_expired, renew_leases, republish_stale
 from common.db.records import QueuedJob, WorkerIdentity
 from common.db.workers import record_heartbeat
 from common.errors import VitscopeError
@@ -154,13 +156,20 @@ class LeaseKeeper:
                 host=self.identity.hostname,
                 is_dead=is_dead_local_process,
             )
+            lost = republish_stale(session, older_than_seconds=self.settings.republish_after_seconds)
+        if lost:
+            log.warning(
+                "publishing again %d queued job(s) with no message for over %.0f s (lost messages)",
+                len(lost),
+                self.settings.republish_after_seconds,
+            )
         if failed:
             log.warning("gave up on %d job(s) whose workers stopped responding", len(failed))
         if requeued:
             log.warning("re-enqueued %d job(s) whose lease expired", len(requeued))
-            if self.on_requeued is not None:
-                self.on_requeued(requeued)
-        return requeued
+        if (requeued or lost) and self.on_requeued is not None:
+            self.on_requeued([*requeued, *lost])
+        return [*requeued, *lost]
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -15,10 +15,12 @@ from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from common.celery_app import TASK_PROCESS_JOBS, make_celery
+from common.db.jobs import interrupted_jobs
 from common.db.records import QueuedJob
 from common.errors import TransientError
 from common.publish import publish_jobs
 from common.settings import get_settings
+from worker.keeper import current_identity, is_dead_local_process
 from worker.pipeline import Runtime, process_jobs
 
 __all__ = ["app", "process_jobs_task", "runtime"]
@@ -68,6 +70,35 @@ def _backoff(retries: int) -> int:
     return min(5 * 2**retries, 300)
 
 
+def _isolate_suspects(task: Task, job_ids: list[str]) -> list[str]:
+    """Send each job a worker already died on back as a message of its own; return the rest.
+
+    A chunk whose worker was killed (OOM killer, segfault, an image that crashes the decoder) comes
+    back whole, and retrying it whole would charge every neighbour an attempt each time the same
+    image kills the worker again, until all fail together. One job per message instead: the poison
+    job spends only its own attempts and fails with the reason (``lost_worker_reason``); its
+    neighbours succeed on their next attempt. Costs one micro-batch per suspect, only after a crash.
+    """
+    if len(job_ids) < 2:
+        return job_ids
+    with runtime().db.session() as session:
+        suspects = interrupted_jobs(
+            session, job_ids, host=current_identity().hostname, is_dead=is_dead_local_process
+        )
+    if not suspects:
+        return job_ids
+    log.warning(
+        "%d of %d job(s) in this chunk were held by a worker that died; processing each on its own",
+        len(suspects),
+        len(job_ids),
+    )
+    queue = task.request.delivery_info.get("routing_key") if task.request.delivery_info else None
+    for job_id in suspects:
+        task.apply_async(args=[[job_id]], queue=queue)
+    isolated = set(suspects)
+    return [job_id for job_id in job_ids if job_id not in isolated]
+
+
 @app.task(name=TASK_PROCESS_JOBS, bind=True, acks_late=True, reject_on_worker_lost=True)
 def process_jobs_task(self: Task, job_ids: list[str]) -> dict[str, int]:
     """Process one chunk. Returns counts (for logs only: results live in the database)."""
@@ -75,6 +106,7 @@ def process_jobs_task(self: Task, job_ids: list[str]) -> dict[str, int]:
         log.error("dropping malformed message: %r", job_ids)
         return {"malformed": 1}
     try:
+        job_ids = _isolate_suspects(self, job_ids)
         report = process_jobs(runtime(), job_ids)
     except TransientError as exc:
         log.warning("chunk of %d job(s) hit a transient error, retrying: %s", len(job_ids), exc)

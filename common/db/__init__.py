@@ -26,7 +26,8 @@ def open_database(settings: Settings, *, migrate: bool | None = None) -> Databas
     try:
         revision = current_revision(db.engine)
     except sa.exc.OperationalError as exc:
-        raise DatabaseUnavailableError(f"cannot connect to the database {_safe(url)}: {exc.orig}") from exc
+        reason = " ".join(str(exc.orig).split())  # psycopg's message spans lines; the CLI prints one
+        raise DatabaseUnavailableError(f"cannot connect to the database {_safe(url)}: {reason}") from exc
     if revision != head_revision():
         if migrate:
             upgrade(url)

@@ -185,6 +185,8 @@ def retry_failed(session: Session, batch_id: str, *, now: datetime | None = None
         .values(
             state=JobState.QUEUED.value,
             attempts=0,
+            interruptions=0,
+            requeued_at=now,
             finished_at=None,
             worker_id=None,
             error_class=None,

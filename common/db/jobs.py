@@ -18,18 +18,22 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from common.db._sql import chunks, dialect_insert
-from common.db.models import Artifact, Job, JobState, Prediction, utcnow
+from common.db.models import Artifact, Batch, Job, JobState, Prediction, utcnow
 from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, QueuedJob, WorkerIdentity
 
 __all__ = [
     "claim_jobs",
     "find_reusable",
+    "interrupted_jobs",
+    "lost_worker_reason",
     "reap_expired",
     "record_failure",
     "record_reuse",
     "record_success",
     "release_jobs",
     "renew_leases",
+    "republish_stale",
+    "stale_queued_filter",
 ]
 
 
@@ -44,6 +48,15 @@ def _compare_and_set(session: Session, where: Sequence[Any], values: dict[str, A
     return list(session.scalars(stmt).all())
 
 
+def lost_worker_reason(owner: str | None, attempts: int, interruptions: int) -> str:
+    """Why a job failed without a recorded error: its workers kept dying (or going silent) on it."""
+    return (
+        f"worker died while processing this job {interruptions} time(s) (last: {owner or 'unknown'}); "
+        f"gave up after {attempts} attempt(s). An image that crashes the decoder or exhausts memory "
+        "does this."
+    )
+
+
 def claim_jobs(
     session: Session,
     job_ids: Sequence[str],
@@ -52,6 +65,7 @@ def claim_jobs(
     lease_seconds: float,
     max_attempts: int,
     is_dead: Callable[[str], bool] | None = None,
+    reclaim_own: bool = False,
     now: datetime | None = None,
 ) -> list[Job]:
     """Take ownership of the given jobs that nobody live owns: ``queued → running``.
@@ -59,13 +73,20 @@ def claim_jobs(
     Claimable: queued jobs, running jobs whose lease expired, and running jobs whose owner is a
     process on this host that ``is_dead(worker_id)`` reports gone — the case of a worker child killed
     mid-chunk whose message the broker redelivers at once; waiting out its lease would stall the chunk.
-    Jobs that already used ``max_attempts`` are left for ``reap_expired`` to fail. Returns the claimed
-    jobs in the order asked for.
+    Taking over a running job counts an interruption on it (its last attempt ended with its worker
+    gone). With ``reclaim_own`` — the caller holds no job, so any it owns was abandoned by an earlier
+    chunk of this same process, e.g. after the database dropped mid-chunk — its own running jobs are
+    claimable too, without an interruption. Jobs out of attempts are not claimed; those whose owner
+    is gone are failed here at once with ``lost_worker_reason`` rather than left for the reaper.
+    Returns the claimed jobs in the order asked for.
     """
     now = now or utcnow()
     values = {
         "state": JobState.RUNNING.value,
         "attempts": Job.attempts + 1,
+        "interruptions": sa.case(
+            (Job.state == JobState.RUNNING, Job.interruptions + 1), else_=Job.interruptions
+        ),
         "worker_host": worker.hostname,
         "worker_id": worker.worker_id,
         "started_at": now,
@@ -80,26 +101,98 @@ def claim_jobs(
         claimed += _compare_and_set(
             session, [Job.id.in_(chunk), Job.attempts < max_attempts, claimable], values
         )
-    if is_dead is not None:
-        rest = sorted(set(job_ids) - set(claimed))
-        orphans = session.execute(
-            sa.select(Job.id, Job.worker_id).where(
-                Job.id.in_(rest),
-                Job.state == JobState.RUNNING,
-                Job.worker_host == worker.hostname,
-                Job.worker_id != worker.worker_id,
-                Job.attempts < max_attempts,
+    if reclaim_own:
+        own = [Job.state == JobState.RUNNING, Job.worker_id == worker.worker_id, Job.attempts < max_attempts]
+        for chunk in chunks(sorted(set(job_ids) - set(claimed))):
+            claimed += _compare_and_set(
+                session, [Job.id.in_(chunk), *own], values | {"interruptions": Job.interruptions}
             )
-        ).all()
-        for job_id, owner in orphans:
-            if owner and is_dead(owner):
-                where = [Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == owner]
-                claimed += _compare_and_set(session, where, values)
+    rest = sorted(set(job_ids) - set(claimed))
+    gone = _gone_owners(
+        session, rest, host=worker.hostname, is_dead=is_dead, now=now, exclude=worker.worker_id
+    )
+    for job_id, owner, attempts, interruptions in gone:
+        where = [Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == owner]
+        if attempts < max_attempts:
+            claimed += _compare_and_set(session, where, values)
+        else:
+            _compare_and_set(session, where, _failed_lost(owner, attempts, interruptions + 1, now))
     if not claimed:
         return []
     query = sa.select(Job).where(Job.id.in_(claimed)).execution_options(populate_existing=True)
     order = {job_id: i for i, job_id in enumerate(job_ids)}
     return sorted(session.scalars(query), key=lambda job: order[job.id])
+
+
+def _gone_owners(
+    session: Session,
+    job_ids: Sequence[str],
+    *,
+    host: str,
+    is_dead: Callable[[str], bool] | None,
+    now: datetime,
+    exclude: str | None = None,
+) -> list[tuple[str, str | None, int, int]]:
+    """(id, owner, attempts, interruptions) of the running jobs among ``job_ids`` whose owner is gone:
+    lease expired, or a dead process on ``host``."""
+    if not job_ids:
+        return []
+    gone: list[tuple[str, str | None, int, int]] = []
+    for chunk in chunks(list(job_ids)):
+        rows = session.execute(
+            sa.select(
+                Job.id, Job.worker_id, Job.worker_host, Job.lease_expires_at, Job.attempts, Job.interruptions
+            ).where(Job.id.in_(chunk), Job.state == JobState.RUNNING)
+        ).all()
+        for job_id, owner, owner_host, lease, attempts, interruptions in rows:
+            if owner == exclude:
+                continue
+            expired = lease is not None and lease < now
+            dead = is_dead is not None and owner_host == host and bool(owner) and is_dead(owner)
+            if expired or dead:
+                gone.append((job_id, owner, attempts, interruptions))
+    return gone
+
+
+def _failed_lost(owner: str | None, attempts: int, interruptions: int, now: datetime) -> dict[str, Any]:
+    return {
+        "state": JobState.FAILED.value,
+        "finished_at": now,
+        "lease_expires_at": None,
+        "interruptions": interruptions,
+        "error_class": "WorkerLostError",
+        "error_message": lost_worker_reason(owner, attempts, interruptions),
+    }
+
+
+def interrupted_jobs(
+    session: Session,
+    job_ids: Sequence[str],
+    *,
+    host: str,
+    is_dead: Callable[[str], bool] | None = None,
+    now: datetime | None = None,
+) -> list[str]:
+    """The unfinished jobs among ``job_ids`` that a worker already died on — counted interruptions,
+    or right now running under a gone owner (the chunk a killed worker held, redelivered).
+
+    These are the suspects when a worker keeps dying: the task shell processes them one per message,
+    so a poison image spends only its own attempts, not its chunk neighbours'.
+    """
+    now = now or utcnow()
+    suspects = {
+        job_id
+        for chunk in chunks(list(job_ids))
+        for job_id in session.scalars(
+            sa.select(Job.id).where(
+                Job.id.in_(chunk),
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]),
+                Job.interruptions > 0,
+            )
+        )
+    }
+    suspects |= {row[0] for row in _gone_owners(session, job_ids, host=host, is_dead=is_dead, now=now)}
+    return [job_id for job_id in job_ids if job_id in suspects]
 
 
 def renew_leases(
@@ -124,6 +217,7 @@ def release_jobs(session: Session, job_ids: Sequence[str], *, worker_id: str) ->
     """Hand claimed, unfinished jobs back to the queue (graceful shutdown): the attempt does not count."""
     values = {
         "state": JobState.QUEUED.value,
+        "requeued_at": utcnow(),
         "attempts": sa.case((Job.attempts > 0, Job.attempts - 1), else_=0),
         "lease_expires_at": None,
         "worker_id": None,
@@ -148,10 +242,11 @@ def reap_expired(
 
     Vanished means the lease expired — or, given ``host`` and ``is_dead``, that the owner is a process
     on that host which no longer exists (a restarted worker recovers its predecessor's jobs at once
-    instead of after the lease). Returns (jobs requeued — to be published again, ids failed for good).
+    instead of after the lease). Either way it counts an interruption on the job. Returns (jobs
+    requeued — to be published again, ids failed for good).
     """
     now = now or utcnow()
-    columns = (Job.id, Job.model, Job.queue, Job.attempts, Job.worker_id)
+    columns = (Job.id, Job.model, Job.queue, Job.attempts, Job.worker_id, Job.interruptions)
     lost = session.execute(
         sa.select(*columns).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now).limit(limit)
     ).all()
@@ -164,18 +259,17 @@ def reap_expired(
         lost += [row for row in local if row.worker_id and is_dead(row.worker_id)]
     requeued: list[QueuedJob] = []
     failed: list[str] = []
-    for job_id, model, queue, attempts, owner in lost:
+    for job_id, model, queue, attempts, owner, interruptions in lost:
         exhausted = attempts >= max_attempts
-        values: dict[str, Any] = {"lease_expires_at": None}
         if exhausted:
-            values |= {
-                "state": JobState.FAILED.value,
-                "finished_at": now,
-                "error_class": "WorkerLostError",
-                "error_message": f"worker {owner} stopped responding; gave up after {attempts} attempt(s)",
-            }
+            values = _failed_lost(owner, attempts, interruptions + 1, now)
         else:
-            values |= {"state": JobState.QUEUED.value}
+            values = {
+                "state": JobState.QUEUED.value,
+                "lease_expires_at": None,
+                "interruptions": interruptions + 1,
+                "requeued_at": now,
+            }
         where = [Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == owner]
         if _compare_and_set(session, where, values):
             if exhausted:
@@ -183,6 +277,61 @@ def reap_expired(
             else:
                 requeued.append(QueuedJob(job_id, model, queue))
     return requeued, failed
+
+
+def stale_queued_filter(older_than_seconds: float, now: datetime | None = None) -> sa.ColumnElement[bool]:
+    """Queued jobs of distributed batches with no message published for ``older_than_seconds``.
+
+    A job's last publication is the later of when it was last requeued and when its batch was last
+    published (``producer retry`` publishes a whole batch), else — a producer that died before
+    publishing — when it was created. Local batches are never published.
+    """
+    cutoff = (now or utcnow()) - timedelta(seconds=older_than_seconds)
+    batch = sa.select(Batch.published_at).where(Batch.id == Job.batch_id).scalar_subquery()
+    distributed = sa.select(Batch.id).where(Batch.mode == "distributed")
+    last_published = sa.case(
+        (
+            sa.and_(Job.requeued_at.is_not(None), sa.or_(batch.is_(None), Job.requeued_at > batch)),
+            Job.requeued_at,
+        ),
+        else_=sa.func.coalesce(batch, Job.created_at),
+    )
+    return sa.and_(Job.state == JobState.QUEUED, Job.batch_id.in_(distributed), last_published < cutoff)
+
+
+def republish_stale(
+    session: Session,
+    *,
+    older_than_seconds: float,
+    batch_id: str | None = None,
+    now: datetime | None = None,
+    limit: int = 10_000,
+) -> list[QueuedJob]:
+    """Stamp queued jobs whose message was lost (see ``stale_queued_filter``) as requeued now, and
+    return them for publishing.
+
+    A queue message can be lost — a broker restarted without persistence, a purged queue, a producer
+    killed between commit and publish — and nothing else would ever run such a job. Publishing it
+    again is safe even if its message was only slow: claims are compare-and-set, so the second
+    message finds the job taken and costs one query. The stamp is itself a compare-and-set on the
+    same condition, so of many reapers only one publishes each job.
+    """
+    now = now or utcnow()
+    stale = stale_queued_filter(older_than_seconds, now)
+    if batch_id is not None:
+        stale = sa.and_(stale, Job.batch_id == batch_id)
+    ids = list(session.scalars(sa.select(Job.id).where(stale).limit(limit)))
+    found: list[QueuedJob] = []
+    for chunk in chunks(ids):
+        stmt = (
+            sa.update(Job)
+            .where(Job.id.in_(chunk), stale)
+            .values(requeued_at=now)
+            .returning(Job.id, Job.model, Job.queue)
+            .execution_options(synchronize_session=False)
+        )
+        found += [QueuedJob(*row) for row in session.execute(stmt)]
+    return found
 
 
 def find_reusable(session: Session, image_sha256: str, config_fingerprint: str) -> Job | None:
@@ -329,6 +478,8 @@ def record_failure(
         "error_class": error_class[:100],
         "error_message": message[:4000],
     }
-    if not again:
+    if again:
+        values["requeued_at"] = now
+    else:
         values["finished_at"] = now
     return state if _finish(session, job_id, worker_id, values) else None

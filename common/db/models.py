@@ -132,6 +132,8 @@ class Job(Base):
 
     state: Mapped[JobState] = mapped_column(JOB_STATE_TYPE, default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(default=0)
+    # Attempts that ended with the worker dead or silent (not a recorded failure): see migration 0004.
+    interruptions: Mapped[int] = mapped_column(default=0, server_default="0")
     worker_host: Mapped[str | None] = mapped_column(sa.String(255))
     worker_id: Mapped[str | None] = mapped_column(sa.String(255))  # host:pid of the claiming process
     device: Mapped[str | None] = mapped_column(sa.String(64))
@@ -140,6 +142,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+    requeued_at: Mapped[datetime | None] = mapped_column()  # last put back on the queue; None = never
     fetch_seconds: Mapped[float | None] = mapped_column()
     compute_seconds: Mapped[float | None] = mapped_column()
     store_seconds: Mapped[float | None] = mapped_column()

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from common.db.jobs import stale_queued_filter
 from common.db.models import Artifact, Batch, Job, JobState, Prediction, utcnow
 
 __all__ = ["BatchStatus", "FailureSummary", "batch_status", "iter_job_results"]
@@ -37,6 +38,9 @@ class BatchStatus:
     jobs_per_second: float | None
     eta_seconds: float | None
     failures: list[FailureSummary]
+    # Queued jobs with no message published for the reaper's threshold: their message was lost and a
+    # worker's reaper publishes them again (None: not asked).
+    stale_queued: int | None = None
 
     @property
     def done(self) -> int:
@@ -47,8 +51,15 @@ class BatchStatus:
         return self.done >= self.total
 
 
-def batch_status(session: Session, batch: Batch, *, now: datetime | None = None) -> BatchStatus:
-    """Counts by state and model, throughput since the first job started, ETA, and failures by reason."""
+def batch_status(
+    session: Session,
+    batch: Batch,
+    *,
+    now: datetime | None = None,
+    stale_after_seconds: float | None = None,
+) -> BatchStatus:
+    """Counts by state and model, throughput since the first job started, ETA, and failures by reason;
+    with ``stale_after_seconds``, also how many queued jobs have had no message published that long."""
     now = now or utcnow()
     counts: Counter[str] = Counter()
     models: dict[str, Counter[str]] = {}
@@ -83,7 +94,15 @@ def batch_status(session: Session, batch: Batch, *, now: datetime | None = None)
             .limit(20)
         )
     ]
+    stale = None
+    if stale_after_seconds is not None:
+        stale = session.scalar(
+            sa.select(sa.func.count())
+            .select_from(Job)
+            .where(Job.batch_id == batch.id, stale_queued_filter(stale_after_seconds, now))
+        )
     return BatchStatus(
+        stale_queued=stale,
         batch_id=batch.id,
         name=batch.name,
         total=total,

@@ -56,7 +56,9 @@ def create_engine(url: str) -> sa.Engine:
             cursor.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # A bounded connect: an unreachable server fails a command in seconds, not after TCP's minutes.
+    connect_args = {"connect_timeout": 10} if sa_url.get_backend_name() == "postgresql" else {}
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=connect_args)
 
 
 class Database:

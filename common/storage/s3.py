@@ -14,22 +14,32 @@ services that demand virtual-hosted requests, which forcing "path" here would ta
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError
+from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError, StorageUnavailableError
+from common.settings import get_settings
 from common.storage.base import DEFAULT_CONTENT_TYPE, PutItem, check_key, check_prefix, unique_items
 from common.storage.s3_errors import translate_s3_error
 
 __all__ = ["S3ClientOptions", "S3Store"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Backoff between whole-request retries while the endpoint is unavailable: 0.5 s doubling to 8 s.
+_FIRST_DELAY_SECONDS = 0.5
+_MAX_DELAY_SECONDS = 8.0
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,14 @@ class S3Store:
     ``upload_threads`` bounds ``put_many``'s concurrency. ``put`` is a single PUT request, fine for
     artifacts up to a few hundred MB (S3's single-PUT limit is 5 GB, but one retry then resends
     everything); larger objects would want a multipart upload.
+
+    ``retry_seconds`` (default: ``VITSCOPE_STORAGE_RETRY_SECONDS``, 60 s) is how long a request that
+    fails with ``StorageUnavailableError`` — endpoint down, connection refused or reset, 5xx,
+    throttling — is tried again, with backoff from 0.5 s doubling to 8 s, after botocore's own few
+    quick retries gave up. botocore's standard mode alone rides out only a few seconds (its retry
+    quota even stops retrying after a burst of connection errors), so a MinIO restart or a 20 s
+    network blip would otherwise cost every job in flight an attempt. Permanent errors (missing
+    bucket, denied access) are never retried.
     """
 
     def __init__(
@@ -121,6 +139,7 @@ class S3Store:
         max_attempts: int = 4,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
+        retry_seconds: float | None = None,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
@@ -131,6 +150,9 @@ class S3Store:
         self.prefix = check_key(prefix) if prefix else ""
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._upload_threads = upload_threads
+        self._retry_seconds = (
+            get_settings().storage_retry_seconds if retry_seconds is None else max(0.0, retry_seconds)
+        )
         self._options = S3ClientOptions(
             max_pool_connections=max(10, upload_threads),
             max_attempts=max_attempts,
@@ -151,8 +173,12 @@ class S3Store:
 
     def put(self, key: str, data: bytes, *, content_type: str = DEFAULT_CONTENT_TYPE) -> str:
         object_key = self._object_key(key)
-        with self._errors(object_key):
-            self.client.put_object(Bucket=self.bucket, Key=object_key, Body=data, ContentType=content_type)
+        self._retrying(
+            object_key,
+            lambda: self.client.put_object(
+                Bucket=self.bucket, Key=object_key, Body=data, ContentType=content_type
+            ),
+        )
         return self.uri(key)
 
     def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
@@ -188,8 +214,7 @@ class S3Store:
     def exists(self, key: str) -> bool:
         object_key = self._object_key(key)
         try:
-            with self._errors(object_key):
-                self.client.head_object(Bucket=self.bucket, Key=object_key)
+            self._retrying(object_key, lambda: self.client.head_object(Bucket=self.bucket, Key=object_key))
         except NotFoundError:
             return False
         return True
@@ -200,8 +225,7 @@ class S3Store:
     def delete(self, key: str) -> None:
         """S3 answers a DELETE of a missing key with success, which makes this idempotent."""
         object_key = self._object_key(key)
-        with self._errors(object_key):
-            self.client.delete_object(Bucket=self.bucket, Key=object_key)
+        self._retrying(object_key, lambda: self.client.delete_object(Bucket=self.bucket, Key=object_key))
 
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
@@ -214,7 +238,8 @@ class S3Store:
         request checks the size before the download, and the download is capped too in case the
         object was replaced in between.
         """
-        with self._errors(object_key):
+
+        def download() -> bytes:
             if max_bytes is not None:
                 size = self.client.head_object(Bucket=self.bucket, Key=object_key)["ContentLength"]
                 if size > max_bytes:
@@ -223,27 +248,46 @@ class S3Store:
                     )
             body = self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"]
             try:
-                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+                return body.read() if max_bytes is None else body.read(max_bytes + 1)
             finally:
                 body.close()
+
+        data = self._retrying(object_key, download)
         if max_bytes is not None and len(data) > max_bytes:
             raise ObjectTooLargeError(f"s3://{self.bucket}/{object_key} is over the limit of {max_bytes}")
         return data
 
     def list_objects(self, object_prefix: str = "") -> list[str]:
         """Full keys in the bucket starting with ``object_prefix``, sorted."""
-        keys: list[str] = []
-        with self._errors(None):
+
+        def listing() -> list[str]:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=object_prefix
             )
-            for page in pages:
-                keys.extend(item["Key"] for item in page.get("Contents", ()))
-        return sorted(keys)
+            return [item["Key"] for page in pages for item in page.get("Contents", ())]
+
+        return sorted(self._retrying(None, listing))
 
     def _object_key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _retrying(self, object_key: str | None, request: Callable[[], T]) -> T:
+        """``request()`` with errors translated, tried again while storage is unavailable (see class doc)."""
+        deadline = time.monotonic() + self._retry_seconds
+        delay = _FIRST_DELAY_SECONDS
+        while True:
+            try:
+                with self._errors(object_key):
+                    return request()
+            except StorageUnavailableError as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise
+                if delay == _FIRST_DELAY_SECONDS:
+                    log.warning("%s; retrying for up to %.0f s", exc, remaining)
+                time.sleep(min(delay, remaining))
+                delay = min(2 * delay, _MAX_DELAY_SECONDS)
 
     @contextlib.contextmanager
     def _errors(self, object_key: str | None) -> Iterator[None]:

@@ -34,12 +34,13 @@ def uri_scheme(uri: str) -> str:
     return match.group(1).lower() if match else ""
 
 
-def open_store(url: str, *, upload_threads: int = 8) -> ObjectStore:
+def open_store(url: str, *, upload_threads: int = 8, retry_seconds: float | None = None) -> ObjectStore:
     """The object store for a storage URL; ``ValueError`` naming the supported schemes otherwise.
 
     A local folder is created if missing, so a fresh machine can write results at once.
     ``upload_threads`` is the concurrency of ``put_many`` on S3 (local and memory writes are
-    sequential).
+    sequential); ``retry_seconds`` how long an S3 request rides out an unavailable endpoint
+    (default: the ``VITSCOPE_STORAGE_RETRY_SECONDS`` setting).
     """
     scheme = uri_scheme(url)
     if scheme == "" and url:
@@ -50,7 +51,7 @@ def open_store(url: str, *, upload_threads: int = 8) -> ObjectStore:
         bucket, _, prefix = _after_scheme(url).partition("/")
         if not bucket:
             raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket[/prefix]")
-        return S3Store(bucket, prefix, upload_threads=upload_threads)
+        return S3Store(bucket, prefix, upload_threads=upload_threads, retry_seconds=retry_seconds)
     if scheme == "memory":
         name, _, rest = _after_scheme(url).partition("/")
         if rest:

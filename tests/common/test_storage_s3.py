@@ -161,7 +161,7 @@ def test_an_unreachable_endpoint_is_transient_and_fails_fast(
     s3_env: str, monkeypatch: pytest.MonkeyPatch, operation: str
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
-    store = S3Store("bucket", max_attempts=2, connect_timeout=1, read_timeout=1)
+    store = S3Store("bucket", max_attempts=2, connect_timeout=1, read_timeout=1, retry_seconds=0)
     started = time.monotonic()
     with pytest.raises(StorageUnavailableError, match="unreachable"):
         STORE_OPERATIONS[operation](store)

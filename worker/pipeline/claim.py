@@ -41,6 +41,9 @@ def claim(runtime: Runtime, job_ids: Sequence[str]) -> list[Ticket]:
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
             is_dead=is_dead_local_process,
+            # Holding nothing, this process's own running jobs were abandoned by an earlier chunk
+            # (a whole-chunk transient error): take them back instead of waiting out their lease.
+            reclaim_own=not runtime.keeper.held(),
         )
         batches = session.scalars(sa.select(Batch).where(Batch.id.in_({job.batch_id for job in jobs})))
         by_id = {batch.id: batch for batch in batches}

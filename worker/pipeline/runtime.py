@@ -53,7 +53,11 @@ class Runtime:
             settings=settings,
             db=db,
             store=store
-            or open_store(settings.resolved_storage_url(), upload_threads=settings.upload_threads),
+            or open_store(
+                settings.resolved_storage_url(),
+                upload_threads=settings.upload_threads,
+                retry_seconds=settings.storage_retry_seconds,
+            ),
             fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings)),
             models=ModelCache(device=device, weights_dir=settings.weights_dir),
             device=device,

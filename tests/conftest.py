@@ -159,3 +159,170 @@ def _write_image(
 def write_image():
     """``write_image(path, size=(w, h), seed=0)``: write a small photo-like test image, return its path."""
     return _write_image
+
+
+# --- Private service instances, for tests that restart or break a service. -------------------------
+# Never the shared servers: each of these runs on its own free port and is killed after its test.
+
+
+def _wait_until(check, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+class PrivateRedis:
+    """A ``redis-server`` with an append-only file, as ``scripts/services`` and compose run it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        import redis
+
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, socket_connect_timeout=5)
+
+    def _answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--dir",
+                str(self.dir),
+                "--logfile",
+                str(self.dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        _wait_until(self._answers, 30, f"redis-server on port {self.port} did not answer")
+
+    def stop(self) -> None:
+        """SIGTERM: Redis's own clean shutdown, which flushes the append-only file."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+
+
+class PrivatePostgres:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl as the ``postgres`` user) on a free port."""
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import tempfile
+
+        versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
+        if not versions:
+            pytest.fail("no PostgreSQL server binaries under /usr/lib/postgresql/*/bin")
+        self.bin = Path(versions[-1])
+        self.port = _free_port()
+        # Outside pytest's tmp_path: the postgres user must be able to reach it.
+        self.dir = Path(tempfile.mkdtemp(prefix="vitscope-pg-"))
+        shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/test"
+
+    def _run(self, tool: str, *args: str) -> None:
+        import subprocess
+
+        as_postgres = [] if os.getuid() != 0 else ["runuser", "-u", "postgres", "--"]
+        subprocess.run(
+            [*as_postgres, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "pg.log"), "-w", "start"
+        )
+
+    def stop(self) -> None:
+        """``-m fast``: open sessions are cut, as in a real restart."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def create_database(self) -> None:
+        import sqlalchemy as sa
+
+        admin = sa.create_engine(
+            f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres", isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text("CREATE DATABASE test"))
+        admin.dispose()
+
+    def remove(self) -> None:
+        import contextlib
+        import shutil
+        import subprocess
+
+        with contextlib.suppress(subprocess.CalledProcessError):  # already stopped
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PrivatePostgres]:
+    server = PrivatePostgres()
+    try:
+        server.start()
+        server.create_database()
+        yield server
+    finally:
+        server.remove()

@@ -55,7 +55,7 @@ EXIT_UNAVAILABLE = 3
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {message}", soft_wrap=True)  # one line, for logs and scripts
     return typer.Exit(code)
 
 

@@ -241,6 +241,14 @@ def _assert_each_job_computed_once(cluster: Cluster, jobs: list[Job]) -> None:
     assert len(stored) == ARTIFACTS_PER_JOB * len(jobs)  # deterministic keys: nothing written twice
 
 
+def test_the_broker_is_run_with_an_append_only_file() -> None:
+    """What the Redis restart test relies on, in the set-ups users run: scripts/services and compose."""
+    root = Path(__file__).resolve().parents[2]
+    assert "--appendonly yes" in (root / "scripts" / "services").read_text()
+    compose = (root / "docker" / "compose.yaml").read_text()
+    assert '"--appendonly", "yes"' in compose
+
+
 # --- 1. Redis restarted mid-batch ------------------------------------------------------------------
 
 

@@ -83,6 +83,7 @@ def test_database_unreachable_exits_at_once_with_one_line(tmp_path, private_redi
     assert seconds < SECONDS
     assert "cannot connect to the database" in _one_line_error(result)
     assert private_redis.client().llen(QUEUE) == 0
+    print(f"\ndatabase unreachable: submit exited {result.returncode} after {seconds:.1f} s")
 
 
 def test_broker_unreachable_exits_at_once_and_creates_no_batch(tmp_path, postgres_url) -> None:
@@ -98,6 +99,7 @@ def test_broker_unreachable_exits_at_once_and_creates_no_batch(tmp_path, postgre
     assert "message broker redis://127.0.0.1" in line
     assert "unavailable" in line
     assert _batches(postgres_url) == 0  # checked before anything was written
+    print(f"\nbroker unreachable: submit exited {result.returncode} after {seconds:.1f} s")
 
 
 def test_broker_refusing_messages_after_commit_leaves_a_batch_that_retry_publishes(

@@ -296,8 +296,15 @@ def test_postgres_restarted_mid_batch_every_job_ends_succeeded(
         "submit", str(csv), "--models", "deit_tiny_patch16_224", "--weights", "random", "--wait"
     )
     cluster.wait_for_jobs("a job running", lambda jobs: any(j.state == JobState.RUNNING for j in jobs))
+    private_postgres.stop()  # pg_ctl -m fast: every open session is cut
+    log = cluster.logs / "w.log"
+    # Down until the chunk in flight has failed on it as a whole (not only a heartbeat): that is the
+    # path to prove — the chunk retried, taking its own half-done jobs back.
+    wait_for(
+        lambda: "hit a transient error, retrying" in log.read_text(), 180, "the chunk to fail on the database"
+    )
     restarted, restarted_utc = time.monotonic(), utcnow()
-    private_postgres.restart()  # pg_ctl -m fast: every open session is cut
+    private_postgres.start()
     cluster.wait_for_jobs(
         "a job finished after the restart",
         lambda jobs: any(j.finished_at is not None and j.finished_at > restarted_utc for j in jobs),
@@ -311,6 +318,7 @@ def test_postgres_restarted_mid_batch_every_job_ends_succeeded(
     artifacts = cluster.artifacts()
     assert all(len(artifacts[job.id]) == ARTIFACTS_PER_JOB for job in jobs)
     assert not [j for j in jobs if j.state == JobState.RUNNING]
+    assert "hit a transient error, retrying" in log.read_text()
     print(
         f"\nPostgreSQL restart: a job finished {resumed:.1f} s after it, batch finished after {finished:.1f} s"
     )

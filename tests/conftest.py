@@ -326,3 +326,11 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         yield server
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """The small ViT trained on the coloured-square task (``tests/trained_vit.py``), cached on disk."""
+    from tests.trained_vit import load_trained
+
+    return load_trained()

@@ -165,6 +165,56 @@ class Preprocessor:
         the overlays resize once instead of twice."""
         return TF.normalize(TF.to_tensor(cropped), list(self.mean), list(self.std))
 
+    def resized_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """``(width, height)`` of an image of ``size`` (width, height) after ``crop``'s resize step.
+
+        torchvision's rule: the shorter side becomes ``resize_size``, the longer one
+        ``int(resize_size * long / short)`` (truncated); ``squash`` makes both ``resize_size``.
+        """
+        width, height = size
+        if self.crop_mode == "squash":
+            return self.resize_size, self.resize_size
+        short, long = min(width, height), max(width, height)
+        scaled = int(self.resize_size * long / short)
+        return (self.resize_size, scaled) if width <= height else (scaled, self.resize_size)
+
+    def crop_offset(self, resized: tuple[int, int]) -> tuple[int, int]:
+        """``(left, top)`` of the centre crop inside the resized ``(width, height)`` picture.
+
+        torchvision's ``center_crop``: ``round((side - crop) / 2)`` (half to even); a picture smaller
+        than the crop is first padded by ``(crop - side) // 2`` before it, so the offset is negative.
+        """
+        crop_height, crop_width = self.input_size
+
+        def offset(side: int, crop: int) -> int:
+            return -((crop - side) // 2) if crop > side else round((side - crop) / 2.0)
+
+        return offset(resized[0], crop_width), offset(resized[1], crop_height)
+
+    def map_box(
+        self, box: tuple[float, float, float, float], size: tuple[int, int]
+    ) -> tuple[float, float, float, float]:
+        """A box ``(x0, y0, x1, y1)`` in the pixels of an original image of ``size`` (width, height),
+        in the pixels of the model's input: scaled by the resize, shifted by the crop (not clipped).
+
+        Coordinates are continuous pixel edges (``x1`` is the right edge, a box of the whole image is
+        ``(0, 0, width, height)``); the resize maps edge ``x`` to ``x · resized_width / width``.
+        """
+        width, height = size
+        resized_width, resized_height = self.resized_size(size)
+        left, top = self.crop_offset((resized_width, resized_height))
+        sx, sy = resized_width / width, resized_height / height
+        x0, y0, x1, y1 = box
+        return (x0 * sx - left, y0 * sy - top, x1 * sx - left, y1 * sy - top)
+
+    def crop_mask(self, mask: Image.Image) -> np.ndarray:
+        """A region mask of the original image (non-zero = inside), through ``crop``'s resize and
+        crop with nearest-neighbour sampling: ``[H, W]`` bool on the model's input pixels."""
+        grey = mask.convert("L")
+        size = self.resize_size if self.crop_mode == "center" else [self.resize_size, self.resize_size]
+        resized = TF.resize(grey, size, interpolation=InterpolationMode.NEAREST)
+        return np.asarray(TF.center_crop(resized, list(self.input_size))) > 0
+
 
 def _check_resized_pixels(size: tuple[int, int], shorter_side: int) -> None:
     short, long = sorted(size)

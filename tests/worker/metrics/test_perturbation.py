@@ -1,0 +1,139 @@
+"""Deletion and insertion: the batched computation equals a plainly written one-image-at-a-time one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torchvision.transforms import functional as TF
+
+from common.metrics import Baseline
+from tests.trained_vit import TASK
+from worker.metrics import canvas, patch_ranks, perturbation_curves, seeded_draws, step_counts
+
+
+@pytest.mark.parametrize(
+    ("patches", "steps", "counts"),
+    [
+        (196, 14, [14 * s for s in range(15)]),
+        (64, 8, [8 * s for s in range(9)]),
+        (10, 4, [0, 3, 5, 8, 10]),  # 2.5 and 7.5 round half up
+        (4, 9, [0, 1, 2, 3, 4]),  # more steps than patches: one patch per step
+    ],
+)
+def test_step_counts(patches: int, steps: int, counts: list[int]) -> None:
+    assert step_counts(patches, steps) == counts
+
+
+def test_ranks_put_the_largest_value_first_and_break_ties_by_the_given_permutation() -> None:
+    maps = torch.tensor([[[0.1, 0.9, 0.5, 0.7]], [[0.2, 0.2, 0.2, 0.2]]])
+    tie_breaks = torch.tensor([[0, 1, 2, 3], [2, 0, 3, 1]])
+    ranks = patch_ranks(maps, tie_breaks)
+    assert ranks[0, 0].tolist() == [3, 0, 2, 1]
+    assert ranks[1, 0].tolist() == [1, 3, 0, 2]  # a flat map follows the permutation: 2, 0, 3, 1
+
+
+def test_canvases() -> None:
+    images = torch.randn(2, 3, 16, 16)
+    assert torch.equal(canvas(images, Baseline.MEAN), torch.zeros_like(images))
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    assert torch.allclose(canvas(flat, Baseline.BLUR), flat, atol=1e-6)  # blurring a constant changes nothing
+    blurred = canvas(images, Baseline.BLUR, blur_sigma=2.0)
+    assert torch.allclose(blurred, TF.gaussian_blur(images, [13, 13], [2.0, 2.0]))
+    assert blurred.std() < images.std()
+
+
+def _plain_curve(
+    model: VisionTransformer,
+    image: torch.Tensor,
+    target: int,
+    saliency: np.ndarray,
+    tie_break: np.ndarray,
+    steps: int,
+    base: torch.Tensor,
+    insertion: bool,
+) -> tuple[list[float], float]:
+    """One image, one map, one perturbed picture at a time, with explicit loops over patches."""
+    gh, gw = saliency.shape
+    patch = image.shape[-1] // gw
+    P = gh * gw
+    # Most important first; equal values in the order of the tie-break permutation.
+    order = sorted(range(P), key=lambda j: (-float(saliency.flat[j]), int(np.where(tie_break == j)[0][0])))
+    steps = min(steps, P)
+    curve, xs = [], []
+    for s in range(steps + 1):
+        k = int(np.floor(s * P / steps + 0.5))
+        touched = set(order[:k])
+        picture = (base if insertion else image).clone()
+        source = image if insertion else base
+        for j in touched:
+            i, jj = divmod(j, gw)
+            window = (slice(None), slice(i * patch, (i + 1) * patch), slice(jj * patch, (jj + 1) * patch))
+            picture[window] = source[window]
+        with torch.no_grad():
+            probs = model(picture[None]).softmax(-1)[0]
+        curve.append(float(probs[target]))
+        xs.append(k / P)
+    area = sum((xs[i + 1] - xs[i]) * (curve[i] + curve[i + 1]) / 2 for i in range(len(curve) - 1))
+    return curve, area
+
+
+@pytest.mark.parametrize("steps", [8, 5])
+def test_batched_curves_equal_one_image_at_a_time(trained_model: VisionTransformer, steps: int) -> None:
+    images, labels, _ = TASK.sample(3, torch.Generator().manual_seed(7))
+    targets = [int(t) for t in labels]
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.rand(3, 2, TASK.grid, TASK.grid, generator=generator)
+    maps[:, 1] = maps[:, 1].round(decimals=1)  # many ties
+    tie_breaks = torch.stack([seeded_draws(seed, (TASK.grid, TASK.grid))[1] for seed in (1, 2, 3)])
+    deletion_canvas = canvas(images, Baseline.MEAN)
+    insertion_canvas = canvas(images, Baseline.BLUR)
+    batched = perturbation_curves(
+        trained_model,
+        images,
+        targets,
+        maps,
+        tie_breaks,
+        steps=steps,
+        deletion_canvas=deletion_canvas,
+        insertion_canvas=insertion_canvas,
+        max_batch=7,  # several chunks, one cut mid-image
+    )
+    assert batched.deletion is not None
+    assert batched.insertion is not None
+    assert batched.deletion_auc is not None
+    assert batched.insertion_auc is not None
+    for b in range(3):
+        for m in range(2):
+            saliency, tie_break = maps[b, m].numpy(), tie_breaks[b].numpy()
+            for insertion, curves, aucs, base in (
+                (False, batched.deletion, batched.deletion_auc, deletion_canvas[b]),
+                (True, batched.insertion, batched.insertion_auc, insertion_canvas[b]),
+            ):
+                curve, area = _plain_curve(
+                    trained_model, images[b], targets[b], saliency, tie_break, steps, base, insertion
+                )
+                np.testing.assert_allclose(curves[b, m].numpy(), curve, atol=2e-5)
+                assert float(aucs[b, m]) == pytest.approx(area, abs=2e-5)
+
+
+def test_only_the_families_asked_for_are_computed(trained_model: VisionTransformer) -> None:
+    images, labels, _ = TASK.sample(2, torch.Generator().manual_seed(1))
+    maps = torch.rand(2, 1, TASK.grid, TASK.grid)
+    curves = perturbation_curves(
+        trained_model,
+        images,
+        labels.tolist(),
+        maps,
+        torch.stack([torch.randperm(TASK.grid**2)] * 2),
+        steps=4,
+        deletion_canvas=canvas(images, Baseline.MEAN),
+        insertion_canvas=canvas(images, Baseline.MEAN),
+        insertion=False,
+    )
+    assert curves.insertion is None
+    assert curves.insertion_auc is None
+    assert curves.deletion is not None
+    assert curves.deletion.shape == (2, 1, 5)
+    assert torch.allclose(curves.fractions, torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))

@@ -1,0 +1,218 @@
+"""Every metric of a batch of explained images, in a few batched passes: the front door of ``worker.metrics``.
+
+Pure tensor code like the attention core: tensors and arrays in, numbers out, no I/O. The pipeline
+calls ``evaluate`` right after ``explain`` with the same input tensors, on the same device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.methods import MethodSettings
+from common.metrics import RANDOM_METHOD, Metric, MetricFamily, MetricSettings
+from worker.attention import Explanation, explain
+from worker.metrics.concentration import normalized_entropy
+from worker.metrics.localization import mass_inside, pointing_game
+from worker.metrics.perturbation import canvas, perturbation_curves
+from worker.metrics.sanity import spearman
+
+__all__ = ["ImageInputs", "MetricValue", "evaluate", "explanation_maps", "random_map", "seeded_draws"]
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    method: str
+    metric: Metric
+    value: float
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """What the metrics need of one image besides its pixels.
+
+    ``maps``: method name -> ``[gh, gw]`` map (methods the model could not produce are left out; the
+    random baseline is added by ``evaluate``). ``target``: the class the maps explain (``None`` for a
+    model without a classifier: no deletion, insertion or sanity scores). ``seed``: this image's seed
+    for the random map and tie-breaking, the same whatever batch the image lands in. ``coverage``:
+    ``[gh, gw]`` share of each patch inside the annotated region, or ``None``.
+    """
+
+    maps: Mapping[str, np.ndarray]
+    target: int | None
+    seed: int
+    coverage: np.ndarray | None = None
+
+
+def explanation_maps(explanation: Explanation) -> dict[str, np.ndarray]:
+    """The maps of an explanation that metrics score, by method name (absent ones left out)."""
+    maps = {
+        "rollout": explanation.rollout,
+        "grad_rollout": getattr(explanation, "grad_rollout", None),
+        "relevance": getattr(explanation, "relevance", None),
+        "last_layer_score": explanation.layer_scores[-1] if explanation.layer_scores is not None else None,
+    }
+    return {name: value for name, value in maps.items() if value is not None}
+
+
+def seeded_draws(seed: int, grid_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This image's random map ``[gh, gw]`` (uniform in [0, 1)) and tie-break permutation ``[P]``.
+
+    Drawn on the CPU from a generator seeded by ``seed`` in a fixed order, so they do not depend on
+    the device, the batch or any other image.
+    """
+    gh, gw = grid_size
+    generator = torch.Generator().manual_seed(seed)
+    random = torch.rand(gh, gw, generator=generator)
+    return random, torch.randperm(gh * gw, generator=generator)
+
+
+def random_map(seed: int, grid_size: tuple[int, int]) -> np.ndarray:
+    return seeded_draws(seed, grid_size)[0].numpy()
+
+
+def _values(method_names: Sequence[str], metric: Metric, scores: torch.Tensor) -> list[list[MetricValue]]:
+    """``[B, M]`` scores -> per image, one value per method; NaN (undefined) values are dropped."""
+    rows = scores.detach().cpu().double().tolist()
+    return [
+        [MetricValue(m, metric, v) for m, v in zip(method_names, row, strict=True) if not math.isnan(v)]
+        for row in rows
+    ]
+
+
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    inputs: Sequence[ImageInputs],
+    settings: MetricSettings,
+    *,
+    method_settings: MethodSettings | None = None,
+    randomized: nn.Module | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[list[MetricValue]]:
+    """The metric values of each image of ``images`` ``[B, 3, H, W]`` (the model's inputs), in order.
+
+    Images whose available maps differ (rare: a model either has gradient maps or not) are evaluated
+    in groups of equal method sets. ``randomized`` is the sanity check's re-initialized copy of
+    ``model`` (``worker.metrics.sanity.randomized_copy``), needed when ``settings`` asks for it;
+    ``method_settings`` are the settings the maps were made with, to make their counterparts alike.
+    """
+    results: list[list[MetricValue]] = [[] for _ in inputs]
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, item in enumerate(inputs):
+        groups.setdefault(tuple(m for m in item.maps), []).append(index)
+    for names, indices in groups.items():
+        values = _evaluate_group(
+            model,
+            images[indices],
+            [inputs[i] for i in indices],
+            list(names),
+            settings,
+            method_settings or MethodSettings(),
+            randomized,
+            autocast_dtype,
+        )
+        for index, image_values in zip(indices, values, strict=True):
+            results[index] = image_values
+    return results
+
+
+def _evaluate_group(
+    model: nn.Module,
+    images: torch.Tensor,
+    inputs: Sequence[ImageInputs],
+    names: list[str],
+    settings: MetricSettings,
+    method_settings: MethodSettings,
+    randomized: nn.Module | None,
+    autocast_dtype: torch.dtype | None,
+) -> list[list[MetricValue]]:
+    device = images.device
+    B = len(inputs)
+    grid = _grid_of(model)
+    draws = [seeded_draws(item.seed, grid) for item in inputs]
+    methods = [*names, RANDOM_METHOD]
+    maps = torch.stack(
+        [
+            torch.stack(
+                [*(torch.as_tensor(np.asarray(item.maps[n]), dtype=torch.float32) for n in names), random]
+            )
+            for item, (random, _) in zip(inputs, draws, strict=True)
+        ]
+    ).to(device)  # [B, M, gh, gw]
+    out: list[list[MetricValue]] = [[] for _ in range(B)]
+
+    def extend(
+        metric: Metric,
+        scores: torch.Tensor,
+        rows: Sequence[int] | None = None,
+        scored: Sequence[str] = methods,
+    ) -> None:
+        for row, values in zip(rows or range(B), _values(scored, metric, scores), strict=True):
+            out[row].extend(values)
+
+    extend(Metric.ENTROPY, normalized_entropy(maps))
+
+    located = [b for b, item in enumerate(inputs) if item.coverage is not None and item.coverage.sum() > 0]
+    if settings.wants(MetricFamily.LOCALIZATION) and located:
+        coverage = torch.stack(
+            [torch.as_tensor(inputs[b].coverage, dtype=torch.float32) for b in located]
+        ).to(device)[:, None]
+        extend(Metric.POINTING_GAME, pointing_game(maps[located], coverage), located)
+        extend(Metric.MASS_INSIDE, mass_inside(maps[located], coverage), located)
+
+    classified = [b for b, item in enumerate(inputs) if item.target is not None]
+    deletion, insertion = settings.wants(MetricFamily.DELETION), settings.wants(MetricFamily.INSERTION)
+    if (deletion or insertion) and classified:
+        chosen = images[classified]
+        curves = perturbation_curves(
+            model,
+            chosen,
+            [int(inputs[b].target) for b in classified],  # type: ignore[arg-type]
+            maps[classified],
+            torch.stack([draws[b][1] for b in classified]),
+            steps=settings.steps or grid[0],
+            deletion_canvas=canvas(chosen, settings.deletion_baseline, settings.blur_sigma),
+            insertion_canvas=canvas(chosen, settings.insertion_baseline, settings.blur_sigma),
+            deletion=deletion,
+            insertion=insertion,
+            max_batch=settings.max_batch,
+            autocast_dtype=autocast_dtype,
+        )
+        if curves.deletion_auc is not None:
+            extend(Metric.DELETION_AUC, curves.deletion_auc, classified)
+        if curves.insertion_auc is not None:
+            extend(Metric.INSERTION_AUC, curves.insertion_auc, classified)
+
+    if settings.wants(MetricFamily.SANITY) and classified and names:
+        if randomized is None:
+            raise ValueError("the sanity check needs the randomized copy of the model")
+        again = explain(
+            randomized,
+            images[classified],
+            MethodSettings.from_dict({**method_settings.to_dict(), "raw_attention": False, "top_k": 1}),
+            [inputs[b].target for b in classified],
+            autocast_dtype=autocast_dtype,
+        )
+        remade = [explanation_maps(e) for e in again]
+        compared = [i for i, n in enumerate(names) if n in remade[0]]  # maps the explanation makes
+        counterparts = torch.stack(
+            [
+                torch.stack([torch.as_tensor(r[names[i]], dtype=torch.float32) for i in compared])
+                for r in remade
+            ]
+        ).to(device)
+        # The random map has no counterpart: it is the same draw for any model.
+        scores = spearman(maps[classified][:, compared], counterparts)
+        extend(Metric.SANITY_SPEARMAN, scores, classified, [names[i] for i in compared])
+    return out
+
+
+def _grid_of(model: nn.Module) -> tuple[int, int]:
+    grid = model.patch_embed.grid_size
+    return int(grid[0]), int(grid[1])

@@ -1,0 +1,212 @@
+"""Deletion and insertion curves (Petsiuk et al., 2018, "RISE"), batched over images × maps × steps.
+
+A map over ``P`` patches ranks them most-important-first; equal values are ordered by a seeded
+random permutation, so a flat map is exactly as good as a random order (a stable sort would instead
+walk the grid row by row). Step ``s`` of ``S`` touches the first ``k_s = round(s · P / S)`` patches:
+
+- **deletion** starts from the image and replaces the touched patches with the deletion canvas;
+- **insertion** starts from the insertion canvas and pastes the image's touched patches onto it.
+
+The target class's softmax probability after every step gives a curve ``p_0 … p_S`` over
+``x_s = k_s / P``; its area (trapezoid rule) is the score. Deletion: lower is better (the evidence
+goes first, so the probability falls fast). Insertion: higher is better.
+
+Cost: per image, ``2 · M · (S − 1)`` perturbed images for ``M`` maps plus three shared by every map
+(the image itself, the fully deleted image, the bare insertion canvas), each one no-grad forward,
+run in chunks of at most ``max_batch`` images (halved on CUDA out-of-memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import functional as TF
+
+from common.metrics import Baseline
+
+__all__ = [
+    "PerturbationCurves",
+    "canvas",
+    "default_blur_sigma",
+    "patch_ranks",
+    "perturbation_curves",
+    "step_counts",
+]
+
+# RISE blurs 224-pixel inputs with a Gaussian of sigma 5 px; other input sizes scale it.
+_RISE_SIGMA, _RISE_SIDE = 5.0, 224
+
+
+@dataclass
+class PerturbationCurves:
+    """``deletion`` / ``insertion`` ``[B, M, S + 1]`` probabilities, their ``*_auc`` ``[B, M]``, and
+    ``fractions`` ``[S + 1]``, the share of patches touched at each step (the curves' x axis).
+    A family that was not asked for is ``None``."""
+
+    fractions: torch.Tensor
+    deletion: torch.Tensor | None
+    insertion: torch.Tensor | None
+    deletion_auc: torch.Tensor | None
+    insertion_auc: torch.Tensor | None
+
+
+def step_counts(num_patches: int, steps: int) -> list[int]:
+    """``k_s = round(s · P / S)`` for ``s = 0 … S`` (halves round up), with ``S`` capped at ``P``."""
+    steps = min(steps, num_patches)
+    return [(s * num_patches * 2 + steps) // (2 * steps) for s in range(steps + 1)]
+
+
+def patch_ranks(maps: torch.Tensor, tie_breaks: torch.Tensor) -> torch.Tensor:
+    """Each patch's position in the most-important-first order: ``[B, M, P]`` maps -> ``[B, M, P]`` int64.
+
+    ``tie_breaks`` ``[B, P]`` is a permutation of the patches per image; equal values keep its order.
+    """
+    B, M, P = maps.shape
+    perm = tie_breaks[:, None, :].expand(B, M, P)
+    order = perm.gather(-1, torch.argsort(-maps.gather(-1, perm), dim=-1, stable=True))
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(P, device=maps.device).expand(B, M, P).contiguous())
+    return ranks
+
+
+def default_blur_sigma(side: int) -> float:
+    return _RISE_SIGMA * side / _RISE_SIDE
+
+
+def canvas(images: torch.Tensor, baseline: Baseline, blur_sigma: float | None = None) -> torch.Tensor:
+    """The picture patches are replaced with (deletion) or pasted onto (insertion), ``[B, 3, H, W]``.
+
+    ``mean``: zeros, the dataset mean once normalized. ``blur``: the normalized image blurred with a
+    Gaussian of ``blur_sigma`` pixels (blurring commutes with the per-channel normalization), kernel
+    ``2 · ceil(3σ) + 1`` capped below the image side.
+    """
+    if baseline is Baseline.MEAN:
+        return torch.zeros_like(images)
+    H, W = images.shape[-2:]
+    sigma = blur_sigma if blur_sigma is not None else default_blur_sigma(min(H, W))
+    kernel = min(2 * math.ceil(3 * sigma) + 1, 2 * ((min(H, W) - 1) // 2) + 1)
+    return TF.gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+
+
+def _target_probs(
+    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, autocast_dtype: torch.dtype | None
+) -> torch.Tensor:
+    parameter = next(model.parameters())
+    autocast = (
+        torch.autocast(parameter.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with torch.no_grad(), autocast:
+        logits = model(images.to(dtype=parameter.dtype))
+    return logits.float().softmax(dim=-1).gather(1, targets[:, None])[:, 0]
+
+
+def perturbation_curves(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: Sequence[int],
+    maps: torch.Tensor,
+    tie_breaks: torch.Tensor,
+    *,
+    steps: int,
+    deletion_canvas: torch.Tensor,
+    insertion_canvas: torch.Tensor,
+    deletion: bool = True,
+    insertion: bool = True,
+    max_batch: int = 256,
+    autocast_dtype: torch.dtype | None = None,
+) -> PerturbationCurves:
+    """Deletion and insertion curves of ``maps`` ``[B, M, gh, gw]`` for ``images`` ``[B, 3, H, W]``.
+
+    ``targets[b]`` is the class whose probability is followed; ``tie_breaks`` ``[B, P]`` orders equal
+    map values; the canvases are ``[B, 3, H, W]`` (see ``canvas``). Everything runs on ``images``'
+    device, which must be the model's.
+    """
+    B, M, gh, gw = maps.shape
+    P = gh * gw
+    H, W = images.shape[-2:]
+    device = images.device
+    counts = step_counts(P, steps)
+    S = len(counts) - 1
+    ranks = patch_ranks(maps.reshape(B, M, P).float(), tie_breaks.to(device)).reshape(B * M, P)
+    target = torch.as_tensor(list(targets), dtype=torch.int64, device=device)
+
+    # Requests: (image, canvas 0 = deletion / 1 = insertion, ranks row, k). A patch comes from the
+    # image when (rank >= k) for deletion (not removed yet), (rank < k) for insertion (revealed).
+    image_ids, canvas_ids, rows, ks = [], [], [], []
+
+    def add(b: torch.Tensor, which: int, row: torch.Tensor, k: torch.Tensor) -> None:
+        image_ids.append(b)
+        canvas_ids.append(torch.full_like(b, which))
+        rows.append(row)
+        ks.append(k)
+
+    b_all = torch.arange(B, device=device)
+    first_row = b_all * M
+    add(b_all, 0, first_row, torch.zeros_like(b_all))  # the image itself
+    add(b_all, 0, first_row, torch.full_like(b_all, P))  # everything deleted
+    add(b_all, 1, first_row, torch.zeros_like(b_all))  # the bare insertion canvas
+    interior = torch.tensor(counts[1:S], dtype=torch.int64, device=device)
+    grid_b, grid_m, grid_k = torch.meshgrid(b_all, torch.arange(M, device=device), interior, indexing="ij")
+    for which, wanted in ((0, deletion), (1, insertion)):
+        if wanted and S > 1:
+            add(grid_b.flatten(), which, (grid_b * M + grid_m).flatten(), grid_k.flatten())
+    image_id, canvas_id, row, k = (torch.cat(parts) for parts in (image_ids, canvas_ids, rows, ks))
+    canvases = torch.stack([deletion_canvas, insertion_canvas]).to(device=device, dtype=images.dtype)
+
+    probs = torch.empty(len(image_id), device=device)
+    start, size = 0, max(1, max_batch)
+    while start < len(image_id):
+        stop = min(start + size, len(image_id))
+        sl = slice(start, stop)
+        keep = ranks[row[sl]] >= k[sl, None]
+        keep = keep ^ (canvas_id[sl, None] == 1)
+        pixels = F.interpolate(keep.reshape(-1, 1, gh, gw).float(), size=(H, W), mode="nearest") > 0.5
+        perturbed = torch.where(pixels, images[image_id[sl]], canvases[canvas_id[sl], image_id[sl]])
+        try:
+            probs[sl] = _target_probs(model, perturbed, target[image_id[sl]], autocast_dtype)
+        except torch.OutOfMemoryError:
+            if size == 1 or device.type != "cuda":
+                raise
+            del perturbed, pixels, keep
+            torch.cuda.empty_cache()
+            size //= 2
+            continue
+        start = stop
+
+    original, deleted, bare = probs[:B], probs[B : 2 * B], probs[2 * B : 3 * B]
+    offset = 3 * B
+    fractions = torch.tensor(counts, dtype=torch.float32, device=device) / P
+    curves: dict[str, torch.Tensor | None] = {"deletion": None, "insertion": None}
+    for name, wanted, first, last in (
+        ("deletion", deletion, original, deleted),
+        ("insertion", insertion, bare, original),
+    ):
+        if not wanted:
+            continue
+        curve = torch.empty(B, M, S + 1, device=device)
+        curve[:, :, 0] = first[:, None]
+        curve[:, :, S] = last[:, None]
+        if S > 1:
+            count = B * M * (S - 1)
+            curve[:, :, 1:S] = probs[offset : offset + count].reshape(B, M, S - 1)
+            offset += count
+        curves[name] = curve
+
+    def auc(curve: torch.Tensor | None) -> torch.Tensor | None:
+        return None if curve is None else torch.trapezoid(curve, x=fractions, dim=-1)
+
+    return PerturbationCurves(
+        fractions=fractions,
+        deletion=curves["deletion"],
+        insertion=curves["insertion"],
+        deletion_auc=auc(curves["deletion"]),
+        insertion_auc=auc(curves["insertion"]),
+    )

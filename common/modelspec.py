@@ -56,7 +56,9 @@ class ModelSpec:
     ``weights`` is one of: ``"pretrained"`` (timm's own source, downloaded when online; a file named
     after the architecture in ``VITSCOPE_WEIGHTS_DIR`` wins), ``"random"`` (explicit smoke runs only),
     a local path or ``file://`` URL (``.safetensors`` or ``.pth``), an ``s3://`` object or prefix, or
-    ``hf-hub:org/repo``.
+    ``hf-hub:org/repo``. ``extra["model_args"]`` (the models file's ``model_args`` table) holds further
+    keyword arguments for ``timm.create_model`` (``depth``, ``embed_dim``, …) for checkpoints of a
+    non-standard size of a registered architecture.
     """
 
     name: str
@@ -134,7 +136,9 @@ def is_timm_model(arch: str) -> bool:
     return arch.split(".", 1)[0] in timm_model_names()
 
 
-_ENTRY_KEYS = {"arch", "weights", "num_classes", "labels", "preprocess", "img_size"}
+_ENTRY_KEYS = {"arch", "weights", "num_classes", "labels", "preprocess", "img_size", "model_args"}
+# Chosen by the spec's own fields, so never taken from ``model_args``.
+_RESERVED_MODEL_ARGS = {"pretrained", "num_classes", "img_size", "pretrained_cfg_overlay"}
 
 
 def _spec_from_entry(name: str, entry: Mapping[str, Any], base_dir: Path, where: str) -> ModelSpec:
@@ -171,6 +175,12 @@ def _spec_from_entry(name: str, entry: Mapping[str, Any], base_dir: Path, where:
     img_size = entry.get("img_size")
     if img_size is not None and (not isinstance(img_size, int) or isinstance(img_size, bool)):
         raise InvalidModelSpecError(f"{where}: [models.{name}] img_size must be an integer")
+    model_args = entry.get("model_args", {})
+    if not isinstance(model_args, dict) or set(model_args) & _RESERVED_MODEL_ARGS:
+        raise InvalidModelSpecError(
+            f"{where}: [models.{name}] model_args must be a table of timm.create_model arguments "
+            f"other than {sorted(_RESERVED_MODEL_ARGS)}"
+        )
     try:
         return ModelSpec(
             name=name,
@@ -180,6 +190,7 @@ def _spec_from_entry(name: str, entry: Mapping[str, Any], base_dir: Path, where:
             labels=tuple(labels) if labels is not None else None,
             preprocess=preprocess,
             img_size=img_size,
+            extra={"model_args": model_args} if model_args else {},
         )
     except InvalidModelSpecError as exc:
         raise InvalidModelSpecError(f"{where}: {exc}") from None

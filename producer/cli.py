@@ -26,14 +26,17 @@ from rich.progress import (
 from common.db import Database, open_database
 from common.db.batches import get_batch, retry_failed
 from common.db.jobs import republish_stale
+from common.db.metrics import metric_summaries
 from common.db.models import JobState
 from common.db.reports import batch_status, iter_job_results
 from common.db.session import current_revision, downgrade, head_revision, upgrade
 from common.db.workers import live_workers
 from common.errors import DatabaseUnavailableError, TransientError, VitscopeError
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
+from common.metrics import MetricSettings, load_metrics_section, parse_metrics_option
 from common.modelspec import resolve_models_option
 from common.settings import Settings, get_settings
+from producer.compare import compare_table, write_compare_csv, write_compare_json
 from producer.report import results_table, status_view, write_csv, write_json, write_jsonl
 from producer.submit import Plan, SubmitOptions, commit_plan, enqueue, plan_submission
 
@@ -117,6 +120,13 @@ def submit(
             help="--local only: use RANDOM weights (labelled) when pretrained ones are unreachable.",
         ),
     ] = False,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            help="Faithfulness metrics: all, standard (all but sanity), or a list of deletion, insertion, "
+            "localization, sanity (see docs/metrics.md).",
+        ),
+    ] = None,
 ) -> None:
     """Create a batch of image × model jobs and run it (locally) or enqueue it (with a broker)."""
     settings = get_settings()
@@ -124,9 +134,10 @@ def submit(
     if random_if_offline and distributed:
         raise _fail("--random-if-offline needs --local: only a local run can check weights before submitting")
     try:
+        models_file = models_file or settings.models_file
         options = SubmitOptions(
             models=resolve_models_option(models),
-            models_file=models_file or settings.models_file,
+            models_file=models_file,
             settings=MethodSettings(
                 head_fusion=head_fusion,
                 discard_ratio=discard_ratio,
@@ -138,6 +149,7 @@ def submit(
             weights=weights,
             target_column=target_column,
             name=name,
+            metrics=_metric_settings(models_file, metrics),
         )
         plan = plan_submission(dataset, options)
         db = open_database(settings)
@@ -149,6 +161,12 @@ def submit(
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except (VitscopeError, ValueError) as exc:
         raise _fail(str(exc)) from None
+
+
+def _metric_settings(models_file: Path | None, option: str | None) -> MetricSettings:
+    """The models file's ``[metrics]`` section (or the defaults), with ``--metrics`` choosing the families."""
+    base = load_metrics_section(models_file) if models_file else MetricSettings()
+    return base if option is None else base.with_families(parse_metrics_option(option))
 
 
 def _submit_distributed(
@@ -319,6 +337,35 @@ def results(
                 err.print(f"wrote {count} job(s) to {output}")
             else:
                 writers[fmt](jobs, sys.stdout)
+    except VitscopeError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def compare(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json (a list of objects).")] = "table",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")
+    ] = None,
+) -> None:
+    """Faithfulness metrics per model × method × metric: n, mean, 95% CI; the random map as a baseline."""
+    writers = {"csv": write_compare_csv, "json": write_compare_json}
+    if fmt not in (*writers, "table"):
+        raise _fail(f"unknown --format {fmt!r}: use table, csv or json")
+    try:
+        db = open_database(get_settings())
+        with db.session() as session:
+            found = get_batch(session, batch)
+            summaries = metric_summaries(session, found.id)
+        if fmt == "table":
+            compare_table(summaries, out)
+        elif output is not None:
+            with output.open("w", newline="") as handle:
+                count = writers[fmt](summaries, handle)
+            err.print(f"wrote {count} row(s) to {output}")
+        else:
+            writers[fmt](summaries, sys.stdout)
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
 

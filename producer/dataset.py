@@ -17,11 +17,16 @@ dropped, CRLF and LF line ends are both fine, a quoted field may span lines (a r
 the physical line where its record starts, as an editor shows it), and cells are kept as given —
 ``=1+1`` or ``@SUM(A1)`` is data here; only ``producer results --format csv`` escapes such cells
 for spreadsheets.
+
+Two metadata columns are checked because the localization metrics read them (``docs/metrics.md``):
+``bbox`` (``x0,y0,x1,y1`` in the original image's pixels, quoted in the CSV) and ``mask_uri`` (a
+mask image, located like ``image_uri`` and stored as an absolute URI).
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -38,6 +43,8 @@ IMAGE_COLUMN = "image_uri"
 MODEL_COLUMN = "model"
 ID_COLUMN = "id"
 DEFAULT_TARGET_COLUMN = "target"
+BBOX_COLUMN = "bbox"
+MASK_COLUMN = "mask_uri"
 REMOTE_SCHEMES = ("s3", "http", "https", "file")
 # Problems listed before giving up: enough to fix a file in one pass, not a wall of text.
 MAX_REPORTED = 20
@@ -233,13 +240,18 @@ class _RowReader:
             if self.check_model is not None:
                 for name in models:
                     self.check_model(name)
+        metadata = {name: values[index].strip() for index, name in self.metadata}
+        if metadata.get(BBOX_COLUMN):
+            metadata[BBOX_COLUMN] = _bbox(metadata[BBOX_COLUMN])
+        if metadata.get(MASK_COLUMN):
+            metadata[MASK_COLUMN] = _absolute_uri(metadata[MASK_COLUMN], self.base_dir, column=MASK_COLUMN)
         return DatasetRow(
             line=line,
             image_uri=_absolute_uri(image_uri, self.base_dir),
             models=models,
             row_id=_cell(values, self.row_id),
             target=_cell(values, self.target),
-            metadata={name: values[index].strip() for index, name in self.metadata},
+            metadata=metadata,
         )
 
 
@@ -295,19 +307,34 @@ def _check_header(
         )
 
 
+def _bbox(value: str) -> str:
+    """Check ``x0,y0,x1,y1`` (pixels of the original image, ``x0 < x1``, ``y0 < y1``, none negative)."""
+    parts = [part.strip() for part in value.split(",")]
+    try:
+        numbers = [float(part) for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 4 or not all(math.isfinite(n) for n in numbers):
+        raise InvalidDatasetError(f"bbox {value!r} must be four numbers x0,y0,x1,y1 (quote the cell)")
+    x0, y0, x1, y1 = numbers
+    if min(numbers) < 0 or x0 >= x1 or y0 >= y1:
+        raise InvalidDatasetError(f"bbox {value!r} must have 0 <= x0 < x1 and 0 <= y0 < y1")
+    return ",".join(parts)
+
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(//([^/?#]*))?")
 
 
-def _absolute_uri(value: str, base_dir: Path) -> str:
+def _absolute_uri(value: str, base_dir: Path, *, column: str = IMAGE_COLUMN) -> str:
     match = _SCHEME.match(value)
     scheme = match.group(1).lower() if match else ""
     if scheme in REMOTE_SCHEMES:
         if scheme in ("s3", "http", "https") and not (match and match.group(3)):
-            raise InvalidDatasetError(f"image_uri {value!r} has no host or bucket")
+            raise InvalidDatasetError(f"{column} {value!r} has no host or bucket")
         return value
     if len(scheme) > 1:  # one letter is a Windows drive, not a scheme
         raise InvalidDatasetError(
-            f"image_uri {value!r}: unsupported scheme {scheme!r} (use s3://, http(s)://, file:// or a path)"
+            f"{column} {value!r}: unsupported scheme {scheme!r} (use s3://, http(s)://, file:// or a path)"
         )
     path = Path(value).expanduser()
     # normpath, not resolve(): ".." is folded but no link is followed; the reader judges the real path.

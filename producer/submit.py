@@ -25,6 +25,7 @@ from common.db.records import NewJob, QueuedJob
 from common.errors import InvalidDatasetError, VitscopeError
 from common.keys import config_fingerprint, new_batch_id
 from common.methods import MethodSettings, Preprocess
+from common.metrics import MetricSettings
 from common.modelspec import ModelSpec, load_models_file, resolve_model
 from common.publish import publish_jobs
 from producer.dataset import DatasetRow, DatasetScan, iter_rows, scan_dataset
@@ -53,6 +54,7 @@ class SubmitOptions:
     weights: str | None = None
     target_column: str | None = None
     name: str | None = None
+    metrics: MetricSettings = field(default_factory=MetricSettings)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,14 @@ def plan_submission(
     )
 
 
+def _batch_settings(options: SubmitOptions) -> dict[str, object]:
+    """The method settings, plus the metric settings under ``"metrics"`` when metrics are asked for."""
+    settings: dict[str, object] = options.settings.to_dict()
+    if options.metrics.enabled:
+        settings["metrics"] = options.metrics.to_dict()
+    return settings
+
+
 def commit_plan(db: Database, plan: Plan, options: SubmitOptions, *, mode: str) -> Submission:
     """Create the batch and its queued jobs in one transaction, streaming the rows into it."""
     batch_id = new_batch_id()
@@ -168,7 +178,7 @@ def commit_plan(db: Database, plan: Plan, options: SubmitOptions, *, mode: str) 
             name=options.name,
             source=str(plan.path.resolve()),
             mode=mode,
-            settings=options.settings.to_dict(),
+            settings=_batch_settings(options),
             models={"names": sorted(plan.specs), "specs": {n: s.to_dict() for n, s in plan.specs.items()}},
         )
         count = add_jobs(session, batch_id, plan.jobs())

@@ -108,11 +108,12 @@ def build_model(
 
 
 def _create(spec: ModelSpec, *, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
-    """``timm.create_model`` with the spec's head size and input size when it sets them."""
+    """``timm.create_model`` with the spec's head size, input size and ``model_args`` when it sets them."""
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
     if spec.img_size is not None:
         kwargs["img_size"] = spec.img_size
+    kwargs = {**dict(spec.extra.get("model_args") or {}), **kwargs}
     return timm.create_model(spec.arch, pretrained=pretrained, **kwargs)
 
 

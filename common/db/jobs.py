@@ -18,8 +18,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from common.db._sql import chunks, dialect_insert
-from common.db.models import Artifact, Batch, Job, JobState, Prediction, utcnow
-from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, QueuedJob, WorkerIdentity
+from common.db.models import Artifact, Batch, Job, JobMetric, JobState, Prediction, utcnow
+from common.db.records import (
+    ArtifactRecord,
+    JobOutcome,
+    MetricRecord,
+    PredictionRecord,
+    QueuedJob,
+    WorkerIdentity,
+)
 
 __all__ = [
     "claim_jobs",
@@ -334,19 +341,23 @@ def republish_stale(
     return found
 
 
-def find_reusable(session: Session, image_sha256: str, config_fingerprint: str) -> Job | None:
-    """A finished job with the same image and configuration, whose artifacts another job can point at."""
-    return session.scalar(
-        sa.select(Job)
-        .where(
-            Job.image_sha256 == image_sha256,
-            Job.config_fingerprint == config_fingerprint,
-            Job.state == JobState.SUCCEEDED,
-            Job.reused_from.is_(None),
-        )
-        .order_by(Job.finished_at)
-        .limit(1)
+def find_reusable(
+    session: Session, image_sha256: str, config_fingerprint: str, *, metrics_config: str | None = None
+) -> Job | None:
+    """A finished job with the same image and configuration, whose artifacts another job can point at.
+
+    With ``metrics_config`` (the job asks for metrics) the source must also hold metric values made
+    with those settings, which ``record_reuse`` then copies; otherwise the job is computed afresh.
+    """
+    query = sa.select(Job).where(
+        Job.image_sha256 == image_sha256,
+        Job.config_fingerprint == config_fingerprint,
+        Job.state == JobState.SUCCEEDED,
+        Job.reused_from.is_(None),
     )
+    if metrics_config is not None:
+        query = query.where(sa.exists().where(JobMetric.job_id == Job.id, JobMetric.config == metrics_config))
+    return session.scalar(query.order_by(Job.finished_at).limit(1))
 
 
 def _finish(session: Session, job_id: str, worker_id: str, values: dict[str, Any]) -> bool:
@@ -359,6 +370,8 @@ def _insert_results(
     job_id: str,
     artifacts: Iterable[ArtifactRecord],
     predictions: Iterable[PredictionRecord],
+    metrics: Iterable[MetricRecord] = (),
+    metrics_config: str | None = None,
 ) -> None:
     artifact_rows = [{"job_id": job_id, **dataclasses.asdict(a)} for a in artifacts]
     if artifact_rows:
@@ -368,6 +381,14 @@ def _insert_results(
     if prediction_rows:
         stmt = dialect_insert(session, Prediction).on_conflict_do_nothing(index_elements=["job_id", "rank"])
         session.execute(stmt, prediction_rows)
+    metric_rows = [
+        {"job_id": job_id, **dataclasses.asdict(m), "config": metrics_config or ""} for m in metrics
+    ]
+    if metric_rows:
+        stmt = dialect_insert(session, JobMetric).on_conflict_do_nothing(
+            index_elements=["job_id", "method", "metric"]
+        )
+        session.execute(stmt, metric_rows)
 
 
 def record_success(
@@ -397,7 +418,14 @@ def record_success(
     }
     won = _finish(session, job_id, worker_id, values)
     if won:
-        _insert_results(session, job_id, outcome.artifacts, outcome.predictions)
+        _insert_results(
+            session,
+            job_id,
+            outcome.artifacts,
+            outcome.predictions,
+            outcome.metrics,
+            outcome.metrics_config,
+        )
     return won
 
 
@@ -410,7 +438,8 @@ def record_reuse(
     fetch_seconds: float | None = None,
     now: datetime | None = None,
 ) -> bool:
-    """``running → succeeded`` by pointing at an earlier job's artifacts instead of recomputing."""
+    """``running → succeeded`` by pointing at an earlier job's artifacts (and copying its predictions
+    and metric values) instead of recomputing."""
     now = now or utcnow()
     values = {
         "state": JobState.SUCCEEDED.value,
@@ -447,7 +476,19 @@ def record_reuse(
             PredictionRecord(rank=p.rank, class_index=p.class_index, prob=p.prob, label=p.label)
             for p in session.scalars(sa.select(Prediction).where(Prediction.job_id == source.id))
         ]
-        _insert_results(session, job_id, artifacts, predictions)
+        metrics = session.execute(
+            sa.select(JobMetric.method, JobMetric.metric, JobMetric.value, JobMetric.config).where(
+                JobMetric.job_id == source.id
+            )
+        ).all()
+        _insert_results(
+            session,
+            job_id,
+            artifacts,
+            predictions,
+            [MetricRecord(method, metric, value) for method, metric, value, _ in metrics],
+            metrics[0].config if metrics else None,
+        )
     return won
 
 

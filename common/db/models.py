@@ -3,7 +3,7 @@
 The database is the source of truth for job state (the queue only carries job ids). The schema is
 made by the Alembic migrations in ``migrations/``; these classes describe it to the ORM, and a test
 checks that the migrations and these classes agree. Users query the views made by the migrations
-(``job_results``, ``job_predictions``, ``job_artifacts``) rather than these tables.
+(``job_results``, ``job_predictions``, ``job_artifacts``, ``job_metrics``) rather than these tables.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "Base",
     "Batch",
     "Job",
+    "JobMetric",
     "JobState",
     "Prediction",
     "WorkerHeartbeat",
@@ -163,6 +164,7 @@ class Job(Base):
     predictions: Mapped[list[Prediction]] = relationship(
         back_populates="job", passive_deletes=True, order_by="Prediction.rank"
     )
+    metrics: Mapped[list[JobMetric]] = relationship(back_populates="job", passive_deletes=True)
 
 
 class Artifact(Base):
@@ -197,6 +199,24 @@ class Prediction(Base):
     prob: Mapped[float] = mapped_column()
 
     job: Mapped[Job] = relationship(back_populates="predictions")
+
+
+class JobMetric(Base):
+    """One faithfulness score of one job's map (``docs/metrics.md``): job × method × metric.
+
+    ``config`` is the digest of the metric settings and the job's box or mask
+    (``MetricSettings.digest``): a later job reuses this job's maps only with equal metric settings.
+    """
+
+    __tablename__ = "metric_values"
+
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    method: Mapped[str] = mapped_column(sa.String(32), primary_key=True)  # rollout, …, random
+    metric: Mapped[str] = mapped_column(sa.String(32), primary_key=True)  # deletion_auc, …
+    value: Mapped[float] = mapped_column()
+    config: Mapped[str] = mapped_column(sa.String(32))
+
+    job: Mapped[Job] = relationship(back_populates="metrics")
 
 
 class WorkerHeartbeat(Base):

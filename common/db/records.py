@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 __all__ = [
     "ArtifactRecord",
     "JobOutcome",
+    "MetricRecord",
     "NewJob",
     "PredictionRecord",
     "QueuedImageJob",
@@ -77,6 +78,15 @@ class PredictionRecord:
 
 
 @dataclass(frozen=True)
+class MetricRecord:
+    """One faithfulness score: ``method`` (``rollout``, …, ``random``) × ``metric`` (``deletion_auc``, …)."""
+
+    method: str
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
 class JobOutcome:
     """What a worker learned about a job, written in one transaction when it succeeds.
 
@@ -95,3 +105,5 @@ class JobOutcome:
     store_seconds: float | None = None
     readout: str | None = None
     note: str | None = None
+    metrics: Sequence[MetricRecord] = ()
+    metrics_config: str | None = None  # MetricSettings.digest of the metrics, when there are any

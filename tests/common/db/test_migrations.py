@@ -11,8 +11,8 @@ from common.db.models import Base
 from common.db.session import current_revision, downgrade, head_revision, upgrade
 from common.settings import Settings
 
-TABLES = {"batches", "jobs", "artifacts", "predictions", "workers"}
-VIEWS = {"job_results", "job_predictions", "job_artifacts"}
+TABLES = {"batches", "jobs", "artifacts", "predictions", "workers", "metric_values"}
+VIEWS = {"job_results", "job_predictions", "job_artifacts", "job_metrics"}
 
 
 def _names(url: str) -> tuple[set[str], set[str]]:

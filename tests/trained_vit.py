@@ -153,3 +153,38 @@ def load_trained() -> VisionTransformer:
     model = build()
     model.load_state_dict(load_file(trained_checkpoint()))
     return model.eval()
+
+
+# What the worker's ``timm`` preprocessing does to a test_vit input of 64 px: crop_pct 0.95 resizes
+# to floor(64 / 0.95) = 67 px, then crops 64 at offset round(3 / 2) = 2. Pictures written 67 px wide
+# with the task image at (2, 2) therefore reach the model pixel for pixel (up to 8-bit rounding).
+STORED_SIZE, STORED_OFFSET = 67, 2
+
+
+def write_task_images(directory: Path, count: int, seed: int) -> list[tuple[Path, int, tuple[int, ...]]]:
+    """``count`` task images as PNG files: ``(path, label, bbox of the square in the file's pixels)``."""
+    from PIL import Image
+
+    images, labels, corners = TASK.sample(count, torch.Generator().manual_seed(seed))
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (image, label, corner) in enumerate(zip(images, labels, corners, strict=True)):
+        canvas = np.full((STORED_SIZE, STORED_SIZE, 3), 128, dtype=np.uint8)
+        pixels = ((image.permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255).round().clip(0, 255).astype(np.uint8)
+        end = STORED_OFFSET + TASK.img_size
+        canvas[STORED_OFFSET:end, STORED_OFFSET:end] = pixels
+        path = directory / f"square-{index:03d}.png"
+        Image.fromarray(canvas).save(path)
+        top, left = (int(v) + STORED_OFFSET for v in corner)
+        written.append((path, int(label), (left, top, left + TASK.object_size, top + TASK.object_size)))
+    return written
+
+
+def models_file_entry(name: str) -> str:
+    """A models-file table that makes the worker build the trained model from its checkpoint."""
+    arguments = "\n".join(f"{key} = {value!r}" for key, value in MODEL_ARGS.items())
+    labels = ", ".join(f'"{label}"' for label in ("red", "green", "blue", "yellow"))
+    return (
+        f'[models.{name}]\narch = "test_vit"\nweights = "{trained_checkpoint()}"\n'
+        f"img_size = {TASK.img_size}\nlabels = [{labels}]\n\n[models.{name}.model_args]\n{arguments}\n"
+    )

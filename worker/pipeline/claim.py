@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
 from common.db.jobs import claim_jobs
 from common.db.models import Batch, Job
 from common.methods import MethodSettings
+from common.metrics import MetricSettings
 from common.modelspec import ModelSpec
 from worker.keeper import current_identity, is_dead_local_process
 from worker.pipeline.runtime import Runtime
@@ -28,6 +29,14 @@ class Ticket:
     settings: MethodSettings
     target: str | None
     config: str
+    metrics: MetricSettings = field(default_factory=MetricSettings)
+    bbox: str | None = None  # the CSV's bbox and mask_uri cells, for the localization metrics
+    mask_uri: str | None = None
+
+    @property
+    def metrics_config(self) -> str | None:
+        """Digest of this job's metric settings and region (``None`` when it asks for no metrics)."""
+        return self.metrics.digest(self.bbox or self.mask_uri) if self.metrics.enabled else None
 
 
 def claim(runtime: Runtime, job_ids: Sequence[str]) -> list[Ticket]:
@@ -60,4 +69,7 @@ def _ticket(job: Job, batch: Batch) -> Ticket:
         settings=MethodSettings.from_dict(batch.settings),
         target=job.target,
         config=job.config_fingerprint,
+        metrics=MetricSettings.from_dict(batch.settings.get("metrics")),
+        bbox=(job.row_metadata or {}).get("bbox") or None,
+        mask_uri=(job.row_metadata or {}).get("mask_uri") or None,
     )

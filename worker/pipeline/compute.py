@@ -14,6 +14,7 @@ from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket
 from worker.pipeline.prepare import Prepared
 from worker.pipeline.record import Recorder
+from worker.pipeline.score import score
 from worker.pipeline.store import store
 
 __all__ = ["compute"]
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 def compute(
     recorder: Recorder, loaded: LoadedModel, batch: list[Prepared]
 ) -> list[tuple[Ticket, Future[JobOutcome]]]:
-    """One forward + backward for the micro-batch; rendering and upload go to the store pool."""
+    """One forward + backward for the micro-batch, then its metrics if the batch asked for them;
+    rendering and upload go to the store pool."""
     runtime = recorder.runtime
     settings = batch[0].ticket.settings
     start = time.perf_counter()
@@ -38,6 +40,9 @@ def compute(
             batch_size=len(batch),
             autocast_dtype=runtime.autocast,
         )
+        tickets = [p.ticket for p in batch]
+        coverages = [p.coverage for p in batch]
+        metrics = score(runtime, loaded, images, tickets, [p.sha256 for p in batch], coverages, explanations)
     except Exception as exc:
         if len(batch) == 1:
             recorder.fail(batch[0].ticket, exc)
@@ -47,6 +52,6 @@ def compute(
         return [result for prepared in batch for result in compute(recorder, loaded, [prepared])]
     per_image = (time.perf_counter() - start) / len(batch)
     return [
-        (p.ticket, runtime.render_pool.submit(store, runtime, loaded, p, e, per_image))
-        for p, e in zip(batch, explanations, strict=True)
+        (p.ticket, runtime.render_pool.submit(store, runtime, loaded, p, e, per_image, m))
+        for p, e, m in zip(batch, explanations, metrics, strict=True)
     ]

@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from common.db.records import JobOutcome
 from common.errors import PermanentError, TransientError
 from common.methods import MethodSettings
+from common.metrics import MetricSettings
 from worker.pipeline.claim import Ticket, claim
 from worker.pipeline.compute import compute
 from worker.pipeline.prepare import Prepared, prepare
@@ -39,9 +40,9 @@ def process_jobs(
         return report
     runtime.keeper.hold(claimed)
     recorder = Recorder(runtime, report, on_job)
-    groups: dict[tuple[str, MethodSettings], list[Ticket]] = {}
+    groups: dict[tuple[str, MethodSettings, MetricSettings], list[Ticket]] = {}
     for ticket in tickets:
-        groups.setdefault((ticket.spec.fingerprint(), ticket.settings), []).append(ticket)
+        groups.setdefault((ticket.spec.fingerprint(), ticket.settings, ticket.metrics), []).append(ticket)
     try:
         for group in groups.values():
             _process_group(recorder, group)

@@ -14,6 +14,7 @@ from worker.labels import resolve_target
 from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket
 from worker.pipeline.runtime import Runtime
+from worker.pipeline.score import region_coverage
 from worker.preprocess import decode_image
 
 __all__ = ["Prepared", "prepare"]
@@ -29,6 +30,7 @@ class Prepared:
     crop: np.ndarray
     target_index: int | None
     fetch_seconds: float
+    coverage: np.ndarray | None = None  # [gh, gw] share of each patch in the job's box or mask
 
 
 def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
@@ -37,6 +39,7 @@ def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
     data = runtime.fetcher.fetch(ticket.image_uri)
     image = decode_image(data, max_pixels=runtime.settings.max_image_pixels)
     cropped = loaded.preprocessor.crop(image)
+    coverage = region_coverage(runtime, loaded, ticket, image.size)
     return Prepared(
         ticket=ticket,
         sha256=content_sha256(data),
@@ -44,6 +47,7 @@ def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
         crop=np.array(cropped, dtype=np.uint8),
         target_index=_target_index(loaded, ticket),
         fetch_seconds=time.perf_counter() - start,
+        coverage=coverage,
     )
 
 

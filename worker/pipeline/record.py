@@ -92,7 +92,9 @@ class Recorder:
         """Point the job at an earlier identical job's artifacts, if there is one."""
         ticket = prepared.ticket
         with self.runtime.db.session() as session:
-            source = find_reusable(session, prepared.sha256, ticket.config)
+            source = find_reusable(
+                session, prepared.sha256, ticket.config, metrics_config=ticket.metrics_config
+            )
             if source is None:
                 return False
             won = record_reuse(

@@ -9,7 +9,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord
+from common.db.records import ArtifactRecord, JobOutcome, MetricRecord, PredictionRecord
 from common.keys import artifact_key
 from worker.attention import Explanation
 from worker.models import LoadedModel
@@ -30,6 +30,7 @@ def store(
     prepared: Prepared,
     explanation: Explanation,
     compute_seconds: float,
+    metrics: list[MetricRecord] | None = None,
 ) -> JobOutcome:
     """Render every artifact, upload them under deterministic keys, describe them for the database."""
     start = time.perf_counter()
@@ -62,6 +63,8 @@ def store(
         fetch_seconds=prepared.fetch_seconds,
         compute_seconds=compute_seconds,
         store_seconds=time.perf_counter() - start,
+        metrics=metrics or (),
+        metrics_config=ticket.metrics_config if metrics else None,
     )
 
 

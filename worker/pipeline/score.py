@@ -1,0 +1,125 @@
+"""Score: the faithfulness metrics of a computed micro-batch, right after its explanation.
+
+Runs on the compute thread with the model and the input tensors still on the device
+(``worker.metrics.evaluate`` does the batched work). This module only gathers what the metrics need
+per job: the maps, the class explained, a seed of the image's own, and the region of a ``bbox`` or
+``mask_uri`` column mapped onto the model's input. Nothing here runs unless the batch asked for
+metrics (``producer submit --metrics``).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.db.records import MetricRecord
+from common.errors import ImageError
+from common.metrics import MetricFamily, MetricSettings
+from worker.attention import Explanation
+from worker.metrics import (
+    ImageInputs,
+    box_coverage,
+    evaluate,
+    explanation_maps,
+    mask_coverage,
+    randomized_copy,
+)
+from worker.models import LoadedModel
+from worker.pipeline.claim import Ticket
+from worker.pipeline.runtime import Runtime
+from worker.preprocess import decode_image
+
+__all__ = ["image_seed", "region_coverage", "score"]
+
+# The sanity check's re-initialized copies, one per warm model: building one costs a model copy.
+_RANDOMIZED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], nn.Module]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def image_seed(sha256: str, seed: int) -> int:
+    """The seed of an image's random map: from its content and the batch's seed, so the same image
+    gets the same random baseline in any batch, on any worker, in any micro-batch."""
+    return (int(sha256[:15], 16) + seed) % (2**63)
+
+
+def region_coverage(
+    runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image_size: tuple[int, int]
+) -> np.ndarray | None:
+    """``[gh, gw]`` share of each patch inside the job's box or mask, or ``None`` without one.
+
+    Runs on the fetch pool, next to the image's own preprocessing. An unreadable mask fails the job
+    like an unreadable image: the user asked for a localization score that cannot be computed.
+    """
+    if not ticket.metrics.wants(MetricFamily.LOCALIZATION) or not (ticket.bbox or ticket.mask_uri):
+        return None
+    preprocessor = loaded.preprocessor
+    grid = tuple(int(g) for g in loaded.model.patch_embed.grid_size)
+    if ticket.bbox:
+        x0, y0, x1, y1 = (float(v) for v in ticket.bbox.split(","))
+        mapped = preprocessor.map_box((x0, y0, x1, y1), image_size)
+        return box_coverage(mapped, preprocessor.input_size, (grid[0], grid[1]))
+    assert ticket.mask_uri is not None
+    try:
+        mask = decode_image(
+            runtime.fetcher.fetch(ticket.mask_uri), max_pixels=runtime.settings.max_image_pixels
+        )
+    except ImageError as exc:
+        raise ImageError(f"mask {ticket.mask_uri}: {exc}") from exc
+    if mask.size != image_size:
+        raise ImageError(
+            f"mask {ticket.mask_uri} is {mask.size[0]}×{mask.size[1]}, the image {image_size[0]}×{image_size[1]}"
+        )
+    return mask_coverage(preprocessor.crop_mask(mask), (grid[0], grid[1]))
+
+
+def _randomized(model: nn.Module, blocks: int, seed: int) -> nn.Module:
+    copies = _RANDOMIZED.setdefault(model, {})
+    if (blocks, seed) not in copies:
+        copies.clear()  # one copy per model: a worker rarely changes the sanity settings
+        copies[blocks, seed] = randomized_copy(model, blocks, seed)
+    return copies[blocks, seed]
+
+
+def score(
+    runtime: Runtime,
+    loaded: LoadedModel,
+    images: torch.Tensor,
+    tickets: Sequence[Ticket],
+    sha256s: Sequence[str],
+    coverages: Sequence[np.ndarray | None],
+    explanations: Sequence[Explanation],
+) -> list[list[MetricRecord]]:
+    """The metric values of each job of the micro-batch (empty lists when metrics are off)."""
+    settings: MetricSettings = tickets[0].metrics
+    if not settings.enabled:
+        return [[] for _ in tickets]
+    inputs = [
+        ImageInputs(
+            maps=explanation_maps(explanation),
+            target=getattr(explanation, "target", None),
+            seed=image_seed(sha256, settings.seed),
+            coverage=coverage,
+        )
+        for explanation, sha256, coverage in zip(explanations, sha256s, coverages, strict=True)
+    ]
+    randomized = None
+    if settings.wants(MetricFamily.SANITY):
+        depth = len(loaded.model.blocks)
+        blocks = min(settings.sanity_blocks or math.ceil(depth / 2), depth)
+        randomized = _randomized(loaded.model, blocks, settings.seed)
+    values = evaluate(
+        loaded.model,
+        images,
+        inputs,
+        settings,
+        method_settings=tickets[0].settings,
+        randomized=randomized,
+        autocast_dtype=runtime.autocast,
+    )
+    return [[MetricRecord(v.method, v.metric.value, v.value) for v in image] for image in values]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from producer.cli import app
 from tests.trained_vit import models_file_entry, write_task_images
 
 runner = CliRunner()
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 IMAGES = 12
 
 
@@ -91,8 +93,12 @@ def test_submit_with_metrics_then_compare_in_every_format(
                 "WHERE method = 'grad_rollout' AND metric = 'deletion_auc'"
             )
         ).one()
+        (documented,) = re.findall(r"```sql\n(.*?)```", DOCS.read_text(), flags=re.S)
+        worse = conn.execute(sa.text(documented.strip().rstrip(";"))).all()
     engine.dispose()
     assert (count, batch_name) == (IMAGES, "squares")
+    assert all(row.grad_rollout > row.random for row in worse)  # the docs' query runs and means what it says
+    assert len(worse) < IMAGES / 2
 
     # The same images and settings again: every job reuses the first batch's maps and metric values.
     again = _invoke(*submit, "--metrics", "all", "--name", "again", database_url=database_url)
@@ -140,3 +146,44 @@ def test_compare_refuses_unknown_formats_and_says_when_there_are_no_metrics(
     bad = _invoke("submit", str(dataset), "--local", "--metrics", "speed", database_url=sqlite_url)
     assert bad.exit_code == 2
     assert "unknown --metrics value 'speed'" in bad.output
+
+
+def test_a_mask_scores_like_the_box_it_draws(tmp_path: Path, sqlite_url: str) -> None:
+    """Boxes on the 8-pixel grid and masks of the same boxes cover the same patches: same numbers."""
+    from PIL import Image, ImageDraw
+
+    written = write_task_images(tmp_path / "images", 4, seed=5)
+    rows = ["id,image_uri,bbox,mask_uri"]
+    for path, _label, box in written:
+        mask = Image.new("L", Image.open(path).size, 0)
+        ImageDraw.Draw(mask).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
+        mask.save(path.with_suffix(".mask.png"))
+        rows.append(f'{path.stem},images/{path.name},"{",".join(map(str, box))}",')
+        rows.append(f"{path.stem}-mask,images/{path.name},,images/{path.stem}.mask.png")
+    small = tmp_path / "images" / "small.mask.png"
+    Image.new("L", (10, 10), 255).save(small)
+    rows.append(f"wrong-size,images/{written[0][0].name},,images/small.mask.png")
+    (tmp_path / "regions.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "models.toml").write_text(models_file_entry("squares"))
+    result = _invoke(
+        "submit", str(tmp_path / "regions.csv"), "--local", "--models", "squares",
+        "--models-file", str(tmp_path / "models.toml"), "--metrics", "localization", database_url=sqlite_url,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output  # the wrong-size mask fails its own job
+    batch_id = result.stdout.strip().splitlines()[-1]
+    jobs = json.loads(_invoke("results", batch_id, "--format", "json", database_url=sqlite_url).stdout)
+    failed = [job for job in jobs if job["status"] == "failed"]
+    assert [job["id"] for job in failed] == ["wrong-size"]
+    assert "mask" in failed[0]["error"]
+    assert "10×10" in failed[0]["error"]
+    engine = sa.create_engine(sqlite_url)
+    with engine.connect() as conn:
+        values = conn.execute(
+            sa.text("SELECT row_id, method, metric, value FROM job_metrics WHERE metric <> 'entropy'")
+        ).all()
+    engine.dispose()
+    by_row = {(row_id, method, metric): value for row_id, method, metric, value in values}
+    assert {metric for _, _, metric in by_row} == {"pointing_game", "mass_inside"}
+    for (row_id, method, metric), value in by_row.items():
+        if not row_id.endswith("-mask"):
+            assert by_row[f"{row_id}-mask", method, metric] == pytest.approx(value, abs=1e-6)

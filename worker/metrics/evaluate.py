@@ -153,7 +153,9 @@ def _evaluate_group(
         rows: Sequence[int] | None = None,
         scored: Sequence[str] = methods,
     ) -> None:
-        for row, values in zip(rows or range(B), _values(scored, metric, scores), strict=True):
+        for row, values in zip(
+            range(B) if rows is None else rows, _values(scored, metric, scores), strict=True
+        ):
             out[row].extend(values)
 
     extend(Metric.ENTROPY, normalized_entropy(maps))
@@ -201,6 +203,8 @@ def _evaluate_group(
         )
         remade = [explanation_maps(e) for e in again]
         compared = [i for i, n in enumerate(names) if n in remade[0]]  # maps the explanation makes
+        if not compared:
+            return out
         counterparts = torch.stack(
             [
                 torch.stack([torch.as_tensor(r[names[i]], dtype=torch.float32) for i in compared])

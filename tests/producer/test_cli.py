@@ -13,7 +13,6 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from common.db.models import Batch, Job
-from common.db.session import head_revision
 from common.settings import get_settings
 from producer.cli import app
 

@@ -105,7 +105,7 @@ def test_0002_adds_the_readout_and_note_to_jobs_and_job_results_and_takes_them_b
         for relation in ("jobs", "job_results"):
             columns = _columns(database_url, relation)
             assert ("readout" in columns, "note" in columns) == (expected, expected), (step, relation)
-        # 0003 (the metric values and job_metrics) sits above 0002 and goes with it.
+        # 0005 (the metric values and job_metrics) sits above 0002 and goes with it.
         metrics = ({"metric_values"}, {"job_metrics"}) if not expected else (set(), set())
         assert _names(database_url) == (TABLES - metrics[0], VIEWS - metrics[1])
         with engine.connect() as conn:

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 
 __all__ = [
+    "INPUT_PICTURE",
     "PICTURE_SOURCES",
     "heatmap_overlay",
     "layer_grid_png",
@@ -36,8 +37,10 @@ PICTURE_SOURCES: dict[str, str] = {
     "grad_rollout.png": "grad_rollout.npy",
     "relevance.png": "relevance.npy",
 }
+# The crop the model saw, stored as it is: a report shows it next to the overlays drawn on it.
+INPUT_PICTURE = "input.png"
 _LAYER_GRID = "layer_scores.png"
-_OVERLAYS = tuple(name for name in IMAGE_ARTIFACTS if name != _LAYER_GRID)
+_OVERLAYS = tuple(name for name in IMAGE_ARTIFACTS if name not in (_LAYER_GRID, INPUT_PICTURE))
 
 # Layer grid geometry, in pixels.
 _PANEL_TARGET = 96  # a panel's longer side is the first whole multiple of the grid at or above this
@@ -166,12 +169,14 @@ def render_artifacts(
     ``arrays`` is keyed by names from ``ARRAY_ARTIFACTS``; ``crop`` is the model's input crop
     ``uint8 [H, W, 3]`` (the array of ``Preprocessor.crop``). Each picture of ``IMAGE_ARTIFACTS`` is rendered
     when its source array (``PICTURE_SOURCES``) is present: the layer grid (with ``title``) from
-    ``layer_scores.npy`` and an overlay on ``crop`` for each of the three maps.
+    ``layer_scores.npy`` and an overlay on ``crop`` for each of the three maps. ``input.png`` is the
+    crop itself, always written, so a report can show what the model saw beside what it attended to.
     """
     unknown = sorted(set(arrays) - set(ARRAY_ARTIFACTS))
     if unknown:
         raise ValueError(f"unknown array artifact name(s) {unknown}; expected names from {ARRAY_ARTIFACTS}")
     rendered = {name: npy_bytes(array) for name, array in arrays.items()}
+    rendered[INPUT_PICTURE] = _png(crop)
     layer_scores = arrays.get(PICTURE_SOURCES[_LAYER_GRID])
     if layer_scores is not None:
         rendered[_LAYER_GRID] = layer_grid_png(layer_scores, title=title)

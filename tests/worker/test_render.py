@@ -12,6 +12,7 @@ from PIL import Image
 
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from worker.render import (
+    INPUT_PICTURE,
     PICTURE_SOURCES,
     heatmap_overlay,
     layer_grid_png,
@@ -263,8 +264,8 @@ def computed_arrays(*, with_attention: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
-def test_every_picture_has_a_source_array() -> None:
-    assert set(PICTURE_SOURCES) == set(IMAGE_ARTIFACTS)
+def test_every_picture_but_the_input_crop_has_a_source_array() -> None:
+    assert set(PICTURE_SOURCES) | {INPUT_PICTURE} == set(IMAGE_ARTIFACTS)
     assert set(PICTURE_SOURCES.values()) <= set(ARRAY_ARTIFACTS)
 
 
@@ -285,12 +286,13 @@ def test_render_artifacts_returns_every_array_and_picture(with_attention: bool) 
             decode_png(rendered[name]), heatmap_overlay(crop, arrays[PICTURE_SOURCES[name]])
         )
     assert rendered["layer_scores.png"] == layer_grid_png(arrays["layer_scores.npy"], title="x")
+    assert np.array_equal(decode_png(rendered[INPUT_PICTURE]), crop)
 
 
 def test_render_artifacts_draws_only_pictures_whose_array_is_given() -> None:
     crop = np.zeros((224, 224, 3), dtype=np.uint8)
     rendered = render_artifacts({"rollout.npy": np.ones((14, 14), dtype=np.float32)}, crop)
-    assert set(rendered) == {"rollout.npy", "rollout.png"}
+    assert set(rendered) == {"rollout.npy", "rollout.png", INPUT_PICTURE}
 
 
 def test_render_artifacts_refuses_unknown_names() -> None:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -57,7 +58,9 @@ EXIT_UNAVAILABLE = 3
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)  # one line, for logs and scripts
+    # Escaped: messages quote user input and commands such as pip install 'vitscope[report]', whose
+    # brackets rich would otherwise take for markup and drop. One line, for logs and scripts.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -61,17 +62,23 @@ def _plotting() -> _Plotting:
         from matplotlib.figure import Figure
         from PIL import Image
     except ImportError as exc:
+        missing = (exc.name or str(exc)).split(".")[0]
         raise MissingDependencyError(
-            f"producer figures needs matplotlib, numpy and pillow ({exc.name or exc} is missing): "
+            f"producer figures needs matplotlib, numpy and pillow ({missing} is missing): "
             "install them with pip install 'vitscope[report]'"
         ) from None
     return _Plotting(Figure, numpy, Image)
 
 
 def _slug(text: str) -> str:
-    """A file-name-safe ASCII form of an image name or model ("chat_été.png" -> "chat_t")."""
+    """A file-name-safe ASCII form of an image name or model ("chat_été.png" -> "chat_ete").
+
+    Accents are dropped (NFKD, then ASCII); whatever else is not a letter, digit, "_" or "-" becomes
+    "_". The CSV line number in front keeps two images that slug alike apart.
+    """
     stem = text.rsplit(".", 1)[0] if "." in text else text
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", stem).strip("_")[:60] or "image"
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", ascii_stem).strip("_")[:60] or "image"
 
 
 def _choose(db: Database, batch_id: str, options: FigureOptions) -> list[ImageEntry]:
@@ -160,7 +167,9 @@ def _panels(
             if uri is None:  # batches from before input.png was stored
                 ax.text(0.5, 0.5, f"{method}\nnot stored", ha="center", va="center", transform=ax.transAxes)
                 continue
-            ax.imshow(plot.np.asarray(plot.image.open(io.BytesIO(read_uri(uri))).convert("RGB")))
+            picture = plot.np.asarray(plot.image.open(io.BytesIO(read_uri(uri))).convert("RGB"))
+            # Nearest: every figure pixel is a stored pixel, no smoothing of the maps.
+            ax.imshow(picture, interpolation="nearest")
     figure.suptitle(f"{entry.name}" + (f" (id {entry.row_id})" if entry.row_id else ""), fontsize=11)
     return _save(figure, path, pdf)
 

@@ -16,10 +16,15 @@ import hashlib
 import os
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote
 
-from common.storage import S3Store, read_uri
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError
+
+from common.errors import StorageConfigError
+from common.storage import read_uri
 from common.storage.uri import file_uri_path, uri_scheme
 
 __all__ = ["ArtifactLinks", "CopyLinks", "LinkMode", "PresignedLinks", "RelativeLinks", "make_links"]
@@ -79,20 +84,31 @@ class RelativeLinks:
 
 
 class PresignedLinks:
-    """Presigned S3 GET URLs, valid for ``expires_seconds`` from when the report is written."""
+    """Presigned S3 GET URLs, valid for ``expires_seconds`` from when the report is written.
+
+    Signed with SigV4 (botocore may otherwise pick the deprecated SigV2 query signature), whose
+    URLs live at most 7 days. Signing is local: no request is made, so a wrong credential shows
+    only when a browser follows the link.
+    """
 
     def __init__(self, expires_seconds: int) -> None:
         if not 1 <= expires_seconds <= MAX_PRESIGN_SECONDS:
             raise ValueError(f"--expires must be between 1 and {MAX_PRESIGN_SECONDS} seconds (7 days)")
         self.expires_seconds = expires_seconds
-        self._stores: dict[str, S3Store] = {}
+        self._client: Any = None
 
     def href(self, uri: str) -> str:
         if uri_scheme(uri) != "s3":
             raise ValueError(f"--links presigned needs s3:// storage; {uri!r} is not in S3")
         bucket, _, key = uri.split("://", 1)[1].partition("/")
-        store = self._stores.setdefault(bucket, S3Store(bucket))
-        return store.client.generate_presigned_url(
+        if self._client is None:
+            try:
+                self._client = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+            except (BotoCoreError, ValueError) as exc:
+                raise StorageConfigError(
+                    f"cannot create an S3 client from the AWS configuration: {exc}"
+                ) from exc
+        return self._client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.expires_seconds
         )
 

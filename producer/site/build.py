@@ -135,8 +135,8 @@ def write_report(
 ) -> ReportSummary:
     """Write the report of batch ``batch_ref`` (id or name) into ``out``; ``on_*`` drive a progress bar.
 
-    ``on_start`` gets the number of images before any page is written; ``on_image`` is called after
-    each image is on disk.
+    ``on_start`` gets the number of images before any page is written; ``on_image`` is called once
+    each image's pictures are in place (its page is written when full).
     """
     batch_id, batch = _batch_info(db, batch_ref)
     selection = Selection(batch_id, options.models, options.states, options.limit)
@@ -189,4 +189,15 @@ def write_report(
                 number, cards, first = number + 1, [], first + options.per_page
     if cards or number == 1:
         write_page(number, cards, first)
-    return ReportSummary(index=out / "index.html", pages=pages, images=images, jobs=jobs)
+    else:
+        number -= 1
+    _remove_stale_pages(out, number)
+    return ReportSummary(index=out / "index.html", pages=number, images=images, jobs=jobs)
+
+
+def _remove_stale_pages(out: Path, pages: int) -> None:
+    """Delete pages past the last one written, left by an earlier, longer report into the same folder."""
+    for path in out.glob("page-*.html"):
+        number = path.stem.removeprefix("page-")
+        if number.isdigit() and int(number) > pages:
+            path.unlink()

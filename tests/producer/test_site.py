@@ -195,6 +195,9 @@ def test_pages_hold_per_page_images_and_link_each_other(report_batch: ReportBatc
     for current, page in zip(files, pages, strict=True):
         assert set(page.links) == set(files) - {current}  # the current page is not a link
 
+    assert write(report_batch, out, "--per-page", "2").exit_code == 0  # the same folder, fewer pages
+    assert sorted(p.name for p in out.glob("*.html")) == ["index.html", "page-2.html"]
+
 
 @pytest.mark.parametrize(
     ("args", "expected"),

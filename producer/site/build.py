@@ -9,6 +9,7 @@ however large the batch.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ from producer.site.selection import Selection, count_images, iter_images
 __all__ = ["ReportOptions", "ReportSummary", "page_file", "write_report"]
 
 ASSETS = ("report.css", "report.js")
+# Every image's name, id and page, so the search box finds images on other pages too. A script, not
+# JSON: pages opened from disk (file://) may load scripts but not fetch files.
+SEARCH_INDEX = "search-index.js"
 # Page links shown around the current one in the navigation; the first and last are always shown.
 _NAV_WINDOW = 3
 
@@ -85,6 +89,27 @@ def _copy_assets(out: Path) -> None:
     source = resources.files("producer.site") / "assets"
     for name in ASSETS:
         (folder / name).write_bytes((source / name).read_bytes())
+
+
+class _SearchIndex:
+    """``window.vitscopeIndex = [[name, id, page, line], …]``, appended to as the pages are written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> _SearchIndex:
+        self._file = self.path.open("w", encoding="utf-8")
+        self._file.write('"use strict";\nwindow.vitscopeIndex = [\n')
+        return self
+
+    def add(self, card: ImageCard, page: str) -> None:
+        # "<" escaped: the names are users' text, and stay inert even if this is ever inlined in a page.
+        entry = json.dumps([card.name, card.row_id, page, card.row]).replace("<", "\\u003c")
+        self._file.write(entry + ",\n")
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.write("];\n")
+        self._file.close()
 
 
 def _nav(number: int, pages: int) -> list[dict[str, Any]]:
@@ -179,9 +204,11 @@ def write_report(
         (out / page_file(number)).write_text(html, encoding="utf-8")
 
     number, cards, first = 1, [], 1
-    with db.session() as session:
+    with db.session() as session, _SearchIndex(out / "assets" / SEARCH_INDEX) as index:
         for entry in iter_images(session, selection):
-            cards.append(image_card(entry, links))
+            card = image_card(entry, links)
+            cards.append(card)
+            index.add(card, page_file(number))
             if on_image is not None:
                 on_image()
             if len(cards) == options.per_page:

@@ -157,8 +157,10 @@ def test_the_summary_counts_jobs_per_model_and_top1_agreement(
 def test_user_text_is_escaped_and_no_local_path_is_written(report_batch: ReportBatch, tmp_path: Path) -> None:
     out = tmp_path / "site"
     assert write(report_batch, out, "--per-page", "2").exit_code == 0
-    for html_file in out.glob("*.html"):
-        html = html_file.read_text(encoding="utf-8")
+    written = [p for p in out.rglob("*") if p.suffix in (".html", ".js", ".css")]
+    assert {p.name for p in written} >= {"index.html", "page-2.html", "search-index.js", "report.js"}
+    for text_file in written:
+        html = text_file.read_text(encoding="utf-8")
         assert str(report_batch.root) not in html
         assert str(tmp_path) not in html
         assert "file:" not in html

@@ -113,6 +113,12 @@ def test_filters_change_what_is_shown(browser, site: Path) -> None:
         assert classes == {top1}
         page.select_option("select[name=class]", "")
 
+        page.fill("input[name=q]", "broken")  # on page 2: listed as a link there
+        assert page.evaluate(VISIBLE) == []
+        assert page.locator("#elsewhere a").all_inner_texts() == ["broken.png (broken)"]
+        page.fill("input[name=q]", "")
+        assert not page.locator("#elsewhere").is_visible()
+
         page.select_option("select[name=state]", "failed")
         assert page.evaluate(VISIBLE) == []
         assert page.locator("#shown").inner_text() == "0 of 2 images on this page"
@@ -120,8 +126,11 @@ def test_filters_change_what_is_shown(browser, site: Path) -> None:
     finally:
         context.close()
 
-    context, page, problems = _open(browser, site / "page-2.html")
+    context, page, problems = _open(browser, site / "index.html")
     try:
+        page.fill("input[name=q]", "broken")
+        page.click("#elsewhere a")  # follows the search to the other page, onto the card
+        page.wait_for_url("**/page-2.html#row-4")
         page.select_option("select[name=state]", "failed")
         (broken,) = page.evaluate(VISIBLE)
         assert broken["name"] == "broken.png"

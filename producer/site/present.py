@@ -17,6 +17,8 @@ from producer.site.links import ArtifactLinks
 from producer.site.selection import ImageEntry, image_name
 
 __all__ = [
+    "LAYER_GRID",
+    "PICTURES",
     "STATE_FILTERS",
     "ImageCard",
     "JobCard",
@@ -24,6 +26,7 @@ __all__ = [
     "PredictionLine",
     "hide_local_paths",
     "image_card",
+    "job_card",
 ]
 
 # The pictures of one job, in the order of the paper's Figs. 4.2-4.3, then the layer grid (Fig. 4.1).
@@ -84,12 +87,8 @@ class ImageCard:
     row: int
     row_id: str
     name: str
-    source: str  # where the image came from, without local folders
+    source: str  # the image's URI when remote (s3://, https://); "" for a local file
     jobs: list[JobCard]
-
-    @property
-    def models(self) -> str:
-        return " ".join(job.model for job in self.jobs)
 
 
 def _label(prediction: dict[str, Any]) -> str:

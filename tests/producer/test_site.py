@@ -323,3 +323,19 @@ def test_expiry_is_bounded_by_what_s3_allows(report_batch: ReportBatch, tmp_path
     result = write(report_batch, tmp_path, "--links", "presigned", "--expires", str(8 * 24 * 3600))
     assert result.exit_code == 2
     assert "--expires must be between 1 and 604800 seconds" in result.output
+
+
+def test_pages_are_written_while_the_images_stream(report_batch: ReportBatch, tmp_path: Path) -> None:
+    """A page is on disk before later images are read: memory holds one page, not the batch."""
+    from producer.site import ReportOptions, write_report
+
+    db = open_database(Settings(database_url=report_batch.env["VITSCOPE_DATABASE_URL"]))
+    seen: list[list[str]] = []
+
+    def on_disk() -> None:
+        seen.append(sorted(p.name for p in tmp_path.glob("*.html")))
+
+    written = write_report(db, report_batch.batch_id, tmp_path, ReportOptions(per_page=1), on_image=on_disk)
+    db.dispose()
+    assert seen == [[], ["index.html"], ["index.html", "page-2.html"]]
+    assert (written.pages, written.images, written.jobs) == (3, 3, 6)

@@ -80,6 +80,7 @@ class JobCard:
     error: str
     weights: str
     timings: str
+    note: str  # what the artifacts leave out (e.g. a headless backbone has no gradient maps)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def job_card(job: dict[str, Any], links: ArtifactLinks) -> JobCard:
         error=hide_local_paths(job["error"]),
         weights=hide_local_paths(job["weights_source"]),
         timings=_timings(job),
+        note=hide_local_paths(job.get("note")),
     )
 
 

@@ -299,6 +299,7 @@ def test_headless_average_pooled_and_unexplainable_models_each_get_what_they_can
         assert (job.readout, job.target_index, predictions["plain", headless]) == ("avg", None, [])
         assert "no classification head" in job.note
         assert set(_artifacts(runtime, job.id)) == {
+            "input.png",  # the model's input crop is stored for every model
             "layer_scores.npy",
             "layer_scores.png",
             "rollout.npy",

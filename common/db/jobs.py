@@ -56,9 +56,12 @@ def claim_jobs(
 ) -> list[Job]:
     """Take ownership of the given jobs that nobody live owns: ``queued → running``.
 
-    Claimable: queued jobs, running jobs whose lease expired, and running jobs whose owner is a
+    Claimable: queued jobs, running jobs whose lease expired, running jobs whose owner is a
     process on this host that ``is_dead(worker_id)`` reports gone — the case of a worker child killed
-    mid-chunk whose message the broker redelivers at once; waiting out its lease would stall the chunk.
+    mid-chunk whose message the broker redelivers at once; waiting out its lease would stall the chunk —
+    and running jobs this very process claimed before. A process runs one chunk at a time, so those
+    were left behind by a chunk that stopped on a transient error (the database gone mid-chunk); its
+    retry takes them back at once instead of after the lease and the reaper.
     Jobs that already used ``max_attempts`` are left for ``reap_expired`` to fail. Returns the claimed
     jobs in the order asked for.
     """
@@ -74,6 +77,7 @@ def claim_jobs(
     claimable = sa.or_(
         Job.state == JobState.QUEUED,
         sa.and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+        sa.and_(Job.state == JobState.RUNNING, Job.worker_id == worker.worker_id),
     )
     claimed: list[str] = []
     for chunk in chunks(list(job_ids)):

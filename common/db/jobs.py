@@ -70,7 +70,7 @@ def claim_jobs(
 ) -> list[Job]:
     """Take ownership of the given jobs that nobody live owns: ``queued → running``.
 
-    Claimable: queued jobs, running jobs whose lease expired, and running jobs whose owner is a
+    Claimable: queued jobs, running jobs whose lease expired, running jobs whose owner is a
     process on this host that ``is_dead(worker_id)`` reports gone — the case of a worker child killed
     mid-chunk whose message the broker redelivers at once; waiting out its lease would stall the chunk.
     Taking over a running job counts an interruption on it (its last attempt ended with its worker

@@ -4,8 +4,8 @@ Each stage is a module of its own; ``flow`` reads the whole path top to bottom. 
 is what the shells (``worker.tasks``, ``worker.local``, the producer's ``--local``) use.
 """
 
-from worker.pipeline.flow import process_jobs
+from worker.pipeline.flow import process_chunks, process_jobs
 from worker.pipeline.record import ChunkReport, JobCallback
 from worker.pipeline.runtime import Runtime
 
-__all__ = ["ChunkReport", "JobCallback", "Runtime", "process_jobs"]
+__all__ = ["ChunkReport", "JobCallback", "Runtime", "process_chunks", "process_jobs"]

@@ -103,7 +103,9 @@ class StageTimer:
         self.seconds: dict[str, float] = defaultdict(float)
         self._nested = threading.local()
 
-    def wrap(self, stage: str, function: Callable[..., Any], *, minus: str | None = None) -> Callable[..., Any]:
+    def wrap(
+        self, stage: str, function: Callable[..., Any], *, minus: str | None = None
+    ) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             nested = vars(self._nested)
             inner_before = nested.get(minus, 0.0) if minus else 0.0
@@ -150,7 +152,7 @@ def null_explainer(runtime: Any, images: list[Path]) -> Callable[..., Any]:
     batch = [loaded.preprocessor(decode_image(p.read_bytes(), max_pixels=10**8)) for p in images[:4]]
     import torch
 
-    templates = explain(loaded.model, torch.stack(batch), MethodSettings())
+    templates = explain(loaded.model, torch.stack(batch).to(runtime.device), MethodSettings())
     turn = iter(range(10**12))
 
     def explain_in_batches(model: Any, images: Any, settings: Any, targets: Any = None, **_: Any) -> list:
@@ -192,7 +194,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, database(args.database, Path(tmp)) as url:
         work = Path(tmp)
         settings = Settings(
-            database_url=url, storage_url=(work / "results").as_uri(), batch_size=args.batch_size, device="cpu"
+            database_url=url,
+            storage_url=(work / "results").as_uri(),
+            batch_size=args.batch_size,
+            device=args.device,
         )
         db = open_database(settings, migrate=True)
         runtime = Runtime.from_settings(settings, db=db)
@@ -257,6 +262,7 @@ def run_child(code: Path, cores: int, mode: str, db: str, images: int, args: arg
         f"--large-every={args.large_every}",
         f"--batch-size={args.batch_size}",
         f"--images-dir={args.images_dir}",
+        f"--device={args.device}",
     ]
     available = sorted(os.sched_getaffinity(0))
     if cores > len(available):
@@ -291,9 +297,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for (code, db, mode, cores), rate in sorted(by.items()):
         if code == "after" and ("before", db, mode, cores) in by:
-            lines.append(f"after/before  {db:<10} {mode:<7} {cores} core(s): {rate / by['before', db, mode, cores]:.2f}x")
+            lines.append(
+                f"after/before  {db:<10} {mode:<7} {cores} core(s): {rate / by['before', db, mode, cores]:.2f}x"
+            )
         if cores > 1 and (code, db, mode, 1) in by:
-            lines.append(f"{cores} cores/1 core {code:<6} {db:<10} {mode:<7}: {rate / by[code, db, mode, 1]:.2f}x")
+            lines.append(
+                f"{cores} cores/1 core {code:<6} {db:<10} {mode:<7}: {rate / by[code, db, mode, 1]:.2f}x"
+            )
     return lines
 
 
@@ -308,6 +318,7 @@ def main() -> None:
     parser.add_argument("--before-ref", help="also run the pipeline of this git commit, for before/after")
     parser.add_argument("--rss", help="image counts for a peak-RSS run instead, e.g. 500,5000")
     parser.add_argument("--images-dir", default=str(Path(tempfile.gettempdir()) / "vitscope-bench-images"))
+    parser.add_argument("--device", default="cpu", help="the pipeline's device (cuda: overlays drawn there)")
     parser.add_argument("--json", help="also write the rows and ratios to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="null", help=argparse.SUPPRESS)
@@ -342,13 +353,17 @@ def main() -> None:
                                 file=sys.stderr,
                             )
     load["end"] = load_average()
-    print(f"{MODEL}, {args.images} images ({SMALL[0]}×{SMALL[1]}, every {args.large_every}th {LARGE[0]}×{LARGE[1]}),")
+    print(
+        f"{MODEL}, {args.images} images ({SMALL[0]}×{SMALL[1]}, every {args.large_every}th {LARGE[0]}×{LARGE[1]}),"
+    )
     print(f"batch {args.batch_size}, load average at start {load['start']}, at end {load['end']}")
     print(table(rows))
     for line in ratios(rows):
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"load_average": load, "rows": rows, "ratios": ratios(rows)}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"load_average": load, "rows": rows, "ratios": ratios(rows)}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -230,15 +230,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             stages = {s: round(1000 * busy.get(s, 0.0) / len(images), 2) for s in STAGES}
         finally:
             runtime.close()
+    # The driving process's peak; pool processes are stateless per image. (RUSAGE_CHILDREN would
+    # report the parent's size at each fork before the spawn's exec, not the children's own.)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {
         "images": len(images),
         "seconds": round(seconds, 2),
         "images_per_second": round(len(images) / seconds, 2),
         "ms_per_image": stages,
         "peak_rss_mib": round(own / 1024, 1),
-        "peak_child_rss_mib": round(children / 1024, 1),
     }
 
 
@@ -348,8 +348,7 @@ def main() -> None:
                             rows.append({"code": name, "database": db, "mode": mode, "cores": k, **row})
                             print(
                                 f"  {name} {db} {mode} {n} images {k} core(s): "
-                                f"{row['images_per_second']} img/s, peak RSS {row['peak_rss_mib']} MiB "
-                                f"(+ pool {row['peak_child_rss_mib']} MiB)",
+                                f"{row['images_per_second']} img/s, peak RSS {row['peak_rss_mib']} MiB",
                                 file=sys.stderr,
                             )
     load["end"] = load_average()

@@ -57,8 +57,13 @@ def process_chunks(
     in order, once it is recorded."""
     previous: _Chunk | None = None
     for job_ids in chunks:
-        chunk = _Chunk.start(runtime, job_ids, on_job, previous=previous)
-        chunk.compute()
+        try:
+            chunk = _Chunk.start(runtime, job_ids, on_job, previous=previous)
+            chunk.compute()
+        except BaseException:
+            if previous is not None:  # its jobs are recorded and released before the error goes up
+                previous.finish()
+            raise
         if previous is not None:
             yield previous.finish()
         previous = chunk
@@ -77,6 +82,10 @@ class _Group:
 
 @dataclass
 class _Chunk:
+    """One chunk in three steps: ``start`` (claim, start preparing), ``compute`` (micro-batches on
+    the device, each handed on to store and record), ``finish`` (wait for the records, settle the
+    duplicates, release the leases)."""
+
     runtime: Runtime
     recorder: Recorder
     claimed: set[str]

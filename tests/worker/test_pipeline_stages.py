@@ -83,10 +83,11 @@ def test_the_cpu_pool_stores_what_inline_work_stores(write_image, tmp_path) -> N
         for name, data in inline.items():
             if name.endswith(".npy"):
                 assert pooled[name] == data, (row, name)
-            else:
-                np.testing.assert_array_equal(
-                    _png_pixels(pooled[name]), _png_pixels(data), err_msg=f"{row} {name}"
-                )
+            else:  # see README "What a job produces": a colour-bin edge may fall either way
+                pooled_pixels, inline_pixels = _png_pixels(pooled[name]), _png_pixels(data)
+                differ = np.any(pooled_pixels != inline_pixels, axis=2)
+                assert differ.mean() < 1e-3, (row, name)
+                assert np.abs(pooled_pixels.astype(int) - inline_pixels.astype(int)).max() <= _JET_STEP
 
 
 def test_overlapped_chunks_compute_each_image_once_and_finish_every_job(write_image, tmp_path) -> None:

@@ -160,7 +160,7 @@ def null_explainer(runtime: Any, images: list[Path]) -> Callable[..., Any]:
         for b in range(len(images)):
             template = templates[next(turn) % len(templates)]
             target = targets[b] if targets is not None and targets[b] is not None else template.target
-            out.append(dataclasses.replace(template, target=int(target)))
+            out.append(dataclasses.replace(template, target=None if target is None else int(target)))
         return out
 
     return explain_in_batches

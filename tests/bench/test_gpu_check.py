@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from worker.attention import Explanation
+from worker.attention.readout import Readout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,6 +30,7 @@ def _gpu_check():
 def _explanation(seed: int) -> Explanation:
     rng = np.random.default_rng(seed)
     return Explanation(
+        readout=Readout.TOKEN,
         top_indices=np.arange(5),
         top_probs=np.full(5, 0.2, dtype=np.float32),
         target=0,

@@ -14,10 +14,12 @@ from common.db.batches import retry_failed
 from common.db.jobs import (
     claim_jobs,
     find_reusable,
+    find_reusables,
     reap_expired,
     record_failure,
     record_reuse,
     record_success,
+    record_successes,
     release_jobs,
     renew_leases,
 )
@@ -262,6 +264,43 @@ def test_reuse_points_at_the_earlier_artifacts(db, make_batch) -> None:
         uris = set(s.scalars(sa.select(Artifact.uri).where(Artifact.job_id == second[0])))
         assert uris == {"file:///r/rollout.npy", "file:///r/rollout.png"}
         assert len(s.scalars(sa.select(Prediction).where(Prediction.job_id == second[0])).all()) == 2
+
+
+def test_a_micro_batch_is_recorded_in_one_call_and_only_owned_jobs_win(db, make_batch) -> None:
+    _, ids = make_batch(3)
+    with db.session() as s:
+        claim_jobs(s, ids[:2], worker=A, lease_seconds=60, max_attempts=3)
+        claim_jobs(s, ids[2:], worker=B, lease_seconds=60, max_attempts=3)
+    outcomes = [(job_id, _outcome(f"{n}" * 64)) for n, job_id in enumerate(ids)]
+    with db.session() as s:
+        assert record_successes(s, outcomes, worker_id=A.worker_id) == ids[:2]
+    with db.session() as s:
+        assert [s.get(Job, i).state for i in ids] == [JobState.SUCCEEDED] * 2 + [JobState.RUNNING]
+        assert [s.get(Job, i).image_sha256 for i in ids[:2]] == ["0" * 64, "1" * 64]
+        for job_id, count in zip(ids, (2, 2, 0), strict=True):
+            assert len(s.scalars(sa.select(Artifact).where(Artifact.job_id == job_id)).all()) == count
+            assert len(s.scalars(sa.select(Prediction).where(Prediction.job_id == job_id)).all()) == count
+    with db.session() as s:  # recording again (a retried transaction) changes nothing
+        assert record_successes(s, outcomes, worker_id=A.worker_id) == []
+
+
+def test_reusable_originals_are_found_for_many_images_at_once(db, make_batch) -> None:
+    _, ids = make_batch(3)
+    with db.session() as s:
+        claim_jobs(s, ids, worker=A, lease_seconds=60, max_attempts=3)
+        record_success(s, ids[0], worker_id=A.worker_id, outcome=_outcome("ef" * 32))
+        record_success(s, ids[1], worker_id=A.worker_id, outcome=_outcome("ef" * 32))  # a later twin
+        record_success(s, ids[2], worker_id=A.worker_id, outcome=_outcome("12" * 32))
+    config = "cfg-deit_tiny_patch16_224"
+    with db.session() as s:
+        found = find_reusables(
+            s, [("ef" * 32, config), ("12" * 32, config), ("ef" * 32, "other"), ("99" * 32, config)]
+        )
+        assert {key: job.id for key, job in found.items()} == {
+            ("ef" * 32, config): ids[0],
+            ("12" * 32, config): ids[2],
+        }
+        assert find_reusables(s, []) == {}
 
 
 def test_retry_failed_requeues_with_a_fresh_budget(db, make_batch) -> None:

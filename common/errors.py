@@ -17,6 +17,7 @@ message and a non-zero exit code instead of a traceback.
     │   │   └── ImageFetchRefusedError  e.g. a private address when those are not allowed
     │   ├── NotFoundError         a batch, job or stored object that does not exist
     │   ├── ObjectTooLargeError   a stored object over the size limit asked for
+    │   ├── MissingDependencyError  an optional library a command needs is not installed
     │   └── StorageConfigError    a missing bucket, denied access, bad credentials
     └── TransientError            the world may heal: retry with backoff
         ├── StorageUnavailableError
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidDatasetError",
     "InvalidModelSpecError",
     "InvalidTargetError",
+    "MissingDependencyError",
     "NotFoundError",
     "ObjectTooLargeError",
     "PermanentError",
@@ -114,6 +116,10 @@ class NotFoundError(PermanentError):
 
 class ObjectTooLargeError(PermanentError):
     """A stored object larger than the reader's limit (weights, images read through storage)."""
+
+
+class MissingDependencyError(PermanentError):
+    """An optional library a command needs is not installed (e.g. matplotlib for ``producer figures``)."""
 
 
 class StorageConfigError(PermanentError):

@@ -273,7 +273,7 @@ class DefaultFetcher:
                     response.close()
                 return
             except HTTPError as exc:  # from the request or from reading the body in the caller
-                raise _translate_http_error(exc, target.url) from exc
+                raise _translate_http_error(exc, target.url, self.policy.timeout_seconds) from exc
             finally:
                 pool.close()
         raise ImageFetchTransientError(
@@ -372,10 +372,12 @@ def _check_status(status: int, url: str) -> None:
     raise ImageError(message)
 
 
-def _translate_http_error(exc: HTTPError, url: str) -> ImageError | ImageFetchTransientError:
+def _translate_http_error(exc: HTTPError, url: str, timeout: float) -> ImageError | ImageFetchTransientError:
     """The vitscope error for a urllib3 failure: permanent only when retrying cannot help."""
     if isinstance(exc, Urllib3TimeoutError):
-        return ImageFetchTransientError(f"timed out fetching {url}: {exc}")
+        # urllib3's timeouts are the time that was left before the deadline, so when one fires the
+        # deadline has passed too: the same message as the deadline check's, whichever fires first.
+        return ImageFetchTransientError(f"fetching {url} took longer than {timeout:g} s (timed out: {exc})")
     if isinstance(exc, SSLError) and _is_certificate_error(exc):
         return ImageError(f"TLS certificate of {url} not accepted: {exc}")
     if isinstance(exc, DecodeError):

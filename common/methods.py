@@ -58,6 +58,7 @@ ARRAY_ARTIFACTS: tuple[str, ...] = (
     "relevance.npy",  # [gh, gw]
 )
 IMAGE_ARTIFACTS: tuple[str, ...] = (
+    "input.png",  # the model's input crop itself, the background of the overlays (for reports)
     "layer_scores.png",  # one panel per block (the paper's Fig. 4.1)
     "rollout.png",  # overlays on the model's input crop (Figs. 4.2-4.3)
     "grad_rollout.png",

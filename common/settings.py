@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         description="How long one object-store request keeps retrying an unreachable or failing endpoint "
         "(with backoff) before the job's attempt fails; rides out restarts and short outages.",
     )
+    cpu_workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Processes decoding images and encoding PNGs for one worker; 0 = in its threads; "
+        "unset: the cores of this worker's share of the host on a GPU, 0 on the CPU (worker start sets it).",
+    )
 
     # Distributed delivery (see the README's "Crash recovery" section).
     chunk_size: int = Field(default=32, ge=1, description="Jobs of one model per queue message.")

@@ -1,4 +1,5 @@
-"""``producer``: submit datasets, follow batches, read results, retry failures, migrate the database.
+"""``producer``: submit datasets, follow batches, read results, retry failures, migrate the database,
+and see the results: a browsable HTML report (``report``) and the paper's figures (``figures``).
 
 A thin shell: it parses options, calls ``producer.submit`` / ``common.db`` and prints. Distributed
 mode publishes by task name and never imports torch; only ``--local`` (the default without a
@@ -14,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,6 +40,7 @@ from common.modelspec import resolve_models_option
 from common.settings import Settings, get_settings
 from producer.compare import compare_table, write_compare_csv, write_compare_json
 from producer.report import results_table, status_view, write_csv, write_json, write_jsonl
+from producer.site.links import MAX_PRESIGN_SECONDS, LinkMode
 from producer.submit import Plan, SubmitOptions, commit_plan, enqueue, plan_submission
 
 __all__ = ["app", "main"]
@@ -58,7 +61,9 @@ EXIT_UNAVAILABLE = 3
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", soft_wrap=True)  # one line, for logs and scripts
+    # Escaped: messages quote user input and commands such as pip install 'vitscope[report]', whose
+    # brackets rich would otherwise take for markup and drop. One line, for logs and scripts.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -421,6 +426,113 @@ def retry(
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
+
+
+def _names(option: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple of its non-empty items; None when not given."""
+    if option is None:
+        return None
+    return tuple(item.strip() for item in option.split(",") if item.strip())
+
+
+def _states(option: str | None) -> tuple[JobState, ...] | None:
+    names = _names(option)
+    if names is None:
+        return None
+    allowed = ", ".join(state.value for state in JobState)
+    unknown = [name for name in names if name not in {state.value for state in JobState}]
+    if unknown:
+        raise ValueError(f"unknown --state {', '.join(unknown)}: use {allowed}")
+    return tuple(JobState(name) for name in names)
+
+
+@app.command()
+def report(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the site into (created).")],
+    models: Annotated[str | None, typer.Option(help="Only these models (comma-separated).")] = None,
+    state: Annotated[
+        str | None, typer.Option(help="Only jobs in these states (comma-separated: succeeded,failed,…).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    per_page: Annotated[int, typer.Option(help="Images per page.")] = 50,
+    links: Annotated[
+        LinkMode,
+        typer.Option(
+            help="copy pictures into the folder, link them relatively (local storage) or presigned (S3)."
+        ),
+    ] = LinkMode.COPY,
+    expires: Annotated[
+        int, typer.Option(help="Seconds presigned links stay valid (at most 7 days).")
+    ] = MAX_PRESIGN_SECONDS,
+) -> None:
+    """Write a static, self-contained HTML report of a batch: every image's maps, predictions and state."""
+    from producer.site import ReportOptions, write_report
+
+    try:
+        options = ReportOptions(
+            models=_names(models),
+            states=_states(state),
+            limit=limit,
+            per_page=per_page,
+            links=links,
+            expires_seconds=expires,
+        )
+        db = open_database(get_settings())
+        with _report_progress() as progress:
+            task = progress.add_task("writing report", total=None)
+            written = write_report(
+                db,
+                batch,
+                out_dir,
+                options,
+                on_start=lambda images: progress.update(task, total=images),
+                on_image=lambda: progress.advance(task),
+            )
+    except (VitscopeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"{written.images} image(s), {written.jobs} job(s) on {written.pages} page(s)")
+    out.print(str(written.index))
+
+
+def _report_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+
+
+@app.command()
+def figures(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the figures into (created).")],
+    images: Annotated[
+        str | None,
+        typer.Option(help="Images by CSV id or file name (comma-separated); default: the first N."),
+    ] = None,
+    first: Annotated[int, typer.Option(help="How many images when --images is not given.")] = 4,
+    models: Annotated[str | None, typer.Option(help="Only these models (comma-separated).")] = None,
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also write each figure as PDF.")] = True,
+) -> None:
+    """The paper's figures from a batch: Fig. 4.1 layer-score grids, Figs. 4.2-4.3 map panels (PNG, PDF)."""
+    try:
+        from producer.figures import FigureOptions, write_figures
+
+        db = open_database(get_settings())
+        written = write_figures(
+            db,
+            batch,
+            out_dir,
+            FigureOptions(images=_names(images), first=first, models=_names(models), pdf=pdf),
+        )
+    except (VitscopeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    for path in written:
+        out.print(str(path))
 
 
 @db_app.command("upgrade")

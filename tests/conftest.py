@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -102,6 +106,35 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+# Each test file that talks to a broker has a Redis database of its own, flushed around each of its
+# tests, so one file's flush can never drop another file's messages (CI may run files side by side).
+REDIS_DATABASES = {
+    "test_distributed.py": 15,
+    "test_tasks.py": 14,
+    "test_cli.py": 13,
+    "test_install_footprint.py": 12,
+}
+assert len(set(REDIS_DATABASES.values())) == len(REDIS_DATABASES), "two test files share a Redis database"
+
+
+@pytest.fixture
+def broker_url(redis_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """This test file's own, empty Redis database (see ``REDIS_DATABASES``)."""
+    import redis
+
+    number = REDIS_DATABASES.get(request.path.name)
+    if number is None:
+        pytest.fail(f"{request.path.name} uses a broker: give it a database of its own in REDIS_DATABASES")
+    url = redis_url.rsplit("/", 1)[0] + f"/{number}"
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
 
 
 @pytest.fixture(scope="session")
@@ -334,3 +367,88 @@ def trained_model():
     from tests.trained_vit import load_trained
 
     return load_trained()
+
+
+@dataclass
+class ImageServer:
+    """A real HTTP image server on 127.0.0.1 whose faults a test controls.
+
+    ``images`` maps a path (``/a.png``) to its bytes. ``hold(path)`` makes requests for it wait until
+    the returned event is set — a chunk stopped mid-flight at a point the test can observe
+    (``requests``), instead of a guess with ``sleep``. ``fail(path, n)`` answers the next ``n``
+    requests with 503, a transient failure as a real server gives it.
+    """
+
+    base: str
+    images: dict[str, bytes] = field(default_factory=dict)
+    requests: Counter[str] = field(default_factory=Counter)
+    holds: dict[str, threading.Event] = field(default_factory=dict)
+    failures: Counter[str] = field(default_factory=Counter)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def hold(self, path: str) -> threading.Event:
+        return self.holds.setdefault(path, threading.Event())
+
+    def fail(self, path: str, times: int) -> None:
+        self.failures[path] = times
+
+    def wait_for_request(self, path: str, count: int = 1, timeout: float = 180) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.requests[path] >= count, timeout=timeout):
+                raise AssertionError(f"{path} was requested {self.requests[path]} time(s), not {count}")
+
+    def release_all(self) -> None:
+        for event in self.holds.values():
+            event.set()
+
+
+def _image_handler(server: ImageServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            """Keep the test output clean."""
+
+        def do_GET(self) -> None:
+            path = self.path
+            with server.changed:
+                server.requests[path] += 1
+                server.changed.notify_all()
+            hold = server.holds.get(path)
+            if hold is not None:
+                hold.wait(timeout=300)
+            with server.changed:
+                failing = server.failures[path] > 0
+                if failing:
+                    server.failures[path] -= 1
+            body = server.images.get(path)
+            status = 503 if failing else 200 if body is not None else 404
+            body = body if status == 200 else b""
+            try:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client (a killed worker, say) hung up
+
+    return Handler
+
+
+@pytest.fixture
+def image_server() -> Iterator[ImageServer]:
+    """An ``ImageServer`` for one test; held requests are released when it ends."""
+    state = ImageServer(base="")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _image_handler(state))
+    httpd.daemon_threads = True
+    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        state.release_all()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)

@@ -105,3 +105,20 @@ def test_documented_submit_options_exist() -> None:
     assert documented
     for option in documented:
         assert option in help_text, option
+
+
+def _options(text: str) -> set[str]:
+    return set(re.findall(r"--[a-z][a-z-]*[a-z]", text)) - {"--help"}
+
+
+def test_report_and_figures_options_are_documented_both_ways() -> None:
+    """Every option in `--help` is in the README's table, and every documented one exists."""
+    report = README.split("`producer report BATCH --out DIR` writes")[1]
+    figures = README.split("`producer figures BATCH --out DIR` draws")[1]
+    sections = {
+        "report": report.split("`producer figures BATCH")[0],
+        "figures": figures.split("A 10,000-job report")[0],
+    }
+    for command, section in sections.items():
+        help_text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert _options(help_text) == _options(section), command

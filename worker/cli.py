@@ -23,6 +23,7 @@ import typer
 
 from common.celery_app import DEFAULT_QUEUE, QUEUE_PREFIX, known_queues
 from common.settings import get_settings
+from worker.cores import cpu_workers_per_gpu
 
 __all__ = ["app", "main", "resolve_gpus", "resolve_queues", "worker_commands"]
 
@@ -80,9 +81,21 @@ def resolve_gpus(option: str) -> list[str]:
 
 
 def worker_commands(
-    *, gpus: list[str], queues: list[str], concurrency: int, pool: str, loglevel: str, hostname: str | None
+    *,
+    gpus: list[str],
+    queues: list[str],
+    concurrency: int,
+    pool: str,
+    loglevel: str,
+    hostname: str | None,
+    cpu_workers: int | None = None,
 ) -> list[tuple[list[str], dict[str, str]]]:
-    """(argv, extra environment) for each Celery worker process to start."""
+    """(argv, extra environment) for each Celery worker process to start.
+
+    Each GPU worker's CPU pool (decoding, PNG encoding) gets ``cpu_workers`` processes, by default
+    its GPU's share of the host's cores less one (``worker.cores.cpu_workers_per_gpu``); a CPU worker
+    keeps the setting's own default (no pool: the model uses the cores).
+    """
     base = [
         sys.executable,
         "-m",
@@ -115,6 +128,9 @@ def worker_commands(
             "CUDA_VISIBLE_DEVICES": gpu,
             "VITSCOPE_DEVICE": "cuda:0",
             "VITSCOPE_WORKER_NODE": name.replace("%h", host),
+            "VITSCOPE_CPU_WORKERS": str(
+                cpu_workers if cpu_workers is not None else cpu_workers_per_gpu(len(gpus))
+            ),
         }
         commands.append(([*base, *concurrency_args, "--hostname", name], env))
     return commands
@@ -153,6 +169,7 @@ def start(
         pool=pool,
         loglevel=loglevel,
         hostname=hostname,
+        cpu_workers=settings.cpu_workers,
     )
     if dry_run:
         for argv, env in commands:

@@ -1,7 +1,7 @@
 """Running a batch in this process: the embedded default, and ``producer submit --local``.
 
-The jobs go through ``process_jobs`` exactly as in a Celery worker; this module only plays the
-queue's part: it hands out the batch's queued jobs in chunks, retries transient failures with
+The jobs go through the same pipeline as in a Celery worker (``process_chunks``: chunk after chunk,
+the next prepared while the last is recorded); this module only plays the queue's part: it hands out the batch's queued jobs in chunks, retries transient failures with
 backoff until their attempts run out, and reports progress.
 
 Local image files: where ``VITSCOPE_FILE_ROOTS`` is unset, a local run reads them from the batch's
@@ -23,7 +23,7 @@ from common.db.models import JobState
 from common.errors import WeightsUnavailableError
 from common.fetch import DefaultFetcher
 from common.modelspec import RANDOM, ModelSpec
-from worker.pipeline import Runtime, process_jobs
+from worker.pipeline import Runtime, process_chunks
 
 __all__ = ["LocalRun", "dataset_folder_runtime", "load_models", "run_batch"]
 
@@ -86,9 +86,8 @@ def run_batch(
             time.sleep(min(backoff_seconds * 2 ** (run.rounds - 1), 60.0))
         run.rounds += 1
         progressed = retried = 0
-        for offset in range(0, len(jobs), chunk_size):
-            ids = [job.id for job in jobs[offset : offset + chunk_size]]
-            report = process_jobs(runtime, ids, on_job=on_job)
+        chunks = [[job.id for job in jobs[i : i + chunk_size]] for i in range(0, len(jobs), chunk_size)]
+        for ids, report in zip(chunks, process_chunks(runtime, chunks, on_job=on_job), strict=True):
             run.succeeded += len(report.succeeded)
             run.reused += len(report.reused)
             run.failed += len(report.failed)

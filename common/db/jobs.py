@@ -31,12 +31,14 @@ from common.db.records import (
 __all__ = [
     "claim_jobs",
     "find_reusable",
+    "find_reusables",
     "interrupted_jobs",
     "lost_worker_reason",
     "reap_expired",
     "record_failure",
     "record_reuse",
     "record_success",
+    "record_successes",
     "release_jobs",
     "renew_leases",
     "republish_stale",
@@ -77,7 +79,7 @@ def claim_jobs(
 ) -> list[Job]:
     """Take ownership of the given jobs that nobody live owns: ``queued → running``.
 
-    Claimable: queued jobs, running jobs whose lease expired, and running jobs whose owner is a
+    Claimable: queued jobs, running jobs whose lease expired, running jobs whose owner is a
     process on this host that ``is_dead(worker_id)`` reports gone — the case of a worker child killed
     mid-chunk whose message the broker redelivers at once; waiting out its lease would stall the chunk.
     Taking over a running job counts an interruption on it (its last attempt ended with its worker
@@ -360,6 +362,25 @@ def find_reusable(
     return session.scalar(query.order_by(Job.finished_at).limit(1))
 
 
+def find_reusables(session: Session, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+    """``find_reusable`` for many ``(image_sha256, config_fingerprint)`` pairs in one query per
+    thousand pairs: the earliest finished original of each pair that has one."""
+    found: dict[tuple[str, str], Job] = {}
+    for part in chunks(list(dict.fromkeys(keys))):
+        rows = session.scalars(
+            sa.select(Job)
+            .where(
+                sa.tuple_(Job.image_sha256, Job.config_fingerprint).in_(part),
+                Job.state == JobState.SUCCEEDED,
+                Job.reused_from.is_(None),
+            )
+            .order_by(Job.finished_at)
+        )
+        for job in rows:
+            found.setdefault((job.image_sha256, job.config_fingerprint), job)
+    return found
+
+
 def _finish(session: Session, job_id: str, worker_id: str, values: dict[str, Any]) -> bool:
     where = [Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id]
     return bool(_compare_and_set(session, where, values))
@@ -373,17 +394,37 @@ def _insert_results(
     metrics: Iterable[MetricRecord] = (),
     metrics_config: str | None = None,
 ) -> None:
-    artifact_rows = [{"job_id": job_id, **dataclasses.asdict(a)} for a in artifacts]
+    _insert_many(session, [_Results(job_id, artifacts, predictions, metrics, metrics_config)])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Results:
+    """One job's rows: artifacts, predictions and metric values (made with ``metrics_config``)."""
+
+    job_id: str
+    artifacts: Iterable[ArtifactRecord]
+    predictions: Iterable[PredictionRecord]
+    metrics: Iterable[MetricRecord] = ()
+    metrics_config: str | None = None
+
+
+def _insert_many(session: Session, results: Iterable[_Results]) -> None:
+    """The artifact, prediction and metric rows of several jobs, one multi-row statement per table."""
+    artifact_rows: list[dict[str, Any]] = []
+    prediction_rows: list[dict[str, Any]] = []
+    metric_rows: list[dict[str, Any]] = []
+    for r in results:
+        artifact_rows += [{"job_id": r.job_id, **dataclasses.asdict(a)} for a in r.artifacts]
+        prediction_rows += [{"job_id": r.job_id, **dataclasses.asdict(p)} for p in r.predictions]
+        metric_rows += [
+            {"job_id": r.job_id, **dataclasses.asdict(m), "config": r.metrics_config or ""} for m in r.metrics
+        ]
     if artifact_rows:
         stmt = dialect_insert(session, Artifact).on_conflict_do_nothing(index_elements=["job_id", "name"])
         session.execute(stmt, artifact_rows)
-    prediction_rows = [{"job_id": job_id, **dataclasses.asdict(p)} for p in predictions]
     if prediction_rows:
         stmt = dialect_insert(session, Prediction).on_conflict_do_nothing(index_elements=["job_id", "rank"])
         session.execute(stmt, prediction_rows)
-    metric_rows = [
-        {"job_id": job_id, **dataclasses.asdict(m), "config": metrics_config or ""} for m in metrics
-    ]
     if metric_rows:
         stmt = dialect_insert(session, JobMetric).on_conflict_do_nothing(
             index_elements=["job_id", "method", "metric"]
@@ -399,34 +440,49 @@ def record_success(
     False means the claim was lost (the lease expired and another worker took over); this worker's
     objects are under the same deterministic keys as the new owner's, so nothing is orphaned.
     """
+    return bool(record_successes(session, [(job_id, outcome)], worker_id=worker_id, now=now))
+
+
+def record_successes(
+    session: Session,
+    outcomes: Sequence[tuple[str, JobOutcome]],
+    *,
+    worker_id: str,
+    now: datetime | None = None,
+) -> list[str]:
+    """``record_success`` for a micro-batch of jobs in the caller's one transaction; returns the ids
+    this worker still owned (and so recorded).
+
+    One commit instead of one per job, and the artifact and prediction rows of all jobs in one
+    statement per table: on SQLite a commit is a disk sync, which made recording cost more than
+    computing. Each job's state change is still its own compare-and-set.
+    """
     now = now or utcnow()
-    values = {
-        "state": JobState.SUCCEEDED.value,
-        "finished_at": now,
-        "lease_expires_at": None,
-        "image_sha256": outcome.image_sha256,
-        "target_index": outcome.target_index,
-        "readout": outcome.readout,
-        "note": outcome.note,
-        "device": outcome.device,
-        "weights_source": outcome.weights_source,
-        "fetch_seconds": outcome.fetch_seconds,
-        "compute_seconds": outcome.compute_seconds,
-        "store_seconds": outcome.store_seconds,
-        "error_class": None,
-        "error_message": None,
-    }
-    won = _finish(session, job_id, worker_id, values)
-    if won:
-        _insert_results(
-            session,
-            job_id,
-            outcome.artifacts,
-            outcome.predictions,
-            outcome.metrics,
-            outcome.metrics_config,
-        )
-    return won
+    won: list[tuple[str, JobOutcome]] = []
+    for job_id, outcome in outcomes:
+        values = {
+            "state": JobState.SUCCEEDED.value,
+            "finished_at": now,
+            "lease_expires_at": None,
+            "image_sha256": outcome.image_sha256,
+            "target_index": outcome.target_index,
+            "readout": outcome.readout,
+            "note": outcome.note,
+            "device": outcome.device,
+            "weights_source": outcome.weights_source,
+            "fetch_seconds": outcome.fetch_seconds,
+            "compute_seconds": outcome.compute_seconds,
+            "store_seconds": outcome.store_seconds,
+            "error_class": None,
+            "error_message": None,
+        }
+        if _finish(session, job_id, worker_id, values):
+            won.append((job_id, outcome))
+    _insert_many(
+        session,
+        [_Results(job_id, o.artifacts, o.predictions, o.metrics, o.metrics_config) for job_id, o in won],
+    )
+    return [job_id for job_id, _ in won]
 
 
 def record_reuse(

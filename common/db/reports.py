@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -123,9 +123,14 @@ def iter_job_results(
     *,
     model: str | None = None,
     state: JobState | None = None,
+    models: Collection[str] | None = None,
+    states: Collection[JobState] | None = None,
     page_size: int = 1000,
 ) -> Iterator[dict[str, Any]]:
-    """One JSON-able dict per job, in CSV order, paged so a 100,000-job batch streams in constant memory."""
+    """One JSON-able dict per job, in CSV order, paged so a 100,000-job batch streams in constant memory.
+
+    ``model``/``state`` keep one value, ``models``/``states`` any of several (the report's selection).
+    """
     last: tuple[int, str] = (-1, "")
     while True:
         query = (
@@ -138,6 +143,10 @@ def iter_job_results(
             query = query.where(Job.model == model)
         if state is not None:
             query = query.where(Job.state == state)
+        if models is not None:
+            query = query.where(Job.model.in_(list(models)))
+        if states is not None:
+            query = query.where(Job.state.in_(list(states)))
         jobs = session.scalars(query).all()
         if not jobs:
             return

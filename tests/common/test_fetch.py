@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -46,7 +47,8 @@ LOCAL = FetchPolicy(allow_private_networks=True, timeout_seconds=5)
 
 class _Handler(BaseHTTPRequestHandler):
     """Routes: /image.png, /image-no-length, /redirect/<n> (n redirects, then the image),
-    /redirect-to?url=, /status/<code>, /slow, /drip, /big, /endless, /no-location.
+    /redirect-to?url=, /status/<code>, /slow, /drip, /big, /endless, /no-location, /gzip-garbage,
+    /reset-before-headers, /reset-mid-body.
 
     HTTP/1.0, so a body without Content-Length ends when the connection closes.
     """
@@ -83,14 +85,28 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "status":
             self._send(int(argument), b"nope")
         elif route == "slow":
-            time.sleep(3)
+            time.sleep(30)  # far beyond any timeout a test sets: only the client's timeout ends the wait
             self._send(200, IMAGE)
         elif route == "drip":
-            self._stream(chunk=b"x", pause=0.05, chunks=200)
+            self._stream(chunk=b"x", pause=0.05, chunks=600)  # 30 s of quick little reads
         elif route == "big":
             self._send(200, bytes(10_000))
         elif route == "endless":
             self._stream(chunk=bytes(16 * 1024), pause=0.0, chunks=20_000)
+        elif route == "gzip-garbage":  # says gzip although the fetcher asked for identity; is not gzip
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(IMAGE)))
+            self.end_headers()
+            self.wfile.write(IMAGE)
+        elif route == "reset-before-headers":
+            self._reset()
+        elif route == "reset-mid-body":
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(IMAGE)))
+            self.end_headers()
+            self.wfile.write(IMAGE[:1000])
+            self._reset()
         else:
             self._send(404, b"")
 
@@ -100,6 +116,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP reset (SO_LINGER 0), as a crashing server or proxy does."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
 
     def _redirect(self, location: str) -> None:
         self.send_response(302)
@@ -128,8 +149,12 @@ class LocalServer:
     hosts: list[str] = field(repr=False)
 
 
-def _serve(ssl_context: ssl.SSLContext | None = None) -> Iterator[LocalServer]:
-    server = _Server(("127.0.0.1", 0), _Handler)
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+def _serve(ssl_context: ssl.SSLContext | None = None, *, host: str = "127.0.0.1") -> Iterator[LocalServer]:
+    server = (_Server6 if ":" in host else _Server)((host, 0), _Handler)
     server.hosts = []
     if ssl_context is not None:
         server.socket = ssl_context.wrap_socket(server.socket, server_side=True)
@@ -137,8 +162,9 @@ def _serve(ssl_context: ssl.SSLContext | None = None) -> Iterator[LocalServer]:
     thread.start()
     port = server.server_address[1]
     scheme = "https" if ssl_context is not None else "http"
+    netloc = f"[{host}]" if ":" in host else host
     try:
-        yield LocalServer(base=f"{scheme}://127.0.0.1:{port}", port=port, hosts=server.hosts)
+        yield LocalServer(base=f"{scheme}://{netloc}:{port}", port=port, hosts=server.hosts)
     finally:
         server.shutdown()
         server.server_close()
@@ -216,7 +242,8 @@ def test_the_default_policy_refuses_private_hosts_before_connecting(
     started = time.monotonic()
     with pytest.raises(ImageFetchRefusedError, match="resolves to"):
         DefaultFetcher().fetch(url.format(port=http_server.port))
-    assert time.monotonic() - started < 1  # refused, not timed out trying
+    # Refused, not timed out trying: a connection attempt would wait for the 30 s default timeout.
+    assert time.monotonic() - started < 10
     assert len(http_server.hosts) == seen
 
 
@@ -319,23 +346,19 @@ def test_http_statuses_map_to_permanent_or_transient_errors(
     assert type(raised.value) is error
 
 
-def test_a_server_slower_than_the_timeout_is_a_transient_error(http_server: LocalServer) -> None:
+@pytest.mark.parametrize(("route", "timeout"), [("slow", 0.3), ("drip", 0.5)])
+def test_a_fetch_longer_than_the_timeout_is_cut_off_as_a_transient_error(
+    http_server: LocalServer, route: str, timeout: float
+) -> None:
+    """A server that never answers, and one whose every read is quick but whose body never ends:
+    either urllib3's socket timeout or the deadline on the whole fetch stops it — which one fires
+    first depends on scheduling, so both say the same thing."""
     started = time.monotonic()
-    with pytest.raises(ImageFetchTransientError, match="timed out"):
-        DefaultFetcher(FetchPolicy(allow_private_networks=True, timeout_seconds=0.3)).fetch(
-            f"{http_server.base}/slow"
+    with pytest.raises(ImageFetchTransientError, match=rf"{route} took longer than {timeout:g} s"):
+        DefaultFetcher(FetchPolicy(allow_private_networks=True, timeout_seconds=timeout)).fetch(
+            f"{http_server.base}/{route}"
         )
-    assert time.monotonic() - started < 2
-
-
-def test_a_body_dripping_in_slower_than_the_timeout_is_cut_off(http_server: LocalServer) -> None:
-    """Every read is quick, so only the deadline on the whole fetch can stop this server."""
-    started = time.monotonic()
-    with pytest.raises(ImageFetchTransientError, match=r"took longer than 0\.5 s"):
-        DefaultFetcher(FetchPolicy(allow_private_networks=True, timeout_seconds=0.5)).fetch(
-            f"{http_server.base}/drip"
-        )
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 15  # the servers would keep it for 30 s
 
 
 def test_a_refused_connection_is_a_transient_error() -> None:
@@ -344,6 +367,120 @@ def test_a_refused_connection_is_a_transient_error() -> None:
         port = sock.getsockname()[1]
     with pytest.raises(ImageFetchTransientError, match="cannot connect"):
         DefaultFetcher(LOCAL).fetch(f"http://127.0.0.1:{port}/image.png")
+
+
+def test_a_body_that_cannot_be_decoded_is_a_permanent_image_error(http_server: LocalServer) -> None:
+    with pytest.raises(ImageError, match="undecodable response body") as raised:
+        DefaultFetcher(LOCAL).fetch(f"{http_server.base}/gzip-garbage")
+    assert not isinstance(raised.value, TransientError)
+
+
+@pytest.mark.parametrize("route", ["reset-before-headers", "reset-mid-body"])
+def test_a_connection_reset_is_a_transient_error(http_server: LocalServer, route: str) -> None:
+    with pytest.raises(ImageFetchTransientError, match="connection failed"):
+        DefaultFetcher(LOCAL).fetch(f"{http_server.base}/{route}")
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http:///image.png", "no host"),
+        ("http://:8080/image.png", "no host"),
+        ("https://?q=1", "no host"),
+        ("http://example.com:99999/image.png", "invalid URL"),
+        ("http://[::1/image.png", "invalid URL"),
+    ],
+)
+def test_a_url_without_a_usable_host_is_a_permanent_image_error(url: str, message: str) -> None:
+    with pytest.raises(ImageError, match=message) as raised:
+        DefaultFetcher(LOCAL).fetch(url)
+    assert not isinstance(raised.value, TransientError | ImageFetchRefusedError)
+
+
+def _resolver(monkeypatch: pytest.MonkeyPatch, host: str, answer: object) -> None:
+    """Make the system resolver give ``answer`` (a list of addresses, or an exception) for ``host``.
+
+    Resolver faults and dual-stack answers cannot be had from this machine's real resolver; the
+    connections the fetcher then makes are real.
+    """
+    real = socket.getaddrinfo
+
+    def getaddrinfo(name: str, port: object, *args: object, **kwargs: object) -> object:
+        if name != host:
+            return real(name, port, *args, **kwargs)  # type: ignore[arg-type]
+        if isinstance(answer, BaseException):
+            raise answer
+        return [
+            (
+                socket.AF_INET6 if ":" in address else socket.AF_INET,
+                socket.SOCK_STREAM,
+                6,
+                "",
+                (address, port),
+            )
+            for address in answer  # type: ignore[union-attr]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "message"),
+    [
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), ImageError, "no such host"),
+        (socket.gaierror(socket.EAI_AGAIN, "Temporary failure"), ImageFetchTransientError, "cannot resolve"),
+        (
+            socket.gaierror(socket.EAI_FAIL, "Non-recoverable failure"),
+            ImageFetchTransientError,
+            "cannot resolve",
+        ),
+    ],
+)
+def test_resolver_errors_are_permanent_only_for_names_that_do_not_exist(
+    monkeypatch: pytest.MonkeyPatch, error: socket.gaierror, expected: type[Exception], message: str
+) -> None:
+    _resolver(monkeypatch, "images.example", error)
+    with pytest.raises(expected, match=f"{message}.*images.example|images.example.*{message}") as raised:
+        DefaultFetcher(LOCAL).fetch("http://images.example/cat.png")
+    assert type(raised.value) is expected
+
+
+def test_a_dual_stack_host_is_fetched_from_its_second_address_when_the_first_refuses(
+    http_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The IPv6 address comes first and nothing listens there (as on a host without an IPv6 route):
+    the fetch goes on to the IPv4 address, still sending the host's name."""
+    _resolver(monkeypatch, "dual.example", ["::1", "127.0.0.1"])
+    del http_server.hosts[:]
+    assert DefaultFetcher(LOCAL).fetch(f"http://dual.example:{http_server.port}/image.png") == IMAGE
+    assert http_server.hosts == [f"dual.example:{http_server.port}"]
+
+
+def test_a_host_none_of_whose_addresses_answers_is_a_transient_error_naming_each() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _resolver(monkeypatch, "dual.example", ["::1", "127.0.0.1"])
+        with pytest.raises(ImageFetchTransientError, match=r"cannot connect to dual\.example") as raised:
+            DefaultFetcher(LOCAL).fetch(f"http://dual.example:{port}/image.png")
+    assert "::1: " in str(raised.value)
+    assert "127.0.0.1: " in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def http_server_v6() -> Iterator[LocalServer]:
+    try:
+        socket.socket(socket.AF_INET6).close()
+        yield from _serve(host="::1")
+    except OSError as exc:  # pragma: no cover - a machine without IPv6 loopback
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+
+
+def test_an_ipv6_literal_url_sends_a_bracketed_host_header(http_server_v6: LocalServer) -> None:
+    del http_server_v6.hosts[:]
+    assert DefaultFetcher(LOCAL).fetch(f"http://[::1]:{http_server_v6.port}/redirect/1") == IMAGE
+    assert http_server_v6.hosts == [f"[::1]:{http_server_v6.port}"] * 2
 
 
 # ---- size limits -------------------------------------------------------------------------------
@@ -371,12 +508,13 @@ def test_a_declared_content_length_over_the_limit_is_refused_before_reading(http
 
 
 def test_an_endless_body_is_cut_off_as_soon_as_it_passes_the_limit(http_server: LocalServer) -> None:
-    """The server would stream 320 MB; reading it all would run into the timeout instead."""
+    """The server would stream 320 MB; reading it all would run into the timeout instead (the error
+    type proves the size check stopped it; the clock only shows it did not read on)."""
     started = time.monotonic()
-    policy = FetchPolicy(allow_private_networks=True, max_bytes=100_000, timeout_seconds=10)
+    policy = FetchPolicy(allow_private_networks=True, max_bytes=100_000, timeout_seconds=60)
     with pytest.raises(ImageTooLargeError, match="more than the limit of 100000"):
         DefaultFetcher(policy).fetch(f"{http_server.base}/endless")
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30
 
 
 # ---- https: SNI and certificate checks against the name, while connecting to the address -------

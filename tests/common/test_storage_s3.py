@@ -162,10 +162,17 @@ def test_an_unreachable_endpoint_is_transient_and_fails_fast(
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     store = S3Store("bucket", max_attempts=2, connect_timeout=1, read_timeout=1, retry_seconds=0)
+    sent: list[str] = []
     started = time.monotonic()
-    with pytest.raises(StorageUnavailableError, match="unreachable"):
+    with (
+        on_request(store, lambda request, **_: sent.append(request.url)),
+        pytest.raises(StorageUnavailableError, match="unreachable"),
+    ):
         STORE_OPERATIONS[operation](store)
-    assert time.monotonic() - started < 5
+    # Fast means bounded by the store's own retry budget, counted exactly; the clock only guards
+    # against a hang, with margin for a loaded machine.
+    assert len(sent) == 2
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.parametrize("operation", list(STORE_OPERATIONS))

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
-from common.db.models import Batch, Job
+from common.db.models import Artifact, Batch, Job
 from common.settings import get_settings
 from producer.cli import app
 
@@ -131,10 +133,12 @@ def test_offline_pretrained_stops_with_instructions_before_submitting(
     assert _batches(tmp_path) == 0
 
     fallback = _invoke("submit", str(dataset), "--random-if-offline")
+    assert fallback.exit_code == 1, fallback.output  # ran, and the broken image failed its own job
     assert "RANDOM" in fallback.output
     batch_id = fallback.stdout.strip().splitlines()[-1]
     jobs = json.loads(_invoke("results", batch_id, "--format", "json").stdout)
-    assert all("RANDOM" in job["weights_source"] for job in jobs if job["status"] == "succeeded")
+    assert [job["status"] for job in jobs] == ["succeeded", "succeeded", "failed"]
+    assert ["RANDOM" in job["weights_source"] for job in jobs[:2]] == [True, True]
 
 
 def test_not_found_batch_is_a_clear_error(tmp_path: Path) -> None:
@@ -167,12 +171,12 @@ def _batches(tmp_path: Path) -> int:
 
 
 def test_retry_publishes_a_batch_whose_producer_died_before_publishing(
-    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from common.db import open_database
     from producer.submit import SubmitOptions, commit_plan, plan_submission
 
-    broker = redis_url.rsplit("/", 1)[0] + "/15"
+    broker = broker_url
     monkeypatch.setenv("VITSCOPE_BROKER_URL", broker)
     data = tmp_path / "data.csv"
     data.write_text("image_uri\n" + "".join(f"s3://b/{i}.png\n" for i in range(40)))
@@ -182,7 +186,6 @@ def test_retry_publishes_a_batch_whose_producer_died_before_publishing(
     db.dispose()  # committed, never published: the producer "died" here
     client = redis.Redis.from_url(broker, socket_timeout=5)
     try:
-        client.flushdb()
         result = _invoke("retry", batch_id)
         assert result.exit_code == 0, result.output
         assert "never fully published" in result.output
@@ -191,7 +194,6 @@ def test_retry_publishes_a_batch_whose_producer_died_before_publishing(
         assert "never fully published" not in _invoke("retry", batch_id).output  # published now
         assert client.llen("vitscope.deit_tiny") == 0
     finally:
-        client.flushdb()
         client.close()
 
 
@@ -221,9 +223,9 @@ def test_formula_cells_are_kept_in_the_database_and_escaped_in_csv_results(
 
 
 def test_a_distributed_submit_warns_about_local_paths(
-    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broker = redis_url.rsplit("/", 1)[0] + "/15"
+    broker = broker_url
     monkeypatch.setenv("VITSCOPE_BROKER_URL", broker)
     data = tmp_path / "data.csv"
     data.write_text("image_uri\nimages/a.png\nfile:///srv/b.png\ns3://bucket/c.png\n")
@@ -237,5 +239,196 @@ def test_a_distributed_submit_warns_about_local_paths(
         data.write_text("image_uri\ns3://bucket/c.png\n")
         assert "local files" not in _invoke("submit", str(data), "--weights", "random").output
     finally:
-        client.flushdb()
         client.close()
+
+
+# ---- every submit/status/results/retry option, run once with its effect checked ---------------------
+
+
+def _job_rows(tmp_path: Path, batch_id: str) -> list[Job]:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'vitscope.db'}")
+    try:
+        with sa.orm.Session(engine) as session:
+            return list(
+                session.scalars(sa.select(Job).where(Job.batch_id == batch_id).order_by(Job.row_number))
+            )
+    finally:
+        engine.dispose()
+
+
+def _stored_arrays(tmp_path: Path, job_id: str) -> dict[str, np.ndarray]:
+    from common.storage import read_uri
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'vitscope.db'}")
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(Artifact.name, Artifact.uri).where(
+                    Artifact.job_id == job_id, Artifact.name.like("%.npy")
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    return {name: np.load(io.BytesIO(read_uri(uri))) for name, uri in rows}
+
+
+def _batch_record(tmp_path: Path, batch_id: str) -> Batch:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'vitscope.db'}")
+    try:
+        with sa.orm.Session(engine) as session:
+            return session.get(Batch, batch_id)
+    finally:
+        engine.dispose()
+
+
+def test_method_options_reach_the_stored_arrays(tmp_path: Path, write_image) -> None:
+    """Each option is checked against the compute core run with that option — and shown to matter,
+    by the core giving something else without it, so an option the CLI dropped would be caught."""
+    import torch
+    from PIL import Image
+
+    from common.methods import HeadFusion, LayerScoreReduction, MethodSettings
+    from common.modelspec import ModelSpec
+    from worker.attention import explain
+    from worker.models import ModelCache
+
+    write_image(tmp_path / "wide.png", size=(150, 90), seed=3)  # not square: timm crops, paper resizes
+    data = tmp_path / "data.csv"
+    data.write_text("image_uri,cls\nwide.png,7\n")
+    result = _invoke(
+        "submit", str(data), "--weights", "random",
+        "--head-fusion", "max", "--discard-ratio", "0.5", "--layer-scores", "key_max",
+        "--raw-attention", "--top-k", "3", "--preprocess", "paper", "--target-column", "cls",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    batch_id = result.stdout.strip().splitlines()[-1]
+    (job,) = _job_rows(tmp_path, batch_id)
+    assert (job.state, job.target, job.target_index) == ("succeeded", "7", 7)
+    stored = _stored_arrays(tmp_path, job.id)
+    as_json = json.loads(_invoke("results", batch_id, "--format", "json").stdout)
+    assert len(as_json[0]["predictions"]) == 3
+
+    spec = ModelSpec.from_dict(_batch_record(tmp_path, batch_id).models["specs"]["deit_tiny_patch16_224"])
+    assert spec.preprocess == "paper"
+    cache = ModelCache(device=torch.device("cpu"))
+    image = Image.open(tmp_path / "wide.png").convert("RGB")
+    chosen = MethodSettings(
+        head_fusion=HeadFusion.MAX,
+        discard_ratio=0.5,
+        layer_score_reduction=LayerScoreReduction.KEY_MAX,
+        raw_attention=True,
+        top_k=3,
+    )
+
+    def core(settings: MethodSettings, target: int | None = 7, preprocess: str = "paper") -> dict:
+        loaded = cache.get(ModelSpec.from_dict({**spec.to_dict(), "preprocess": preprocess}))
+        (explanation,) = explain(loaded.model, loaded.preprocessor(image)[None], settings, [target])
+        return explanation.arrays()
+
+    expected = core(chosen)
+    assert set(stored) == set(expected)
+    assert stored["attention.npy"].shape == (12, 3, 197, 197)
+    for name, array in expected.items():
+        np.testing.assert_allclose(stored[name], array, atol=2e-3 if name == "attention.npy" else 2e-5)
+    alternatives = {  # what each option changes, were it left at its default
+        "head_fusion": (core(dataclasses.replace(chosen, head_fusion=HeadFusion.MEAN)), "rollout.npy"),
+        "discard_ratio": (core(dataclasses.replace(chosen, discard_ratio=0.9)), "rollout.npy"),
+        "layer_scores": (
+            core(dataclasses.replace(chosen, layer_score_reduction=LayerScoreReduction.QUERY_MAX)),
+            "layer_scores.npy",
+        ),
+        "target_column": (core(chosen, target=None), "grad_rollout.npy"),
+        "preprocess": (core(chosen, preprocess="timm"), "rollout.npy"),
+    }
+    for option, (other, name) in alternatives.items():
+        assert not np.allclose(other[name], stored[name], atol=1e-4), f"{option} made no difference"
+
+
+def test_models_file_results_filters_and_an_empty_retry(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "images" / "broken.png").unlink()
+    dataset.write_text("id,image_uri\ncat,images/cat.png\ndog,images/dog.png\n")
+    (tmp_path / "models.toml").write_text(
+        '[models.pets]\narch = "deit_tiny_patch16_224"\nweights = "random"\nnum_classes = 2\n'
+        'labels = ["cat", "dog"]\n'
+        '[models.plain]\narch = "deit_tiny_patch16_224"\nweights = "random"\n'
+    )
+    result = _invoke(
+        "submit", str(dataset), "--models-file", str(tmp_path / "models.toml"), "--models", "pets,plain"
+    )
+    assert result.exit_code == 0, result.output
+    batch_id = result.stdout.strip().splitlines()[-1]
+
+    pets = json.loads(_invoke("results", batch_id, "--model", "pets", "--format", "json").stdout)
+    assert [(job["id"], job["model"], job["status"]) for job in pets] == [
+        ("cat", "pets", "succeeded"),
+        ("dog", "pets", "succeeded"),
+    ]
+    for job in pets:  # the models file's own head and labels: two classes, named
+        assert sorted(p["label"] for p in job["predictions"]) == ["cat", "dog"]
+    plain = json.loads(_invoke("results", batch_id, "--model", "plain", "--format", "json").stdout)
+    assert [len(job["predictions"]) for job in plain] == [5, 5]
+
+    table = _invoke("results", batch_id, "--limit", "1").stdout
+    assert "… 3 more job(s)" in table
+    assert table.count("cat.png") + table.count("dog.png") == 1
+    assert "… 2 more job(s)" in _invoke("results", batch_id, "--limit", "2").stdout
+
+    before = [(job.id, job.attempts, job.finished_at) for job in _job_rows(tmp_path, batch_id)]
+    nothing = _invoke("retry", batch_id)
+    assert nothing.exit_code == 0, nothing.output
+    assert "0 failed job(s)" in nothing.output
+    assert [(job.id, job.attempts, job.finished_at) for job in _job_rows(tmp_path, batch_id)] == before
+
+
+def test_status_watch_refreshes_until_the_batch_is_done(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from common.db import open_database
+    from producer.submit import SubmitOptions, commit_plan, plan_submission
+
+    data = tmp_path / "data.csv"
+    data.write_text("image_uri\n" + "".join(f"s3://b/{i}.png\n" for i in range(3)))
+    options = SubmitOptions(weights="random")
+    db = open_database(get_settings())
+    batch_id = commit_plan(db, plan_submission(data, options), options, mode="local").batch_id
+    db.dispose()
+
+    once = _invoke("status", batch_id)
+    assert once.exit_code == 0
+    assert once.stdout.count(f"batch {batch_id}") == 1  # without --watch: one view of a running batch
+
+    log = tmp_path / "watch.log"
+    producer = Path(sys.executable).parent / "producer"
+    with log.open("w") as handle:
+        watch = subprocess.Popen(
+            [str(producer), "status", batch_id, "--watch"],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count(f"batch {batch_id}") < 2:  # refreshed at least once
+            assert watch.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        engine = sa.create_engine(f"sqlite:///{tmp_path / 'vitscope.db'}")
+        with engine.begin() as conn:
+            conn.execute(
+                sa.update(Job)
+                .where(Job.batch_id == batch_id)
+                .values(
+                    state="failed", error_class="ImageError", error_message="gone", finished_at=sa.func.now()
+                )
+            )
+        engine.dispose()
+        assert watch.wait(timeout=120) == 0
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    output = log.read_text()
+    assert "ImageError" in output.split(f"batch {batch_id}")[-1]  # the last view shows the end

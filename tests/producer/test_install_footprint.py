@@ -24,8 +24,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_distributed_submit_imports_no_torch(tmp_path: Path, redis_url: str) -> None:
-    broker = redis_url.rsplit("/", 1)[0] + "/15"
+def test_distributed_submit_imports_no_torch(tmp_path: Path, broker_url: str) -> None:
+    broker = broker_url
     csv = tmp_path / "data.csv"
     csv.write_text("image_uri\ns3://bucket/a.png\ns3://bucket/b.png\n")
     env = {
@@ -43,5 +43,40 @@ def test_distributed_submit_imports_no_torch(tmp_path: Path, redis_url: str) -> 
         assert client.llen("vitscope.deit_tiny") == 1
         assert client.llen("vitscope.vit_base") == 1
     finally:
-        client.flushdb()
         client.close()
+
+
+REPORT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from producer.cli import app
+    for command in (["report", sys.argv[1], "--out", sys.argv[2]], ["figures", sys.argv[1], "--out", sys.argv[3], "--first", "1", "--no-pdf"]):
+        try:
+            app(command)
+        except SystemExit as exit:
+            assert exit.code in (0, None), (command, exit.code)
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision", "worker"))
+    print("HEAVY:", heavy)
+    """
+)
+
+
+def test_report_and_figures_import_no_torch(report_batch, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            REPORT_SCRIPT,
+            report_batch.batch_id,
+            str(tmp_path / "site"),
+            str(tmp_path / "f"),
+        ],
+        env={**os.environ, **report_batch.env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY: []" in result.stdout
+    assert (tmp_path / "site" / "index.html").is_file()
+    assert any((tmp_path / "f").glob("fig4_2-*.png"))

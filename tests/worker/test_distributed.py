@@ -1,8 +1,8 @@
 """Distributed mode against real components: Redis, PostgreSQL, an S3 HTTP endpoint, and Celery
-worker processes started with ``worker start`` — no eager mode, nothing mocked.
+worker processes started with ``worker start`` — no eager mode, nothing mocked (see ``conftest.py``).
 
-Leases, heartbeats, the reaper and Redis's visibility timeout are set to seconds so crash recovery
-can be watched inside a test.
+Crash tests stop a chunk mid-flight at a point they can observe — a held image request on the
+test's image server, with the chunk's jobs claimed — rather than guessing with ``sleep``.
 """
 
 from __future__ import annotations
@@ -10,159 +10,22 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 import numpy as np
-import pytest
 import redis
 import sqlalchemy as sa
 
-from common.db.models import Artifact, Batch, Job, JobState, WorkerHeartbeat
-from common.db.session import upgrade
+from common.db.models import Artifact, Batch, Job, JobState
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.storage import read_uri
+from tests.conftest import ImageServer
+from tests.worker.conftest import Cluster
 
 ARTIFACTS_PER_JOB = len(ARRAY_ARTIFACTS) - 1 + len(IMAGE_ARTIFACTS)  # attention.npy is opt-in
-BIN = Path(sys.executable).parent
 QUEUE = "vitscope.deit_tiny"
-
-
-@dataclass
-class Cluster:
-    """A broker, a database, a bucket, and the worker processes a test starts."""
-
-    env: dict[str, str]
-    engine: sa.Engine
-    bucket: str
-    logs: Path
-    workers: list[subprocess.Popen] = field(default_factory=list)
-
-    def start_worker(
-        self, name: str, *, pool: str = "prefork", env: dict[str, str] | None = None
-    ) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("w")
-        process = subprocess.Popen(
-            [
-                str(BIN / "worker"),
-                "start",
-                "--gpus",
-                "none",
-                "--queues",
-                "deit_tiny",
-                "--pool",
-                pool,
-                "--loglevel",
-                "info",
-                "--hostname",
-                f"{name}@%h",
-            ],
-            env={**self.env, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.workers.append(process)
-        return process
-
-    def wait_for_workers(self, count: int, timeout: float = 120) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.engine.connect() as conn:
-                ids = conn.execute(sa.select(WorkerHeartbeat.worker_id)).scalars().all()
-            if len(ids) >= count:
-                return list(ids)
-            time.sleep(0.5)
-        raise AssertionError(f"{count} worker(s) did not report within {timeout} s:\n{self.log_tail()}")
-
-    def producer(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [str(BIN / "producer"), *args], env=self.env, capture_output=True, text=True, timeout=600
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"producer {args} exited {result.returncode}:\n{result.stderr}\n{result.stdout}"
-            )
-        return result
-
-    def submit(self, csv: Path, *args: str) -> str:
-        result = self.producer(
-            "submit", str(csv), "--models", "deit_tiny_patch16_224", "--weights", "random", *args
-        )
-        return result.stdout.strip().splitlines()[-1]
-
-    def jobs(self, batch_id: str) -> list[Job]:
-        with sa.orm.Session(self.engine) as session:
-            return list(
-                session.scalars(sa.select(Job).where(Job.batch_id == batch_id).order_by(Job.row_number))
-            )
-
-    def wait_done(self, batch_id: str, timeout: float = 300) -> list[Job]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            jobs = self.jobs(batch_id)
-            if jobs and all(job.state in (JobState.SUCCEEDED, JobState.FAILED) for job in jobs):
-                return jobs
-            time.sleep(0.5)
-        states = sorted((job.state, job.attempts) for job in self.jobs(batch_id))
-        raise AssertionError(f"batch {batch_id} not done after {timeout} s: {states}\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(self.logs.glob("*.log")))
-
-    def objects(self, prefix: str = "") -> list[str]:
-        s3 = boto3.client("s3")
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
-        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-
-    def stop(self) -> None:
-        for process in self.workers:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.workers:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-@pytest.fixture
-def cluster(postgres_url, redis_url, s3_bucket, s3_env, tmp_path) -> Iterator[Cluster]:
-    broker = redis_url.rsplit("/", 1)[0] + "/15"  # a database of its own, flushed around each test
-    client = redis.Redis.from_url(broker, socket_timeout=5)
-    client.flushdb()
-    upgrade(postgres_url)
-    env = {
-        **os.environ,
-        "VITSCOPE_BROKER_URL": broker,
-        "VITSCOPE_DATABASE_URL": postgres_url,
-        "VITSCOPE_STORAGE_URL": f"s3://{s3_bucket}/artifacts",
-        "VITSCOPE_CHUNK_SIZE": "4",
-        "VITSCOPE_BATCH_SIZE": "4",
-        "VITSCOPE_LEASE_SECONDS": "6",
-        "VITSCOPE_HEARTBEAT_SECONDS": "1",
-        "VITSCOPE_REAPER_INTERVAL_SECONDS": "2",
-        "VITSCOPE_VISIBILITY_TIMEOUT_SECONDS": "20",
-        "VITSCOPE_TASK_TIME_LIMIT_SECONDS": "15",
-        "OMP_NUM_THREADS": "1",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    engine = sa.create_engine(postgres_url)
-    result = Cluster(env=env, engine=engine, bucket=s3_bucket, logs=logs)
-    try:
-        yield result
-    finally:
-        result.stop()
-        engine.dispose()
-        client.flushdb()
-        client.close()
 
 
 def _dataset(tmp_path: Path, bucket: str, write_image, count: int, *, broken: int = 0) -> Path:
@@ -220,48 +83,77 @@ def test_two_workers_share_a_batch_and_do_every_job_once(cluster, tmp_path, writ
     assert "two@" in status
 
 
+def _http_dataset(tmp_path: Path, image_server: ImageServer, write_image, count: int) -> Path:
+    """``count`` images served by the test's image server, so a test can hold any one of them."""
+    lines = ["id,image_uri"]
+    for i in range(count):
+        path = write_image(tmp_path / "img" / f"{i}.png", seed=i, size=(64 + i, 64))
+        image_server.images[f"/{i}.png"] = path.read_bytes()
+        lines.append(f"img{i},{image_server.url(f'/{i}.png')}")
+    csv = tmp_path / "data.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def _hold_first_chunk(cluster: Cluster, image_server: ImageServer, batch_id: str) -> list[Job]:
+    """Wait until the first chunk (jobs 0-3) is claimed and fetching its held image 0; return its jobs."""
+    image_server.wait_for_request("/0.png")
+    jobs = cluster.wait_for(
+        batch_id, lambda jobs: jobs[0].state == JobState.RUNNING, "the first chunk claimed"
+    )
+    return [job for job in jobs if job.worker_id == jobs[0].worker_id and job.state == JobState.RUNNING]
+
+
 def test_killed_worker_child_is_redelivered_and_nothing_is_lost_or_doubled(
-    cluster, tmp_path, write_image
+    cluster, tmp_path, write_image, image_server
 ) -> None:
-    csv = _dataset(tmp_path, cluster.bucket, write_image, 16)
-    cluster.start_worker("victim", env={"VITSCOPE_BATCH_SIZE": "1"})  # slow chunks: easy to hit mid-chunk
+    csv = _http_dataset(tmp_path, image_server, write_image, 16)
+    held = image_server.hold("/0.png")  # the first chunk stops mid-flight until the child is killed
+    cluster.start_worker("victim")
     cluster.wait_for_workers(1)
     batch_id = cluster.submit(csv)
-    deadline = time.monotonic() + 120
-    running: list[Job] = []
-    while time.monotonic() < deadline and not running:
-        running = [job for job in cluster.jobs(batch_id) if job.state == JobState.RUNNING]
-        time.sleep(0.05)
-    assert running, cluster.log_tail()
+    running = _hold_first_chunk(cluster, image_server, batch_id)
+    assert len(running) == 4
     child_pid = int(running[0].worker_id.rsplit(":", 1)[1])
     os.kill(child_pid, signal.SIGKILL)
     killed_at = time.monotonic()
+    held.set()
     jobs = cluster.wait_done(batch_id)
     recovery = time.monotonic() - killed_at
     assert [job.state for job in jobs] == [JobState.SUCCEEDED] * 16, [job.error_message for job in jobs]
-    retried = [job for job in jobs if job.attempts == 2]
-    assert {job.id for job in running} <= {job.id for job in retried}
-    assert all(job.attempts <= 2 for job in jobs)
+    by_id = {job.id: job for job in jobs}
+    # The killed chunk ran twice — by the new child, not the dead one; every other job ran once.
+    assert {by_id[job.id].attempts for job in running} == {2}
+    assert all(by_id[job.id].worker_id != running[0].worker_id for job in running)
+    assert {job.attempts for job in jobs if job.id not in {r.id for r in running}} == {1}
     _check_artifacts(cluster, jobs)
     print(f"\nprefork child SIGKILL: batch finished {recovery:.1f} s after the kill")
 
 
-def test_whole_worker_killed_its_jobs_come_back_to_another_worker(cluster, tmp_path, write_image) -> None:
-    csv = _dataset(tmp_path, cluster.bucket, write_image, 12)
-    first = cluster.start_worker("doomed", env={"VITSCOPE_BATCH_SIZE": "1"})
+def test_whole_worker_killed_its_jobs_come_back_to_another_worker(
+    cluster, tmp_path, write_image, image_server
+) -> None:
+    csv = _http_dataset(tmp_path, image_server, write_image, 12)
+    held = image_server.hold("/0.png")
+    first = cluster.start_worker("doomed")
     cluster.wait_for_workers(1)
     batch_id = cluster.submit(csv)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(
-        j.state == JobState.RUNNING for j in cluster.jobs(batch_id)
-    ):
-        time.sleep(0.05)
+    running = _hold_first_chunk(cluster, image_server, batch_id)
     os.killpg(first.pid, signal.SIGKILL)  # parent and child: no one is left to hand the message back
     first.wait()
+    held.set()
+    doomed = cluster.worker_ids("doomed")
+    assert {job.worker_id for job in running} <= doomed
     cluster.start_worker("rescuer")
-    jobs = cluster.wait_done(batch_id, timeout=240)
+    jobs = cluster.wait_done(batch_id, timeout=300)
     assert [job.state for job in jobs] == [JobState.SUCCEEDED] * 12, cluster.log_tail()
-    assert any(job.worker_id.startswith(job.worker_host) and job.attempts >= 2 for job in jobs)
+    rescuer = cluster.worker_ids("rescuer")
+    assert rescuer, cluster.log_tail()
+    by_id = {job.id: job for job in jobs}
+    for job in running:  # the dead worker's jobs: taken over by the rescuer, on a second attempt
+        assert by_id[job.id].worker_id in rescuer
+        assert by_id[job.id].attempts == 2
+    assert not any(job.worker_id in doomed for job in jobs)  # the dead worker finished nothing
     _check_artifacts(cluster, jobs)
 
 

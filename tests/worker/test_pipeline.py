@@ -8,6 +8,8 @@ or on a real S3 HTTP endpoint.
 from __future__ import annotations
 
 import io
+import threading
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +19,20 @@ import torch
 from PIL import Image
 
 from common.db import open_database
-from common.db.models import Artifact, Job, JobState, Prediction
+from common.db.jobs import claim_jobs
+from common.db.models import Artifact, Job, JobState, Prediction, utcnow
+from common.db.records import WorkerIdentity
 from common.db.reports import iter_job_results
+from common.errors import StorageUnavailableError
+from common.fetch import content_sha256
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS, MethodSettings
 from common.settings import Settings
-from common.storage import read_uri
+from common.storage import open_store, read_uri
 from producer.report import write_csv
 from producer.submit import SubmitOptions, commit_plan, plan_submission
 from worker.attention import explain
 from worker.local import run_batch
-from worker.pipeline import Runtime
+from worker.pipeline import ChunkReport, Runtime, process_jobs
 
 MODEL = "deit_tiny_patch16_224"
 EXPECTED = {name for name in ARRAY_ARTIFACTS if name != "attention.npy"} | set(IMAGE_ARTIFACTS)
@@ -299,6 +305,7 @@ def test_headless_average_pooled_and_unexplainable_models_each_get_what_they_can
         assert (job.readout, job.target_index, predictions["plain", headless]) == ("avg", None, [])
         assert "no classification head" in job.note
         assert set(_artifacts(runtime, job.id)) == {
+            "input.png",  # the model's input crop is stored for every model
             "layer_scores.npy",
             "layer_scores.png",
             "rollout.npy",
@@ -335,4 +342,250 @@ def test_headless_average_pooled_and_unexplainable_models_each_get_what_they_can
             assert (job.state, job.error_class) == (JobState.FAILED, "UnsupportedModelError")
             assert f"model {map_pooled!r} is not supported: it pools with attention" in job.error_message
     finally:
+        runtime.close()
+
+
+# ---- recovery paths, through the public entry points (``run_batch``, ``process_jobs``) ------------
+
+
+def _http_csv(tmp_path: Path, image_server, write_image, rows: dict[str, bytes | int]) -> Path:
+    """A dataset of images on the test's image server: {row id: seed or exact bytes}."""
+    lines = ["id,image_uri"]
+    for row, image in rows.items():
+        data = (
+            image
+            if isinstance(image, bytes)
+            else write_image(tmp_path / f"{row}.png", seed=image).read_bytes()
+        )
+        image_server.images[f"/{row}.png"] = data
+        lines.append(f"{row},{image_server.url(f'/{row}.png')}")
+    csv = tmp_path / "data.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def _recording_batch_sizes(runtime: Runtime, spec, poison: torch.Tensor | None = None) -> list[int]:
+    """Record the size of every micro-batch the warm model computes; raise on a poisoned image.
+
+    The fault goes in through the model's own hook API on the model the pipeline itself will use
+    (the runtime's warm cache), so no pipeline function is replaced.
+    """
+    sizes: list[int] = []
+
+    def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        (batch,) = args
+        sizes.append(len(batch))
+        if poison is not None and any(torch.equal(image, poison) for image in batch):
+            raise RuntimeError("poisoned image in this micro-batch")
+
+    runtime.models.get(spec).model.patch_embed.register_forward_pre_hook(hook)
+    return sizes
+
+
+def _local_settings(sqlite_url: str, tmp_path: Path, **overrides) -> Settings:
+    values = {
+        "database_url": sqlite_url,
+        "storage_url": (tmp_path / "out").as_uri(),
+        "batch_size": 4,
+        "fetch_threads": 2,
+        "upload_threads": 2,
+        "device": "cpu",
+        "allow_private_networks": True,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+def _submit(settings: Settings, csv: Path, options: SubmitOptions):
+    db = open_database(settings, migrate=True)
+    plan = plan_submission(csv, options)
+    return Runtime.from_settings(settings, db=db), plan, commit_plan(db, plan, options, mode="local")
+
+
+def test_a_model_that_cannot_be_used_fails_its_whole_group_before_fetching(
+    tmp_path: Path, sqlite_url: str, image_server, write_image
+) -> None:
+    (tmp_path / "models.toml").write_text(
+        '[models.good]\narch = "deit_tiny_patch16_224"\nweights = "random"\n'
+        '[models.missing]\narch = "deit_tiny_patch16_224"\nweights = "missing.safetensors"\n'
+        '[models.gap]\narch = "test_vit3"\nweights = "random"\n'  # pools with attention: unexplainable
+    )
+    csv = _http_csv(tmp_path, image_server, write_image, {"a": 1, "b": 2})
+    options = SubmitOptions(models=["good", "missing", "gap"], models_file=tmp_path / "models.toml")
+    runtime, _, submission = _submit(_local_settings(sqlite_url, tmp_path), csv, options)
+    try:
+        run = run_batch(runtime, submission.batch_id, backoff_seconds=0.01)
+        with runtime.db.session() as session:
+            jobs = session.scalars(sa.select(Job).where(Job.batch_id == submission.batch_id)).all()
+        by_model: dict[str, set[tuple]] = {}
+        for job in jobs:
+            by_model.setdefault(job.model, set()).add((job.state, job.error_class, job.attempts))
+        assert by_model == {
+            "good": {(JobState.SUCCEEDED, None, 1)},
+            "missing": {(JobState.FAILED, "WeightsUnavailableError", 1)},
+            "gap": {(JobState.FAILED, "UnsupportedModelError", 1)},
+        }
+        messages = {job.model: job.error_message for job in jobs}
+        assert "missing.safetensors does not exist" in messages["missing"]
+        assert "it pools with attention" in messages["gap"]
+        assert (run.succeeded, run.failed, run.rounds) == (2, 4, 1)
+        # The failed groups never fetched an image: each was fetched once, by the good model's group.
+        assert image_server.requests == {"/a.png": 1, "/b.png": 1}
+    finally:
+        runtime.close()
+
+
+def test_a_model_whose_weights_storage_is_down_requeues_its_group_with_the_reason(
+    tmp_path: Path, sqlite_url: str, image_server, write_image, s3_env, monkeypatch
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a real outage
+    (tmp_path / "models.toml").write_text(
+        '[models.remote]\narch = "deit_tiny_patch16_224"\nweights = "s3://weights/deit.safetensors"\n'
+    )
+    csv = _http_csv(tmp_path, image_server, write_image, {"a": 1, "b": 2})
+    options = SubmitOptions(models=["remote"], models_file=tmp_path / "models.toml")
+    runtime, _, submission = _submit(_local_settings(sqlite_url, tmp_path, max_attempts=2), csv, options)
+    reports: list[ChunkReport] = []
+    try:
+        with runtime.db.session() as session:
+            ids = session.scalars(sa.select(Job.id).where(Job.batch_id == submission.batch_id)).all()
+        reports.append(process_jobs(runtime, ids))
+        assert sorted(reports[0].retry) == sorted(ids)  # handed back, to be published again
+        with runtime.db.session() as session:
+            jobs = session.scalars(sa.select(Job).where(Job.id.in_(ids))).all()
+        assert {(j.state, j.error_class, j.attempts) for j in jobs} == {
+            (JobState.QUEUED, "StorageUnavailableError", 1)
+        }
+        assert "weights" in jobs[0].error_message
+        run = run_batch(runtime, submission.batch_id, backoff_seconds=0.01)  # the second and last attempt
+        assert (run.failed, run.rounds) == (2, 1)
+        with runtime.db.session() as session:
+            jobs = session.scalars(sa.select(Job).where(Job.id.in_(ids))).all()
+        assert {(j.state, j.error_class, j.attempts) for j in jobs} == {
+            (JobState.FAILED, "StorageUnavailableError", 2)
+        }
+        assert not image_server.requests
+    finally:
+        runtime.close()
+
+
+def test_a_micro_batch_that_raises_is_retried_image_by_image_so_only_the_bad_image_fails(
+    tmp_path: Path, sqlite_url: str, image_server, write_image
+) -> None:
+    black = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(black, format="PNG")
+    csv = _http_csv(
+        tmp_path, image_server, write_image, {"ok0": 1, "bad": black.getvalue(), "ok1": 2, "ok2": 3}
+    )
+    options = SubmitOptions(models=[MODEL], weights="random")
+    runtime, plan, submission = _submit(_local_settings(sqlite_url, tmp_path), csv, options)
+    try:
+        loaded = runtime.models.get(plan.specs[MODEL])
+        poison = loaded.preprocessor(Image.new("RGB", (64, 64)))
+        sizes = _recording_batch_sizes(runtime, plan.specs[MODEL], poison)
+        run = run_batch(runtime, submission.batch_id, backoff_seconds=0.01)
+        jobs = _jobs(runtime, submission.batch_id)
+        assert sizes == [4, 1, 1, 1, 1]  # the batch, then each of its images alone
+        assert (jobs["bad"].state, jobs["bad"].error_class) == (JobState.FAILED, "RuntimeError")
+        assert "poisoned image" in jobs["bad"].error_message
+        for row in ("ok0", "ok1", "ok2"):
+            assert (jobs[row].state, jobs[row].attempts) == (JobState.SUCCEEDED, 1)
+            assert set(_artifacts(runtime, jobs[row].id)) == EXPECTED
+        assert (run.succeeded, run.failed) == (3, 1)
+    finally:
+        runtime.close()
+
+
+class _FailFirstUpload:
+    """An object store whose first upload of one image's artifacts fails as an outage would."""
+
+    def __init__(self, store, sha256: str) -> None:
+        self._store = store
+        self._sha256 = sha256
+        self.failed = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def put_many(self, items):
+        items = list(items)
+        if not self.failed and any(self._sha256 in key for key, _, _ in items):
+            self.failed = True
+            raise StorageUnavailableError("object store unreachable (injected)")
+        return self._store.put_many(items)
+
+
+def test_a_duplicate_whose_original_failed_is_computed_on_its_own(
+    tmp_path: Path, sqlite_url: str, image_server, write_image
+) -> None:
+    image = write_image(tmp_path / "a.png", seed=1).read_bytes()
+    csv = _http_csv(tmp_path, image_server, write_image, {"a": image, "b": 2, "copy": image})
+    settings = _local_settings(sqlite_url, tmp_path)
+    store = _FailFirstUpload(open_store(settings.resolved_storage_url()), content_sha256(image))
+    db = open_database(settings, migrate=True)
+    options = SubmitOptions(models=[MODEL], weights="random")
+    plan = plan_submission(csv, options)
+    submission = commit_plan(db, plan, options, mode="local")
+    runtime = Runtime.from_settings(settings, db=db, store=store)
+    try:
+        sizes = _recording_batch_sizes(runtime, plan.specs[MODEL])
+        run = run_batch(runtime, submission.batch_id, backoff_seconds=0.01)
+        jobs = _jobs(runtime, submission.batch_id)
+        assert store.failed
+        # Round 1: "a" and "b" computed together; "a"'s upload failed, so "copy" — which waited to
+        # reuse "a" — was computed alone. Round 2: "a" reuses "copy". Nothing computed twice more.
+        assert sizes == [2, 1]
+        assert (jobs["copy"].state, jobs["copy"].attempts, jobs["copy"].reused_from) == (
+            JobState.SUCCEEDED,
+            1,
+            None,
+        )
+        assert (jobs["a"].state, jobs["a"].attempts, jobs["a"].reused_from) == (
+            JobState.SUCCEEDED,
+            2,
+            jobs["copy"].id,
+        )
+        assert jobs["a"].error_class is None
+        assert (run.succeeded, run.reused, run.failed, run.rounds) == (2, 1, 0, 2)
+    finally:
+        runtime.close()
+
+
+def test_a_job_whose_lease_was_taken_over_is_not_recorded_by_the_old_owner(
+    tmp_path: Path, sqlite_url: str, image_server, write_image
+) -> None:
+    csv = _http_csv(tmp_path, image_server, write_image, {"a": 1})
+    held = image_server.hold("/a.png")
+    options = SubmitOptions(models=[MODEL], weights="random")
+    runtime, _, submission = _submit(_local_settings(sqlite_url, tmp_path), csv, options)
+    (job_id,) = [job.id for job in _jobs(runtime, submission.batch_id).values()]
+    seen: list[tuple[str, JobState]] = []
+    reports: list[ChunkReport] = []
+    chunk = threading.Thread(
+        target=lambda: reports.append(process_jobs(runtime, [job_id], on_job=lambda *a: seen.append(a)))
+    )
+    try:
+        chunk.start()
+        image_server.wait_for_request("/a.png")
+        rescuer = WorkerIdentity("elsewhere", "elsewhere:1")
+        with runtime.db.session() as session:  # the lease ran out (as seen from an hour later) and
+            taken = claim_jobs(  # another worker took the job over
+                session,
+                [job_id],
+                worker=rescuer,
+                lease_seconds=60,
+                max_attempts=3,
+                now=utcnow() + timedelta(hours=1),
+            )
+        assert [job.id for job in taken] == [job_id]
+        held.set()
+        chunk.join(timeout=300)
+        assert [(r.succeeded, r.failed, r.retry, r.reused) for r in reports] == [([], [], [], [])]
+        assert seen == []
+        job = _jobs(runtime, submission.batch_id)["a"]
+        assert (job.state, job.worker_id, job.attempts) == (JobState.RUNNING, rescuer.worker_id, 2)
+        assert _artifacts(runtime, job_id) == {}
+    finally:
+        held.set()
+        chunk.join(timeout=300)
         runtime.close()

@@ -322,3 +322,64 @@ def test_no_error_message_quotes_the_file(data: bytes) -> None:
     message = str(caught.value)
     for marker in ("root", "OPENSSH", "b3Bl", "SECRET", "rOOt", "\\x"):
         assert marker not in message, message
+
+
+# Large JPEGs decode at reduced scale; the model's input is made per micro-batch on the device.
+def _jpeg(size: tuple[int, int], seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    noisy = np.asarray(coarse, dtype=np.float32) + rng.normal(0, 6, (size[1], size[0], 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "decoded"),
+    [
+        ((4000, 3000), (1000, 750)),
+        ((2000, 1500), (1000, 750)),
+        ((2400, 1800), (1200, 900)),
+        ((1200, 900), (1200, 900)),
+        ((600, 450), (600, 450)),
+    ],
+)
+def test_large_jpegs_decode_at_the_smallest_scale_that_keeps_twice_the_resize(
+    size: tuple[int, int], decoded: tuple[int, int]
+) -> None:
+    preprocessor = build_preprocessor(meta_model("deit_tiny_patch16_224"), Preprocess.TIMM)
+    assert preprocessor.draft_size == 2 * preprocessor.resize_size == 496
+    data = _jpeg(size)
+    draft = decode_image(data, max_pixels=10**8, min_size=preprocessor.draft_size)
+    assert draft.size == decoded
+    full = decode_image(data, max_pixels=10**8)
+    assert full.size == size
+    difference = np.abs(
+        np.asarray(preprocessor.crop(draft), dtype=np.float64)
+        - np.asarray(preprocessor.crop(full), dtype=np.float64)
+    )
+    assert difference.mean() < 1.0  # grey levels, out of 255
+    if decoded == size:
+        assert difference.max() == 0
+
+
+def test_draft_decoding_leaves_other_formats_whole() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 2000), (10, 200, 30)).save(buffer, "PNG")
+    assert decode_image(buffer.getvalue(), max_pixels=10**8, min_size=496).size == (3000, 2000)
+
+
+def test_the_pixel_limit_is_checked_on_the_full_size_before_a_draft_decode() -> None:
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_jpeg((4000, 3000)), max_pixels=4_000_000, min_size=496)
+
+
+@pytest.mark.parametrize("pipeline", list(Preprocess))
+def test_normalize_batch_is_bit_identical_to_normalizing_each_crop(pipeline: Preprocess) -> None:
+    preprocessor = build_preprocessor(meta_model("vit_base_patch32_224"), pipeline)
+    rng = np.random.default_rng(3)
+    crops = rng.integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    one_by_one = torch.stack([preprocessor.normalize(Image.fromarray(c)) for c in crops])
+    batched = preprocessor.normalize_batch(torch.from_numpy(crops))
+    assert batched.is_contiguous()  # the model runs the same kernels on the same layout
+    assert torch.equal(batched, one_by_one)

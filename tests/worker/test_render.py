@@ -8,15 +8,22 @@ import io
 import matplotlib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
+from tests.worker import render_reference
 from worker.render import (
+    INPUT_PICTURE,
     PICTURE_SOURCES,
+    _jet,
     heatmap_overlay,
+    heatmap_overlays,
+    layer_grid_pixels,
     layer_grid_png,
     npy_bytes,
     overlay_png,
+    png_bytes,
     render_artifacts,
 )
 
@@ -263,8 +270,8 @@ def computed_arrays(*, with_attention: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
-def test_every_picture_has_a_source_array() -> None:
-    assert set(PICTURE_SOURCES) == set(IMAGE_ARTIFACTS)
+def test_every_picture_but_the_input_crop_has_a_source_array() -> None:
+    assert set(PICTURE_SOURCES) | {INPUT_PICTURE} == set(IMAGE_ARTIFACTS)
     assert set(PICTURE_SOURCES.values()) <= set(ARRAY_ARTIFACTS)
 
 
@@ -285,14 +292,69 @@ def test_render_artifacts_returns_every_array_and_picture(with_attention: bool) 
             decode_png(rendered[name]), heatmap_overlay(crop, arrays[PICTURE_SOURCES[name]])
         )
     assert rendered["layer_scores.png"] == layer_grid_png(arrays["layer_scores.npy"], title="x")
+    assert np.array_equal(decode_png(rendered[INPUT_PICTURE]), crop)
 
 
 def test_render_artifacts_draws_only_pictures_whose_array_is_given() -> None:
     crop = np.zeros((224, 224, 3), dtype=np.uint8)
     rendered = render_artifacts({"rollout.npy": np.ones((14, 14), dtype=np.float32)}, crop)
-    assert set(rendered) == {"rollout.npy", "rollout.png"}
+    assert set(rendered) == {"rollout.npy", "rollout.png", INPUT_PICTURE}
 
 
 def test_render_artifacts_refuses_unknown_names() -> None:
     with pytest.raises(ValueError, match=r"rolout\.npy"):
         render_artifacts({"rolout.npy": np.ones((14, 14))}, np.zeros((224, 224, 3), dtype=np.uint8))
+
+
+# The fast paths against the renderer as first written (tests/worker/render_reference.py).
+@pytest.mark.parametrize(
+    ("batch", "grid", "size"),
+    [(1, (14, 14), (224, 224)), (5, (7, 7), (224, 224)), (3, (24, 24), (384, 384)), (2, (3, 5), (37, 61))],
+)
+def test_batched_overlays_equal_the_plain_renderer_pixel_for_pixel(
+    batch: int, grid: tuple[int, int], size: tuple[int, int]
+) -> None:
+    crops = RNG.integers(0, 256, (batch, *size, 3), dtype=np.uint8)
+    maps = RNG.random((batch, 3, *grid)).astype(np.float32)
+    maps[0, 0] /= maps[0, 0].max()  # the exact top of the colour scale
+    maps[-1, -1, 0, 0] = 1.5  # out of range: clipped
+    maps[-1, 1, 0, 0] = -0.25
+    out = heatmap_overlays(torch.from_numpy(crops), torch.from_numpy(maps)).numpy()
+    assert out.shape == (batch, 3, *size, 3)
+    assert out.dtype == np.uint8
+    for b in range(batch):
+        for m in range(3):
+            np.testing.assert_array_equal(out[b, m], render_reference.heatmap_overlay(crops[b], maps[b, m]))
+
+
+def test_jet_lookup_picks_matplotlibs_colour_at_every_bin_edge() -> None:
+    edges = np.concatenate([np.arange(257) / 256, np.nextafter(np.arange(1, 257) / 256, 0)]).astype(
+        np.float32
+    )
+    np.testing.assert_array_equal(_jet(edges), matplotlib.colormaps["jet"](edges)[..., :3])
+
+
+@pytest.mark.parametrize(
+    ("blocks", "grid", "title"),
+    [
+        (12, (14, 14), "deit_tiny_patch16_224: layer scores"),
+        (24, (16, 16), None),
+        (1, (7, 7), "t"),
+        (5, (3, 9), None),
+    ],
+)
+def test_layer_grid_from_the_cached_template_equals_the_plain_renderer(
+    blocks: int, grid: tuple[int, int], title: str | None
+) -> None:
+    for seed in range(2):  # the second call reuses the cached canvas, which must stay clean
+        scores = np.random.default_rng(seed).random((blocks, *grid)).astype(np.float32)
+        np.testing.assert_array_equal(
+            layer_grid_pixels(scores, title=title), render_reference.layer_grid(scores, title=title)
+        )
+
+
+def test_png_encoding_is_lossless() -> None:
+    pixels = render_reference.heatmap_overlay(
+        RNG.integers(0, 256, (224, 224, 3), dtype=np.uint8), RNG.random((14, 14)).astype(np.float32)
+    )
+    np.testing.assert_array_equal(decode_png(png_bytes(pixels)), pixels)

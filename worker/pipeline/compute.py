@@ -1,48 +1,70 @@
-"""Compute: one forward + backward pass for a micro-batch; a failing batch is split to find the culprit."""
+"""Compute: one forward + backward pass for a micro-batch, and its overlays drawn on the same device.
+
+The crops go to the device as 8-bit pixels and become the model's input there; when the device is a
+GPU the micro-batch's overlays are rendered there too (``heatmap_overlays``) and come back as one
+``uint8`` copy. A batch that fails is split, so one bad image does not fail its neighbours.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from common.db.records import JobOutcome
-from worker.attention import explain_in_batches
+from common.db.records import MetricRecord
+from worker.attention import Explanation
 from worker.models import LoadedModel
-from worker.pipeline.claim import Ticket
+from worker.pipeline.cpu import OVERLAYS
 from worker.pipeline.prepare import Prepared
 from worker.pipeline.record import Recorder
 from worker.pipeline.score import score
-from worker.pipeline.store import store
+from worker.render import PICTURE_SOURCES, heatmap_overlays
 
-__all__ = ["compute"]
+__all__ = ["Computed", "compute"]
 
 log = logging.getLogger(__name__)
 
 
-def compute(
-    recorder: Recorder, loaded: LoadedModel, batch: list[Prepared]
-) -> list[tuple[Ticket, Future[JobOutcome]]]:
-    """One forward + backward for the micro-batch, then its metrics if the batch asked for them;
-    rendering and upload go to the store pool."""
+@dataclass
+class Computed:
+    """One image's explanation, its overlay pixels when the device drew them, and its share of the time."""
+
+    prepared: Prepared
+    explanation: Explanation
+    overlays: dict[str, np.ndarray] | None
+    seconds: float
+    metrics: list[MetricRecord]
+
+
+def compute(recorder: Recorder, loaded: LoadedModel, batch: list[Prepared]) -> list[Computed]:
+    """Explain the micro-batch; an image that cannot be explained is recorded as failed and left out."""
     runtime = recorder.runtime
-    settings = batch[0].ticket.settings
     start = time.perf_counter()
     try:
-        images = torch.stack([p.tensor for p in batch]).to(runtime.device, non_blocking=True)
-        explanations = explain_in_batches(
-            loaded.model,
-            images,
-            settings,
-            [p.target_index for p in batch],
-            batch_size=len(batch),
-            autocast_dtype=runtime.autocast,
-        )
-        tickets = [p.ticket for p in batch]
-        coverages = [p.coverage for p in batch]
-        metrics = score(runtime, loaded, images, tickets, [p.sha256 for p in batch], coverages, explanations)
+        with runtime.clock.measure("compute"):
+            crops = torch.from_numpy(np.stack([p.crop for p in batch])).to(runtime.device, non_blocking=True)
+            images = loaded.preprocessor.normalize_batch(crops)
+            explanations = runtime.explainer(
+                loaded.model,
+                images,
+                batch[0].ticket.settings,
+                [p.target_index for p in batch],
+                batch_size=len(batch),
+                autocast_dtype=runtime.autocast,
+            )
+            metrics = score(
+                runtime,
+                loaded,
+                images,
+                [p.ticket for p in batch],
+                [p.sha256 for p in batch],
+                [p.coverage for p in batch],
+                explanations,
+            )
+        overlays = _device_overlays(recorder, crops, explanations)
     except Exception as exc:
         if len(batch) == 1:
             recorder.fail(batch[0].ticket, exc)
@@ -52,6 +74,23 @@ def compute(
         return [result for prepared in batch for result in compute(recorder, loaded, [prepared])]
     per_image = (time.perf_counter() - start) / len(batch)
     return [
-        (p.ticket, runtime.render_pool.submit(store, runtime, loaded, p, e, per_image, m))
-        for p, e, m in zip(batch, explanations, metrics, strict=True)
+        Computed(p, e, o, per_image, m)
+        for p, e, o, m in zip(batch, explanations, overlays, metrics, strict=True)
     ]
+
+
+def _device_overlays(
+    recorder: Recorder, crops: torch.Tensor, explanations: list[Explanation]
+) -> list[dict[str, np.ndarray] | None]:
+    """Every overlay of the micro-batch drawn on a GPU and copied back once; ``None`` each on a CPU
+    device, where the CPU pool draws them beside the encoding instead of serially in this thread."""
+    if crops.device.type == "cpu":
+        return [None] * len(explanations)
+    with recorder.runtime.clock.measure("render"):
+        present = explanations[0].arrays()
+        names = [name for name in OVERLAYS if PICTURE_SOURCES[name] in present]
+        if not names:
+            return [{} for _ in explanations]
+        maps = np.stack([[e.arrays()[PICTURE_SOURCES[n]] for n in names] for e in explanations])
+        pixels = heatmap_overlays(crops, torch.from_numpy(maps).to(crops.device)).cpu().numpy()
+    return [dict(zip(names, per_image, strict=True)) for per_image in pixels]

@@ -1,27 +1,39 @@
 """One chunk of jobs, end to end: claim → prepare → compute → store → record.
 
 The same code runs inside a Celery worker and in ``producer submit --local``; only the shell that
-hands it job ids differs. Work overlaps so the device is not left waiting: images are fetched and
-decoded by a thread pool while earlier micro-batches compute, and rendering/uploading happens on
-another pool while the next micro-batch computes.
+hands it job ids differs. Each stage keeps the next one fed:
+
+    claim      this thread       take the jobs, group them by model and settings
+    prepare    fetch threads     download and hash; decode and crop in the CPU pool
+    compute    this thread       micro-batches on the device; overlays drawn there on a GPU
+    store      store threads     pictures drawn and encoded in the CPU pool, artifacts uploaded
+    record     record thread     one transaction per micro-batch
+
+``process_chunks`` also overlaps chunks: the next chunk is claimed and its images fetched and
+decoded while the current one's last micro-batches are stored and recorded, so the device does not
+wait at chunk boundaries. Every failure is recorded on its own job (permanent → failed, transient →
+back to the queue); one bad image never fails the rest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 from common.db.records import JobOutcome
 from common.errors import PermanentError, TransientError
 from common.methods import MethodSettings
 from common.metrics import MetricSettings
+from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket, claim
 from worker.pipeline.compute import compute
 from worker.pipeline.prepare import Prepared, prepare
 from worker.pipeline.record import ChunkReport, JobCallback, Recorder
 from worker.pipeline.runtime import Runtime
+from worker.pipeline.store import store
 
-__all__ = ["process_jobs"]
+__all__ = ["process_chunks", "process_jobs"]
 
 
 def process_jobs(
@@ -32,71 +44,170 @@ def process_jobs(
     Raises only for failures of the whole chunk that are worth retrying as a whole (the database or
     the object store unreachable while claiming or recording): ``TransientError``.
     """
-    report = ChunkReport()
-    tickets = claim(runtime, job_ids)
-    claimed = {t.job_id for t in tickets}
-    report.skipped = [job_id for job_id in job_ids if job_id not in claimed]
-    if not tickets:
-        return report
-    runtime.keeper.hold(claimed)
-    recorder = Recorder(runtime, report, on_job)
-    groups: dict[tuple[str, MethodSettings, MetricSettings], list[Ticket]] = {}
-    for ticket in tickets:
-        groups.setdefault((ticket.spec.fingerprint(), ticket.settings, ticket.metrics), []).append(ticket)
-    try:
-        for group in groups.values():
-            _process_group(recorder, group)
-    finally:
-        runtime.keeper.release(claimed, done=False)
-        runtime.keeper.current_model = None
-    return report
+    chunk = _Chunk.start(runtime, job_ids, on_job)
+    chunk.compute()
+    return chunk.finish()
 
 
-def _process_group(recorder: Recorder, tickets: list[Ticket]) -> None:
-    """Jobs that share a model and settings: fetch all concurrently, compute in micro-batches."""
-    runtime = recorder.runtime
-    spec = tickets[0].spec
-    runtime.keeper.current_model = spec.name
-    try:
-        loaded = runtime.models.get(spec)  # refuses a model the core cannot explain
-    except (PermanentError, TransientError) as exc:
+def process_chunks(
+    runtime: Runtime, chunks: Iterable[Sequence[str]], *, on_job: JobCallback | None = None
+) -> Iterator[ChunkReport]:
+    """``process_jobs`` for each chunk in turn, overlapped: a chunk is claimed, prepared and computed
+    while the previous one's last micro-batches are still being stored and recorded, so the device
+    does not wait at chunk boundaries. At most two chunks are in memory. Yields each chunk's report,
+    in order, once it is recorded."""
+    previous: _Chunk | None = None
+    for job_ids in chunks:
+        try:
+            chunk = _Chunk.start(runtime, job_ids, on_job, previous=previous)
+            chunk.compute()
+        except BaseException:
+            if previous is not None:  # its jobs are recorded and released before the error goes up
+                previous.finish()
+            raise
+        if previous is not None:
+            yield previous.finish()
+        previous = chunk
+    if previous is not None:
+        yield previous.finish()
+
+
+@dataclass
+class _Group:
+    """Jobs of one chunk that share a model and settings, their images being prepared."""
+
+    loaded: LoadedModel
+    tickets: list[Ticket]
+    fetches: list[Future[Prepared]]
+
+
+@dataclass
+class _Chunk:
+    """One chunk in three steps: ``start`` (claim, start preparing), ``compute`` (micro-batches on
+    the device, each handed on to store and record), ``finish`` (wait for the records, settle the
+    duplicates, release the leases)."""
+
+    runtime: Runtime
+    recorder: Recorder
+    claimed: set[str]
+    groups: list[_Group] = field(default_factory=list)
+    # (image sha256, config) computed here; a later chunk sends the same image to its duplicates
+    # instead of computing it again while this chunk is still recording it.
+    computing: set[tuple[str, str]] = field(default_factory=set)
+    previous: set[tuple[str, str]] = field(default_factory=set)
+    records: list[Future[None]] = field(default_factory=list)
+    duplicates: list[tuple[LoadedModel, list[Prepared]]] = field(default_factory=list)
+
+    @classmethod
+    def start(
+        cls,
+        runtime: Runtime,
+        job_ids: Sequence[str],
+        on_job: JobCallback | None,
+        *,
+        previous: _Chunk | None = None,
+    ) -> _Chunk:
+        """Claim the jobs, load their models and start preparing every image."""
+        report = ChunkReport()
+        tickets = claim(runtime, job_ids)
+        claimed = {t.job_id for t in tickets}
+        report.skipped = [job_id for job_id in job_ids if job_id not in claimed]
+        chunk = cls(runtime, Recorder(runtime, report, on_job), claimed)
+        if previous is not None:
+            chunk.previous = previous.computing
+        runtime.keeper.hold(claimed)
+        by_key: dict[tuple[str, MethodSettings, MetricSettings], list[Ticket]] = {}
         for ticket in tickets:
-            recorder.fail(ticket, exc)
-        return
-    fetches = [runtime.fetch_pool.submit(prepare, runtime, loaded, ticket) for ticket in tickets]
-    stores: list[tuple[Ticket, Future[JobOutcome]]] = []
-    in_flight: dict[tuple[str, str], list[Prepared]] = {}  # identical (image, config) inside this chunk
-    pending: list[Prepared] = []
-    for ticket, fetch in zip(tickets, fetches, strict=True):
-        try:
-            prepared = fetch.result()
-        except Exception as exc:  # recorded on this job only; the rest of the chunk goes on
-            recorder.fail(ticket, exc)
-            continue
-        duplicate_of = in_flight.get((prepared.sha256, ticket.config))
-        if duplicate_of is not None:
-            duplicate_of.append(prepared)
-            continue
-        if recorder.try_reuse(prepared):
-            continue
-        in_flight[(prepared.sha256, ticket.config)] = []
-        pending.append(prepared)
-        if len(pending) == runtime.settings.batch_size:
-            stores += compute(recorder, loaded, pending)
-            pending = []
-    if pending:
-        stores += compute(recorder, loaded, pending)
-    _record(recorder, stores)
-    for followers in in_flight.values():
-        for prepared in followers:
-            if not recorder.try_reuse(prepared):  # the original failed: compute this one on its own
-                _record(recorder, compute(recorder, loaded, [prepared]))
+            by_key.setdefault((ticket.spec.fingerprint(), ticket.settings, ticket.metrics), []).append(ticket)
+        for group in by_key.values():
+            loaded = chunk._load(group)
+            if loaded is not None:
+                fetches = [runtime.fetch_pool.submit(prepare, runtime, loaded, t) for t in group]
+                chunk.groups.append(_Group(loaded, group, fetches))
+        return chunk
 
-
-def _record(recorder: Recorder, stores: list[tuple[Ticket, Future[JobOutcome]]]) -> None:
-    """Wait for each job's rendering and upload, then record it as succeeded, or failed with the reason."""
-    for ticket, stored in stores:
+    def _load(self, tickets: list[Ticket]) -> LoadedModel | None:
+        spec = tickets[0].spec
         try:
-            recorder.succeed(ticket, stored.result())
-        except Exception as exc:
-            recorder.fail(ticket, exc)
+            loaded = self.runtime.models.get(spec)  # refuses a model the core cannot explain
+        except (PermanentError, TransientError) as exc:
+            for ticket in tickets:
+                self.recorder.fail(ticket, exc)
+            return None
+        return loaded
+
+    def compute(self) -> None:
+        """Compute every group in micro-batches as its images arrive; hand results to store and record."""
+        for group in self.groups:
+            self.runtime.keeper.current_model = group.loaded.spec.name
+            self._compute_group(group)
+
+    def _compute_group(self, group: _Group) -> None:
+        """Images in arrival order; each micro-batch's worth is looked up for reuse in one query,
+        and what is left is computed in micro-batches."""
+        batch_size = self.runtime.settings.batch_size
+        in_flight: dict[tuple[str, str], list[Prepared]] = {}  # identical (image, config) in this chunk
+        candidates: list[Prepared] = []
+        pending: list[Prepared] = []
+        for ticket, fetch in zip(group.tickets, group.fetches, strict=True):
+            try:
+                prepared = fetch.result()
+            except Exception as exc:  # recorded on this job only; the rest of the chunk goes on
+                self.recorder.fail(ticket, exc)
+                continue
+            key = (prepared.sha256, ticket.config)
+            if key in in_flight:
+                in_flight[key].append(prepared)
+            elif key in self.previous:
+                in_flight[key] = [prepared]  # reused once the previous chunk has recorded it
+            else:
+                in_flight[key] = []
+                candidates.append(prepared)
+            if len(candidates) == batch_size:
+                pending += self.recorder.reuse_all(candidates)
+                candidates = []
+            while len(pending) >= batch_size:
+                self._compute_and_store(group.loaded, pending[:batch_size])
+                pending = pending[batch_size:]
+        pending += self.recorder.reuse_all(candidates)
+        for start in range(0, len(pending), batch_size):
+            self._compute_and_store(group.loaded, pending[start : start + batch_size])
+        followers = [prepared for waiting in in_flight.values() for prepared in waiting]
+        if followers:
+            self.duplicates.append((group.loaded, followers))
+
+    def _compute_and_store(self, loaded: LoadedModel, batch: list[Prepared]) -> None:
+        runtime = self.runtime
+        self.computing.update((p.sha256, p.ticket.config) for p in batch)
+        stored: list[tuple[Ticket, Future[JobOutcome]]] = [
+            (c.prepared.ticket, runtime.store_pool.submit(store, runtime, loaded, c))
+            for c in compute(self.recorder, loaded, batch)
+        ]
+        if stored:
+            self.records.append(runtime.record_pool.submit(self.recorder.succeed_all, stored))
+
+    def finish(self) -> ChunkReport:
+        """Wait for every record; then the in-chunk duplicates point at their originals' artifacts
+        (or, where an original failed, are computed on their own)."""
+        try:
+            self._wait_for_records()
+            for loaded, followers in self.duplicates:
+                for prepared in followers:
+                    if not self.recorder.try_reuse(prepared):  # the original failed: compute this one
+                        self._compute_and_store(loaded, [prepared])
+                        self._wait_for_records()  # so the next duplicate can reuse it
+        finally:
+            self.runtime.keeper.release(self.claimed, done=False)
+            self.runtime.keeper.current_model = None
+        return self.recorder.report
+
+    def _wait_for_records(self) -> None:
+        records, self.records = self.records, []
+        first_error: BaseException | None = None
+        for record in records:
+            try:
+                record.result()
+            except BaseException as exc:  # wait for the others, then raise the first (TransientError)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error

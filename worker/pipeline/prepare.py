@@ -1,4 +1,8 @@
-"""Prepare: fetch, hash, decode and preprocess one image, and resolve its target class."""
+"""Prepare: fetch and hash one image (a fetch thread), decode and crop it (the CPU pool), resolve its target.
+
+The crop is all that travels on: the model's input is made from it on the device, for a whole
+micro-batch at once (``Preprocessor.normalize_batch``), and the overlays are drawn on it.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,25 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from common.errors import InvalidTargetError
 from common.fetch import content_sha256
 from worker.labels import resolve_target
 from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket
+from worker.pipeline.cpu import decode_and_crop
 from worker.pipeline.runtime import Runtime
 from worker.pipeline.score import region_coverage
-from worker.preprocess import decode_image
 
 __all__ = ["Prepared", "prepare"]
 
 
 @dataclass
 class Prepared:
-    """One image ready to compute: the model input, the crop the overlays are drawn on."""
+    """One image ready to compute: the crop the model sees (``uint8 [H, W, 3]``) and its target."""
 
     ticket: Ticket
     sha256: str
-    tensor: torch.Tensor
     crop: np.ndarray
     target_index: int | None
     fetch_seconds: float
@@ -34,17 +36,18 @@ class Prepared:
 
 
 def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
-    """Fetch, hash, decode and preprocess one image; resolve its target. Runs on the fetch pool."""
+    """Fetch, hash, decode and crop one image; resolve its target. Runs on the fetch pool."""
     start = time.perf_counter()
-    data = runtime.fetcher.fetch(ticket.image_uri)
-    image = decode_image(data, max_pixels=runtime.settings.max_image_pixels)
-    cropped = loaded.preprocessor.crop(image)
-    coverage = region_coverage(runtime, loaded, ticket, image.size)
+    with runtime.clock.measure("fetch+decode"):
+        data = runtime.fetcher.fetch(ticket.image_uri)
+        sha256 = content_sha256(data)
+    decoded = runtime.cpu.run(decode_and_crop, data, loaded.preprocessor, runtime.settings.max_image_pixels)
+    runtime.clock.add(decoded.seconds)
+    coverage = region_coverage(runtime, loaded, ticket, data)
     return Prepared(
         ticket=ticket,
-        sha256=content_sha256(data),
-        tensor=loaded.preprocessor.normalize(cropped),
-        crop=np.array(cropped, dtype=np.uint8),
+        sha256=sha256,
+        crop=decoded.crop,
         target_index=_target_index(loaded, ticket),
         fetch_seconds=time.perf_counter() - start,
         coverage=coverage,

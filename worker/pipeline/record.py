@@ -7,10 +7,12 @@ retry); one bad image never fails the rest of its chunk.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from common.db.jobs import find_reusable, record_failure, record_reuse, record_success
+from common.db.jobs import find_reusable, find_reusables, record_failure, record_reuse, record_successes
 from common.db.models import JobState
 from common.db.records import JobOutcome
 from common.errors import TransientError
@@ -39,13 +41,18 @@ class ChunkReport:
 
 
 class Recorder:
-    """Bookkeeping for one ``process_jobs`` call: records outcomes and reports them."""
+    """Bookkeeping for one chunk: records outcomes and reports them.
+
+    Called from the chunk's driving thread (failures, reuse) and from the runtime's record thread
+    (finished micro-batches); a lock keeps the report and the callbacks in one order.
+    """
 
     def __init__(self, runtime: Runtime, report: ChunkReport, on_job: JobCallback | None) -> None:
         self.runtime = runtime
         self.report = report
         self.on_job = on_job
         self.worker_id = current_identity().worker_id
+        self._lock = threading.RLock()
 
     def _done(self, job_id: str, state: JobState) -> None:
         self.runtime.keeper.release([job_id], done=state != JobState.QUEUED)
@@ -74,24 +81,73 @@ class Recorder:
                 retryable=retryable,
                 max_attempts=settings.max_attempts,
             )
-        if state is JobState.QUEUED:
-            self.report.retry.append(ticket.job_id)
-        elif state is JobState.FAILED:
-            self.report.failed.append(ticket.job_id)
-        if state is not None:
-            self._done(ticket.job_id, state)
+        with self._lock:
+            if state is JobState.QUEUED:
+                self.report.retry.append(ticket.job_id)
+            elif state is JobState.FAILED:
+                self.report.failed.append(ticket.job_id)
+            if state is not None:
+                self._done(ticket.job_id, state)
 
-    def succeed(self, ticket: Ticket, outcome: JobOutcome) -> None:
-        with self.runtime.db.session() as session:
-            won = record_success(session, ticket.job_id, worker_id=self.worker_id, outcome=outcome)
-        if won:
-            self.report.succeeded.append(ticket.job_id)
-            self._done(ticket.job_id, JobState.SUCCEEDED)
+    def succeed_all(self, stored: Sequence[tuple[Ticket, Future[JobOutcome]]]) -> None:
+        """Wait for a micro-batch's uploads, then record its successes in one transaction; a job
+        whose rendering or upload failed is recorded as failed with the reason."""
+        outcomes: list[tuple[str, JobOutcome]] = []
+        for ticket, future in stored:
+            try:
+                outcomes.append((ticket.job_id, future.result()))
+            except Exception as exc:
+                self.fail(ticket, exc)
+        if not outcomes:
+            return
+        with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
+            won = record_successes(session, outcomes, worker_id=self.worker_id)
+        with self._lock:
+            for job_id in won:
+                self.report.succeeded.append(job_id)
+                self._done(job_id, JobState.SUCCEEDED)
+
+    def reuse_all(self, candidates: Sequence[Prepared]) -> list[Prepared]:
+        """Point each job that has an earlier identical job at its artifacts, all in one lookup and
+        one transaction; returns the candidates left to compute."""
+        if not candidates:
+            return []
+        reused: list[str] = []
+        left: list[Prepared] = []
+        # Jobs that ask for metrics may reuse only a source holding the same metric values: looked up
+        # one by one (metrics cost far more than a query); the rest in one query.
+        plain = [p for p in candidates if p.ticket.metrics_config is None]
+        with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
+            sources = find_reusables(session, [(p.sha256, p.ticket.config) for p in plain])
+            for prepared in candidates:
+                ticket = prepared.ticket
+                source = (
+                    sources.get((prepared.sha256, ticket.config))
+                    if ticket.metrics_config is None
+                    else find_reusable(
+                        session, prepared.sha256, ticket.config, metrics_config=ticket.metrics_config
+                    )
+                )
+                if source is None:
+                    left.append(prepared)
+                elif record_reuse(
+                    session,
+                    prepared.ticket.job_id,
+                    worker_id=self.worker_id,
+                    source=source,
+                    fetch_seconds=prepared.fetch_seconds,
+                ):
+                    reused.append(prepared.ticket.job_id)
+        with self._lock:
+            for job_id in reused:
+                self.report.reused.append(job_id)
+                self._done(job_id, JobState.SUCCEEDED)
+        return left
 
     def try_reuse(self, prepared: Prepared) -> bool:
         """Point the job at an earlier identical job's artifacts, if there is one."""
         ticket = prepared.ticket
-        with self.runtime.db.session() as session:
+        with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
             source = find_reusable(
                 session, prepared.sha256, ticket.config, metrics_config=ticket.metrics_config
             )
@@ -105,6 +161,7 @@ class Recorder:
                 fetch_seconds=prepared.fetch_seconds,
             )
         if won:
-            self.report.reused.append(ticket.job_id)
-            self._done(ticket.job_id, JobState.SUCCEEDED)
+            with self._lock:
+                self.report.reused.append(ticket.job_id)
+                self._done(ticket.job_id, JobState.SUCCEEDED)
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -13,16 +13,28 @@ from common.db.records import QueuedJob
 from common.fetch import DefaultFetcher, FetchPolicy, ImageFetcher
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
+from worker.attention import explain_in_batches
 from worker.device import autocast_dtype, select_device
 from worker.keeper import LeaseKeeper
 from worker.models import ModelCache
+from worker.pipeline.clock import StageClock
+from worker.pipeline.cpu import CpuPool, auto_cpu_workers
 
-__all__ = ["Runtime"]
+__all__ = ["Explainer", "Runtime"]
+
+# ``explain_in_batches``'s signature: the compute stage calls whatever the runtime holds, so a
+# benchmark can stand in an infinitely fast device (``bench/bench_pipeline.py --modes null``).
+Explainer = Callable[..., list]
 
 
 @dataclass
 class Runtime:
-    """What one worker process keeps between chunks: connections, thread pools, warm models."""
+    """What one worker process keeps between chunks: connections, pools, warm models.
+
+    Threads wait on I/O (``fetch_pool`` downloads, ``store_pool`` uploads, ``record_pool`` writes the
+    database, one transaction per micro-batch); ``cpu`` decodes and encodes images, in processes of
+    its own when it has any, so those stages use more cores than one GIL allows.
+    """
 
     settings: Settings
     db: Database
@@ -32,8 +44,12 @@ class Runtime:
     device: torch.device
     autocast: torch.dtype | None
     keeper: LeaseKeeper
+    cpu: CpuPool
     fetch_pool: ThreadPoolExecutor
-    render_pool: ThreadPoolExecutor
+    store_pool: ThreadPoolExecutor
+    record_pool: ThreadPoolExecutor
+    explainer: Explainer = explain_in_batches
+    clock: StageClock = field(default_factory=StageClock)
 
     @classmethod
     def from_settings(
@@ -49,6 +65,7 @@ class Runtime:
     ) -> Runtime:
         db = db or open_database(settings)
         device = select_device(settings.device)
+        workers = settings.cpu_workers if settings.cpu_workers is not None else auto_cpu_workers(device)
         return cls(
             settings=settings,
             db=db,
@@ -65,14 +82,27 @@ class Runtime:
             keeper=LeaseKeeper(
                 db, settings, node=node, queues=queues, device=str(device), on_requeued=on_requeued
             ),
-            fetch_pool=ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="vitscope-fetch"),
-            render_pool=ThreadPoolExecutor(
-                min(4, settings.upload_threads), thread_name_prefix="vitscope-store"
+            cpu=CpuPool(workers),
+            # A thread blocks on the pool while its image is decoded or encoded: enough threads to
+            # keep every pool process busy, and at least the configured I/O concurrency.
+            fetch_pool=ThreadPoolExecutor(
+                max(settings.fetch_threads, workers), thread_name_prefix="vitscope-fetch"
             ),
+            store_pool=ThreadPoolExecutor(
+                max(min(4, settings.upload_threads), workers), thread_name_prefix="vitscope-store"
+            ),
+            record_pool=ThreadPoolExecutor(1, thread_name_prefix="vitscope-record"),
         )
+
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        """CPU seconds spent per stage since the runtime started (or the dict was cleared)."""
+        return self.clock.seconds
 
     def close(self) -> None:
         self.keeper.stop()
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
-        self.render_pool.shutdown(wait=True, cancel_futures=True)
+        self.store_pool.shutdown(wait=True, cancel_futures=True)
+        self.record_pool.shutdown(wait=True, cancel_futures=True)
+        self.cpu.close()
         self.db.dispose()

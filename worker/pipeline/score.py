@@ -32,7 +32,7 @@ from worker.metrics import (
 from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket
 from worker.pipeline.runtime import Runtime
-from worker.preprocess import decode_image
+from worker.preprocess import decode_image, upright_size
 
 __all__ = ["image_seed", "region_coverage", "score"]
 
@@ -48,9 +48,7 @@ def image_seed(sha256: str, seed: int) -> int:
     return (int(sha256[:15], 16) + seed) % (2**63)
 
 
-def region_coverage(
-    runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image_size: tuple[int, int]
-) -> np.ndarray | None:
+def region_coverage(runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image: bytes) -> np.ndarray | None:
     """``[gh, gw]`` share of each patch inside the job's box or mask, or ``None`` without one.
 
     Runs on the fetch pool, next to the image's own preprocessing. An unreadable mask fails the job
@@ -58,6 +56,7 @@ def region_coverage(
     """
     if not ticket.metrics.wants(MetricFamily.LOCALIZATION) or not (ticket.bbox or ticket.mask_uri):
         return None
+    image_size = upright_size(image)  # the full-resolution size, whatever scale the image decodes at
     preprocessor = loaded.preprocessor
     grid = tuple(int(g) for g in loaded.model.patch_embed.grid_size)
     if ticket.bbox:

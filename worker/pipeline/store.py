@@ -1,4 +1,5 @@
-"""Store: render every artifact of one image, upload it under deterministic keys, describe it."""
+"""Store: one image's pictures drawn and encoded (the CPU pool), every artifact uploaded under its
+deterministic key, and described for the database."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import time
 import numpy as np
 from PIL import Image
 
-from common.db.records import ArtifactRecord, JobOutcome, MetricRecord, PredictionRecord
+from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord
 from common.keys import artifact_key
 from worker.attention import Explanation
 from worker.models import LoadedModel
-from worker.pipeline.prepare import Prepared
+from worker.pipeline.compute import Computed
+from worker.pipeline.cpu import draw_pictures
 from worker.pipeline.runtime import Runtime
-from worker.render import render_artifacts
+from worker.render import npy_bytes
 
 __all__ = ["store"]
 
@@ -24,33 +26,38 @@ def _content_type(name: str) -> str:
     return "image/png" if name.endswith(".png") else "application/x-npy"
 
 
-def store(
-    runtime: Runtime,
-    loaded: LoadedModel,
-    prepared: Prepared,
-    explanation: Explanation,
-    compute_seconds: float,
-    metrics: list[MetricRecord] | None = None,
-) -> JobOutcome:
+def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> JobOutcome:
     """Render every artifact, upload them under deterministic keys, describe them for the database."""
     start = time.perf_counter()
+    prepared, explanation = computed.prepared, computed.explanation
     ticket = prepared.ticket
     arrays = explanation.arrays()
-    rendered = render_artifacts(arrays, prepared.crop, title=f"{ticket.model}: layer scores")
-    keys = {name: artifact_key(prepared.sha256, ticket.model, ticket.config, name) for name in rendered}
-    uris = runtime.store.put_many((keys[name], data, _content_type(name)) for name, data in rendered.items())
-    artifacts = [
-        ArtifactRecord(
-            name=name,
-            uri=uris[keys[name]],
-            content_type=_content_type(name),
-            bytes=len(data),
-            checksum=hashlib.sha256(data).hexdigest(),
-            shape=_shape(name, data, arrays),
-            dtype=str(arrays[name].dtype) if name in arrays else "uint8",
+    pictures = runtime.cpu.run(
+        draw_pictures,
+        prepared.crop,
+        arrays,
+        overlays=computed.overlays,
+        title=f"{ticket.model}: layer scores",
+    )
+    runtime.clock.add(pictures.seconds)
+    with runtime.clock.measure("store"):
+        rendered = {**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures.files}
+        keys = {name: artifact_key(prepared.sha256, ticket.model, ticket.config, name) for name in rendered}
+        uris = runtime.store.put_many(
+            (keys[name], data, _content_type(name)) for name, data in rendered.items()
         )
-        for name, data in sorted(rendered.items())
-    ]
+        artifacts = [
+            ArtifactRecord(
+                name=name,
+                uri=uris[keys[name]],
+                content_type=_content_type(name),
+                bytes=len(data),
+                checksum=hashlib.sha256(data).hexdigest(),
+                shape=_shape(name, data, arrays),
+                dtype=str(arrays[name].dtype) if name in arrays else "uint8",
+            )
+            for name, data in sorted(rendered.items())
+        ]
     return JobOutcome(
         image_sha256=prepared.sha256,
         target_index=explanation.target,
@@ -61,10 +68,10 @@ def store(
         artifacts=artifacts,
         predictions=_predictions(explanation, loaded.labels),
         fetch_seconds=prepared.fetch_seconds,
-        compute_seconds=compute_seconds,
+        compute_seconds=computed.seconds,
         store_seconds=time.perf_counter() - start,
-        metrics=metrics or (),
-        metrics_config=ticket.metrics_config if metrics else None,
+        metrics=computed.metrics,
+        metrics_config=ticket.metrics_config if computed.metrics else None,
     )
 
 

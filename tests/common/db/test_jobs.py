@@ -14,10 +14,12 @@ from common.db.batches import retry_failed
 from common.db.jobs import (
     claim_jobs,
     find_reusable,
+    find_reusables,
     reap_expired,
     record_failure,
     record_reuse,
     record_success,
+    record_successes,
     release_jobs,
     renew_leases,
 )
@@ -264,6 +266,43 @@ def test_reuse_points_at_the_earlier_artifacts(db, make_batch) -> None:
         assert len(s.scalars(sa.select(Prediction).where(Prediction.job_id == second[0])).all()) == 2
 
 
+def test_a_micro_batch_is_recorded_in_one_call_and_only_owned_jobs_win(db, make_batch) -> None:
+    _, ids = make_batch(3)
+    with db.session() as s:
+        claim_jobs(s, ids[:2], worker=A, lease_seconds=60, max_attempts=3)
+        claim_jobs(s, ids[2:], worker=B, lease_seconds=60, max_attempts=3)
+    outcomes = [(job_id, _outcome(f"{n}" * 64)) for n, job_id in enumerate(ids)]
+    with db.session() as s:
+        assert record_successes(s, outcomes, worker_id=A.worker_id) == ids[:2]
+    with db.session() as s:
+        assert [s.get(Job, i).state for i in ids] == [JobState.SUCCEEDED] * 2 + [JobState.RUNNING]
+        assert [s.get(Job, i).image_sha256 for i in ids[:2]] == ["0" * 64, "1" * 64]
+        for job_id, count in zip(ids, (2, 2, 0), strict=True):
+            assert len(s.scalars(sa.select(Artifact).where(Artifact.job_id == job_id)).all()) == count
+            assert len(s.scalars(sa.select(Prediction).where(Prediction.job_id == job_id)).all()) == count
+    with db.session() as s:  # recording again (a retried transaction) changes nothing
+        assert record_successes(s, outcomes, worker_id=A.worker_id) == []
+
+
+def test_reusable_originals_are_found_for_many_images_at_once(db, make_batch) -> None:
+    _, ids = make_batch(3)
+    with db.session() as s:
+        claim_jobs(s, ids, worker=A, lease_seconds=60, max_attempts=3)
+        record_success(s, ids[0], worker_id=A.worker_id, outcome=_outcome("ef" * 32))
+        record_success(s, ids[1], worker_id=A.worker_id, outcome=_outcome("ef" * 32))  # a later twin
+        record_success(s, ids[2], worker_id=A.worker_id, outcome=_outcome("12" * 32))
+    config = "cfg-deit_tiny_patch16_224"
+    with db.session() as s:
+        found = find_reusables(
+            s, [("ef" * 32, config), ("12" * 32, config), ("ef" * 32, "other"), ("99" * 32, config)]
+        )
+        assert {key: job.id for key, job in found.items()} == {
+            ("ef" * 32, config): ids[0],
+            ("12" * 32, config): ids[2],
+        }
+        assert find_reusables(s, []) == {}
+
+
 def test_retry_failed_requeues_with_a_fresh_budget(db, make_batch) -> None:
     batch_id, ids = make_batch(2)
     with db.session() as s:
@@ -319,3 +358,141 @@ def test_a_headless_outcome_records_its_readout_and_note_and_a_reuse_copies_them
     assert sorted(rows) == sorted(
         (job_id, None, None, "token", headless.note) for job_id in (first[0], second[0])
     )
+
+
+@pytest.mark.parametrize("state", [JobState.QUEUED, JobState.RUNNING])
+def test_claims_refuse_jobs_that_used_up_their_attempts(db, make_batch, state: JobState) -> None:
+    """A poison job must not loop: neither a queued one nor an expired one is claimed past the budget."""
+    _, ids = make_batch(2)
+    now = utcnow()
+    with db.session() as s:
+        s.execute(
+            sa.update(Job)
+            .where(Job.id == ids[0])
+            .values(
+                state=state.value,
+                attempts=3,
+                worker_id=A.worker_id,
+                worker_host=A.hostname,
+                lease_expires_at=now - timedelta(seconds=1),
+            )
+        )
+    with db.session() as s:
+        claimed = claim_jobs(
+            s, ids, worker=A2, lease_seconds=60, max_attempts=3, is_dead=lambda _: True, now=now
+        )
+    assert [job.id for job in claimed] == ids[1:]
+    job = _state(db, ids[0])
+    assert (job.state, job.attempts, job.worker_id) == (state, 3, A.worker_id)
+    with db.session() as s:  # with a larger budget the same job is claimable again
+        assert [
+            j.id for j in claim_jobs(s, ids[:1], worker=A2, lease_seconds=60, max_attempts=4, now=now)
+        ] == ids[:1]
+
+
+def test_record_failure_on_a_missing_job_changes_nothing(db, make_batch) -> None:
+    _, ids = make_batch(1)
+    with db.session() as s:
+        claim_jobs(s, ids, worker=A, lease_seconds=60, max_attempts=3)
+    with db.session() as s:
+        state = record_failure(
+            s,
+            "no-such-job",
+            worker_id=A.worker_id,
+            error_class="E",
+            message="m",
+            retryable=True,
+            max_attempts=3,
+        )
+    assert state is None
+    job = _state(db, ids[0])
+    assert (job.state, job.error_class) == (JobState.RUNNING, None)
+
+
+def test_record_reuse_after_a_lost_claim_writes_nothing(db, make_batch) -> None:
+    _, first = make_batch(1)
+    _, second = make_batch(1)
+    now = utcnow()
+    with db.session() as s:
+        claim_jobs(s, first, worker=A, lease_seconds=60, max_attempts=3, now=now)
+        record_success(s, first[0], worker_id=A.worker_id, outcome=_outcome("ef" * 32))
+        claim_jobs(s, second, worker=A, lease_seconds=1, max_attempts=3, now=now)
+    with db.session() as s:  # A's lease ran out and B took the job over
+        claim_jobs(s, second, worker=B, lease_seconds=60, max_attempts=3, now=now + timedelta(seconds=2))
+    with db.session() as s:
+        source = find_reusable(s, "ef" * 32, "cfg-deit_tiny_patch16_224")
+        assert record_reuse(s, second[0], worker_id=A.worker_id, source=source) is False
+    job = _state(db, second[0])
+    assert (job.state, job.worker_id, job.reused_from) == (JobState.RUNNING, B.worker_id, None)
+    with db.session() as s:
+        for table in (Artifact, Prediction):
+            assert (
+                s.scalar(sa.select(sa.func.count()).select_from(table).where(table.job_id == second[0])) == 0
+            )
+
+
+def test_result_rows_already_present_are_kept_not_duplicated(db, make_batch) -> None:
+    """A retried transaction may meet rows it wrote before: ON CONFLICT DO NOTHING, on both dialects."""
+    _, ids = make_batch(1)
+    with db.session() as s:
+        claim_jobs(s, ids, worker=A, lease_seconds=60, max_attempts=3)
+        s.add(
+            Artifact(
+                job_id=ids[0],
+                name="rollout.npy",
+                uri="file:///earlier/rollout.npy",
+                content_type="application/x-npy",
+                bytes=1,
+                checksum="e" * 64,
+                shape="14x14",
+                dtype="float32",
+            )
+        )
+        s.add(Prediction(job_id=ids[0], rank=1, class_index=1, prob=0.5, label="earlier"))
+    with db.session() as s:
+        assert record_success(s, ids[0], worker_id=A.worker_id, outcome=_outcome()) is True
+    with db.session() as s:
+        artifacts = {a.name: a.uri for a in s.scalars(sa.select(Artifact).where(Artifact.job_id == ids[0]))}
+        predictions = {
+            p.rank: p.label for p in s.scalars(sa.select(Prediction).where(Prediction.job_id == ids[0]))
+        }
+    assert artifacts == {"rollout.npy": "file:///earlier/rollout.npy", "rollout.png": "file:///r/rollout.png"}
+    assert predictions == {1: "earlier", 2: "tiger cat"}
+
+
+def test_the_reaper_takes_at_most_its_limit_per_round(db, make_batch) -> None:
+    _, ids = make_batch(5)
+    now = utcnow()
+    with db.session() as s:
+        claim_jobs(s, ids, worker=A, lease_seconds=5, max_attempts=3, now=now)
+    later = now + timedelta(seconds=6)
+    rounds: list[int] = []
+    for _ in range(4):
+        with db.session() as s:
+            requeued, failed = reap_expired(s, max_attempts=3, now=later, limit=2)
+        assert failed == []
+        rounds.append(len(requeued))
+    assert rounds == [2, 2, 1, 0]
+    assert all(_state(db, job_id).state == JobState.QUEUED for job_id in ids)
+
+
+def test_a_process_takes_back_the_jobs_its_stopped_chunk_left_running(db, make_batch) -> None:
+    """A chunk cut short by a database outage leaves its jobs running under this process's lease;
+    the retried chunk must not wait for that lease to run out (minutes) and the reaper."""
+    _, ids = make_batch(2)
+    now = utcnow()
+    with db.session() as s:
+        claim_jobs(s, ids, worker=A, lease_seconds=600, max_attempts=3, now=now)
+    with db.session() as s:  # nobody else may: the lease is live and A is not dead
+        assert claim_jobs(s, ids, worker=A2, lease_seconds=600, max_attempts=3, is_dead=lambda _: False) == []
+    with db.session() as s:  # only when the caller says it holds nothing (a new chunk, not a neighbour)
+        assert claim_jobs(s, ids, worker=A, lease_seconds=600, max_attempts=3, now=now) == []
+    with db.session() as s:
+        jobs = claim_jobs(s, ids, worker=A, lease_seconds=600, max_attempts=3, reclaim_own=True, now=now)
+    assert [(j.id, j.worker_id, j.attempts, j.interruptions) for j in jobs] == [
+        (i, A.worker_id, 2, 0) for i in ids
+    ]
+    with db.session() as s:  # still bounded by the attempt budget
+        assert (
+            claim_jobs(s, ids, worker=A, lease_seconds=600, max_attempts=2, reclaim_own=True, now=now) == []
+        )

@@ -1,0 +1,369 @@
+"""The worker's CPU-side ceiling: images/s of the real pipeline, with and without the model's compute.
+
+A real batch goes through ``run_batch`` (the code ``producer submit --local`` and a Celery worker
+run): fetch from files, decode, preprocess, compute, render, encode, store in a local folder, record
+in SQLite or PostgreSQL. Two modes:
+
+- ``compute``: deit_tiny (random weights) on this CPU, as it is;
+- ``null``: the compute replaced by ready-made arrays of the real shapes (real explanations of a few
+  images, handed out in turn) — an infinitely fast device. Its images/s is the ceiling the CPU side
+  puts on any GPU, and its stage times are what each image costs the host.
+
+Each configuration runs in a fresh process pinned to the first ``k`` cores with ``taskset`` (torch,
+the worker's pools and its process pool sized to ``k``), on a fresh database and results folder,
+after a warm-up batch. Stage times are busy seconds summed over threads and processes, per image:
+they add up to more than the wall time when stages overlap. Inputs are distinct photo-like JPEGs of
+500×375 with every ``--large-every``-th one 4000×3000, made once into ``--images-dir``.
+
+``--before-ref REF`` also runs the same images through the pipeline as it was at git ``REF`` (an
+export of that commit), so one run gives before and after under the same load. The load average is
+recorded beside the numbers: on a shared machine, compare ratios within one run.
+
+    .venv/bin/python bench/bench_pipeline.py                               # after only, 1 and 2 cores
+    .venv/bin/python bench/bench_pipeline.py --before-ref 3b91896 --database sqlite,postgresql
+    .venv/bin/python bench/bench_pipeline.py --rss 500,5000 --modes null   # peak RSS over long batches
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODEL = "deit_tiny_patch16_224"
+STAGES = ("fetch+decode", "preprocess", "compute", "render", "encode", "store", "record")
+SMALL, LARGE = (500, 375), (4000, 3000)
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def photo_like(seed: int, size: tuple[int, int]) -> bytes:
+    """A distinct JPEG with a photo's statistics: smooth shapes, edges, and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.float32)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    for _ in range(4):  # a few hard-edged discs, like objects against a background
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.05, 0.3) * height
+        pixels[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    pixels += rng.normal(0.0, 6.0, pixels.shape).astype(np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_images(folder: Path, count: int, large_every: int, seed: int) -> list[Path]:
+    """``count`` distinct images in ``folder``, made once (a file that exists is kept)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        large = large_every > 0 and i % large_every == large_every - 1
+        path = folder / f"{seed}-{i}{'-large' if large else ''}.jpg"
+        if not path.exists():
+            path.write_bytes(photo_like(seed * 1_000_003 + i, LARGE if large else SMALL))
+        paths.append(path)
+    return paths
+
+
+def write_csv(path: Path, images: list[Path]) -> Path:
+    path.write_text("image_uri\n" + "".join(f"{image.as_uri()}\n" for image in images))
+    return path
+
+
+def load_average() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+# ------------------------------------------------------------------------------- child: one run
+class StageTimer:
+    """CPU seconds per stage, for a pipeline that does not report its own (the code before).
+
+    ``time.thread_time``: what the calling thread itself spent, so threads that wait for the GIL or
+    for a core are not counted busy; ``minus`` takes out a stage nested inside (encode in render).
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._nested = threading.local()
+
+    def wrap(
+        self, stage: str, function: Callable[..., Any], *, minus: str | None = None
+    ) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            nested = vars(self._nested)
+            inner_before = nested.get(minus, 0.0) if minus else 0.0
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent = time.thread_time() - start
+                nested[stage] = nested.get(stage, 0.0) + spent
+                inner = (nested.get(minus, 0.0) - inner_before) if minus else 0.0
+                self.seconds[stage] += spent - inner
+
+        return timed
+
+
+def instrument_before(runtime: Any, timer: StageTimer) -> None:
+    """Time the single-module pipeline's stages by wrapping the functions it calls."""
+    import worker.pipeline as pipeline
+    import worker.render as render
+    from worker.preprocess import Preprocessor
+
+    runtime.fetcher.fetch = timer.wrap("fetch+decode", runtime.fetcher.fetch)
+    pipeline.decode_image = timer.wrap("fetch+decode", pipeline.decode_image)
+    Preprocessor.crop = timer.wrap("preprocess", Preprocessor.crop)
+    Preprocessor.normalize = timer.wrap("preprocess", Preprocessor.normalize)
+    pipeline.explain_in_batches = timer.wrap("compute", pipeline.explain_in_batches)
+    render._png = timer.wrap("encode", render._png)
+    pipeline.render_artifacts = timer.wrap("render", pipeline.render_artifacts, minus="encode")
+    runtime.store.put_many = timer.wrap("store", runtime.store.put_many)
+    pipeline.record_success = timer.wrap("record", pipeline.record_success)
+    pipeline.find_reusable = timer.wrap("record", pipeline.find_reusable)
+
+
+def null_explainer(runtime: Any, images: list[Path]) -> Callable[..., Any]:
+    """An ``explain_in_batches`` stand-in returning real explanations of a few images, in turn."""
+    import dataclasses
+
+    from common.methods import MethodSettings
+    from common.modelspec import ModelSpec
+    from worker.attention import explain
+    from worker.preprocess import decode_image
+
+    loaded = runtime.models.get(ModelSpec(name=MODEL, arch=MODEL, weights="random"))
+    batch = [loaded.preprocessor(decode_image(p.read_bytes(), max_pixels=10**8)) for p in images[:4]]
+    import torch
+
+    templates = explain(loaded.model, torch.stack(batch).to(runtime.device), MethodSettings())
+    turn = iter(range(10**12))
+
+    def explain_in_batches(model: Any, images: Any, settings: Any, targets: Any = None, **_: Any) -> list:
+        out = []
+        for b in range(len(images)):
+            template = templates[next(turn) % len(templates)]
+            target = targets[b] if targets is not None and targets[b] is not None else template.target
+            out.append(dataclasses.replace(template, target=None if target is None else int(target)))
+        return out
+
+    return explain_in_batches
+
+
+@contextmanager
+def database(kind: str, folder: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'bench.db'}"
+        return
+    sys.path.insert(0, str(HERE))
+    from _services import postgres_database
+
+    with postgres_database() as url:
+        yield url
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One configuration in this (pinned) process; returns its row."""
+    import torch
+
+    from common.db import open_database
+    from common.settings import Settings
+    from producer.submit import SubmitOptions, commit_plan, plan_submission
+    from worker.local import run_batch
+    from worker.pipeline import Runtime
+
+    torch.set_num_threads(args.cores)
+    images = make_images(Path(args.images_dir), args.images, args.large_every, seed=1)
+    warmup = make_images(Path(args.images_dir), args.batch_size, 0, seed=2)
+    with tempfile.TemporaryDirectory() as tmp, database(args.database, Path(tmp)) as url:
+        work = Path(tmp)
+        settings = Settings(
+            database_url=url,
+            storage_url=(work / "results").as_uri(),
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+        db = open_database(settings, migrate=True)
+        runtime = Runtime.from_settings(settings, db=db)
+        timer = StageTimer()
+        reported = getattr(runtime, "stage_seconds", None)
+        if reported is None:
+            instrument_before(runtime, timer)
+        if args.mode == "null":
+            fake = null_explainer(runtime, warmup)
+            if hasattr(runtime, "explainer"):
+                runtime.explainer = fake
+            else:
+                import worker.pipeline as pipeline
+
+                pipeline.explain_in_batches = timer.wrap("compute", fake)
+        options = SubmitOptions(models=[MODEL], weights="random")
+
+        def run(csv: Path) -> float:
+            submission = commit_plan(db, plan_submission(csv, options), options, mode="local")
+            start = time.perf_counter()
+            result = run_batch(runtime, submission.batch_id)
+            assert result.succeeded == submission.jobs, result
+            return time.perf_counter() - start
+
+        try:
+            run(write_csv(work / "warmup.csv", warmup))
+            busy = reported if reported is not None else timer.seconds
+            busy.clear()
+            seconds = run(write_csv(work / "batch.csv", images))
+            stages = {s: round(1000 * busy.get(s, 0.0) / len(images), 2) for s in STAGES}
+        finally:
+            runtime.close()
+    # The driving process's peak; pool processes are stateless per image. (RUSAGE_CHILDREN would
+    # report the parent's size at each fork before the spawn's exec, not the children's own.)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "images": len(images),
+        "seconds": round(seconds, 2),
+        "images_per_second": round(len(images) / seconds, 2),
+        "ms_per_image": stages,
+        "peak_rss_mib": round(own / 1024, 1),
+    }
+
+
+# --------------------------------------------------------------------------------- parent: a table
+def export_ref(ref: str, folder: Path) -> Path:
+    """The repository as it was at ``ref``, exported into ``folder`` (no worktree is touched)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def run_child(code: Path, cores: int, mode: str, db: str, images: int, args: argparse.Namespace) -> dict:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        f"--cores={cores}",
+        f"--mode={mode}",
+        f"--database={db}",
+        f"--images={images}",
+        f"--large-every={args.large_every}",
+        f"--batch-size={args.batch_size}",
+        f"--images-dir={args.images_dir}",
+        f"--device={args.device}",
+    ]
+    available = sorted(os.sched_getaffinity(0))
+    if cores > len(available):
+        raise SystemExit(f"--cores {cores}: only {len(available)} core(s) available")
+    pinned = ["taskset", "-c", ",".join(str(c) for c in available[:cores])]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(code),
+        "VITSCOPE_CPU_WORKERS": str(cores),
+        "OMP_NUM_THREADS": str(cores),
+    }
+    out = subprocess.run([*pinned, *command], env=env, cwd=code, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"run failed ({code}, {cores} cores, {mode}, {db}):\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'code':<7}{'db':<11}{'mode':<8}{'cores':>5}{'img/s':>8}" + "".join(f"{s:>13}" for s in STAGES)
+    lines = [head + "   (stage columns: ms of busy time per image)"]
+    for r in rows:
+        stages = "".join(f"{r['ms_per_image'][s]:>13.2f}" for s in STAGES)
+        lines.append(
+            f"{r['code']:<7}{r['database']:<11}{r['mode']:<8}{r['cores']:>5}{r['images_per_second']:>8.1f}{stages}"
+        )
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """after ÷ before on the same configuration, and k cores ÷ 1 core for each code."""
+    by = {(r["code"], r["database"], r["mode"], r["cores"]): r["images_per_second"] for r in rows}
+    lines = []
+    for (code, db, mode, cores), rate in sorted(by.items()):
+        if code == "after" and ("before", db, mode, cores) in by:
+            lines.append(
+                f"after/before  {db:<10} {mode:<7} {cores} core(s): {rate / by['before', db, mode, cores]:.2f}x"
+            )
+        if cores > 1 and (code, db, mode, 1) in by:
+            lines.append(
+                f"{cores} cores/1 core {code:<6} {db:<10} {mode:<7}: {rate / by[code, db, mode, 1]:.2f}x"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=128, help="images per timed batch")
+    parser.add_argument("--large-every", type=int, default=16, help="every n-th image is 4000×3000 (0: none)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cores", default="1,2", help="core counts, e.g. 1,2,4,8")
+    parser.add_argument("--modes", default="null,compute", help="null and/or compute")
+    parser.add_argument("--database", default="sqlite", help="sqlite and/or postgresql")
+    parser.add_argument("--before-ref", help="also run the pipeline of this git commit, for before/after")
+    parser.add_argument("--rss", help="image counts for a peak-RSS run instead, e.g. 500,5000")
+    parser.add_argument("--images-dir", default=str(Path(tempfile.gettempdir()) / "vitscope-bench-images"))
+    parser.add_argument("--device", default="cpu", help="the pipeline's device (cuda: overlays drawn there)")
+    parser.add_argument("--json", help="also write the rows and ratios to this file")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="null", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        args.cores = int(args.cores)
+        print(json.dumps(child(args)))
+        return
+
+    cores = [int(c) for c in args.cores.split(",")]
+    modes = args.modes.split(",")
+    databases = args.database.split(",")
+    rows: list[dict[str, Any]] = []
+    load = {"start": load_average()}
+    with tempfile.TemporaryDirectory() as tmp:
+        codes = {"after": REPO}
+        if args.before_ref:
+            codes = {"before": export_ref(args.before_ref, Path(tmp)), **codes}
+        counts = [int(n) for n in args.rss.split(",")] if args.rss else [args.images]
+        for db in databases:
+            for mode in modes:
+                for n in counts:
+                    for k in cores:
+                        for name, code in codes.items():
+                            row = run_child(code, k, mode, db, n, args)
+                            rows.append({"code": name, "database": db, "mode": mode, "cores": k, **row})
+                            print(
+                                f"  {name} {db} {mode} {n} images {k} core(s): "
+                                f"{row['images_per_second']} img/s, peak RSS {row['peak_rss_mib']} MiB",
+                                file=sys.stderr,
+                            )
+    load["end"] = load_average()
+    print(
+        f"{MODEL}, {args.images} images ({SMALL[0]}×{SMALL[1]}, every {args.large_every}th {LARGE[0]}×{LARGE[1]}),"
+    )
+    print(f"batch {args.batch_size}, load average at start {load['start']}, at end {load['end']}")
+    print(table(rows))
+    for line in ratios(rows):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"load_average": load, "rows": rows, "ratios": ratios(rows)}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""From a job's results to what a report card shows: pictures, predictions, target, state, reason.
+
+Everything the templates print is decided here, as plain strings, so the templates only lay it out.
+Text that came from the machine that ran the job (error messages, weights sources) passes through
+``hide_local_paths`` first: a report is meant to be shared, and must not reveal (or depend on) the
+folders of the machine that produced it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from common.storage.uri import uri_scheme
+from producer.site.links import ArtifactLinks
+from producer.site.selection import ImageEntry, image_name
+
+__all__ = [
+    "LAYER_GRID",
+    "PICTURES",
+    "STATE_FILTERS",
+    "ImageCard",
+    "JobCard",
+    "Picture",
+    "PredictionLine",
+    "hide_local_paths",
+    "image_card",
+    "job_card",
+]
+
+# The pictures of one job, in the order of the paper's Figs. 4.2-4.3, then the layer grid (Fig. 4.1).
+PICTURES: tuple[tuple[str, str], ...] = (
+    ("input.png", "input"),
+    ("rollout.png", "rollout"),
+    ("grad_rollout.png", "gradient rollout"),
+    ("relevance.png", "relevance"),
+)
+LAYER_GRID = "layer_scores.png"
+REUSED = "reused"
+# What the state filter offers: a reused job is a succeeded one whose results were computed before.
+STATE_FILTERS = ("succeeded", REUSED, "failed", "queued", "running")
+
+_FILE_URI = re.compile(r"file://[^\s'\"<>]+")
+# An absolute POSIX path of two or more segments not inside a URL ("s3://b/k", "http://h/p" are kept).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s/'\"<>]+/)+([^\s/'\"<>]+)")
+
+
+def hide_local_paths(text: str | None) -> str:
+    """``text`` with file URIs and absolute local paths cut to their file name (``…/name``)."""
+    if not text:
+        return ""
+    text = _FILE_URI.sub(lambda m: "…/" + image_name(m.group(0)), text)
+    return _ABSOLUTE_PATH.sub(lambda m: "…/" + m.group(1), text)
+
+
+@dataclass(frozen=True)
+class Picture:
+    title: str
+    href: str | None  # None: not stored (an older batch without input.png, or the job did not finish)
+
+
+@dataclass(frozen=True)
+class PredictionLine:
+    rank: int
+    label: str
+    index: int
+    percent: float
+
+
+@dataclass(frozen=True)
+class JobCard:
+    model: str
+    state: str  # succeeded, reused, failed, queued or running: what the filter and the badge show
+    pictures: list[Picture]
+    layer_grid: str | None
+    predictions: list[PredictionLine]
+    top1: str  # the top-1 label, "" when none
+    target: str
+    error: str
+    weights: str
+    timings: str
+    note: str  # what the artifacts leave out (e.g. a headless backbone has no gradient maps)
+
+
+@dataclass(frozen=True)
+class ImageCard:
+    row: int
+    row_id: str
+    name: str
+    source: str  # the image's URI when remote (s3://, https://); "" for a local file
+    jobs: list[JobCard]
+
+
+def _label(prediction: dict[str, Any]) -> str:
+    """The first of an ImageNet label's synonyms ("tabby, tabby cat" -> "tabby"), or "class N"."""
+    return (prediction["label"] or "").split(",")[0].strip() or f"class {prediction['index']}"
+
+
+def _target(job: dict[str, Any]) -> str:
+    """Which class the gradient maps explain, and whether the CSV asked for it or it is the top-1."""
+    index = job["target_index"]
+    if index is None:
+        return "-" if job["status"] != "succeeded" else "top-1"
+    named = next((p for p in job["predictions"] if p["index"] == index), None)
+    what = f"{index} ({_label(named)})" if named and named["label"] else str(index)
+    return f"{what}, as asked ({job['target']})" if job["target"] else f"{what}, the top-1"
+
+
+def _timings(job: dict[str, Any]) -> str:
+    t = job["timings"]
+    parts = [
+        f"{stage} {t[f'{stage}_seconds']:.2f} s"
+        for stage in ("fetch", "compute", "store")
+        if t.get(f"{stage}_seconds") is not None
+    ]
+    return " · ".join(parts)
+
+
+def job_card(job: dict[str, Any], links: ArtifactLinks) -> JobCard:
+    artifacts: dict[str, str] = job["artifacts"]
+
+    def link(name: str) -> str | None:
+        uri = artifacts.get(name)
+        return links.href(uri) if uri else None
+
+    predictions = [
+        PredictionLine(rank, _label(p), p["index"], round(100 * p["prob"], 1))
+        for rank, p in enumerate(job["predictions"], 1)
+    ]
+    state = REUSED if job["status"] == "succeeded" and job["reused_from"] else job["status"]
+    return JobCard(
+        model=job["model"],
+        state=state,
+        pictures=[Picture(title, link(name)) for name, title in PICTURES] if artifacts else [],
+        layer_grid=link(LAYER_GRID),
+        predictions=predictions,
+        top1=predictions[0].label if predictions else "",
+        target=_target(job),
+        error=hide_local_paths(job["error"]),
+        weights=hide_local_paths(job["weights_source"]),
+        timings=_timings(job),
+        note=hide_local_paths(job.get("note")),
+    )
+
+
+def image_card(entry: ImageEntry, links: ArtifactLinks) -> ImageCard:
+    return ImageCard(
+        row=entry.row,
+        row_id=entry.row_id or "",
+        name=entry.name,
+        # A local file's folder says nothing to a reader of the report: its name is the heading.
+        source="" if uri_scheme(entry.image_uri) in ("file", "") else entry.image_uri,
+        jobs=[job_card(job, links) for job in entry.jobs],
+    )

@@ -1,0 +1,115 @@
+"""The pipeline's faster stages change no artifact: the CPU pool against inline work, the crops
+normalized per micro-batch against one by one, overlapped chunks with duplicates across them.
+
+Real batches through ``run_batch`` on SQLite and a local folder, deit_tiny with random weights.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from PIL import Image
+
+from common.db import open_database
+from common.db.models import Artifact, Job, JobState
+from common.settings import Settings
+from common.storage import read_uri
+from producer.submit import SubmitOptions, commit_plan, plan_submission
+from worker.local import run_batch
+from worker.pipeline import Runtime
+
+MODEL = "deit_tiny_patch16_224"
+# What one neighbouring entry of matplotlib's jet table can change in an overlay channel: the
+# table's largest step is 5/255, and a picture is divided by its peak, which is at least 0.5.
+_JET_STEP = 10
+
+
+def _run(settings: Settings, csv: Path) -> tuple[dict[str, dict[str, bytes]], dict[str, Job], object]:
+    """Run the dataset; return each row's artifacts (name -> bytes), its job, and the run."""
+    options = SubmitOptions(models=[MODEL], weights="random")
+    db = open_database(settings, migrate=True)
+    runtime = Runtime.from_settings(settings, db=db)
+    try:
+        submission = commit_plan(db, plan_submission(csv, options), options, mode="local")
+        run = run_batch(runtime, submission.batch_id, backoff_seconds=0.01)
+        with db.session() as session:
+            jobs = {
+                j.row_id: j
+                for j in session.scalars(sa.select(Job).where(Job.batch_id == submission.batch_id))
+            }
+            artifacts = {
+                row: {
+                    a.name: read_uri(a.uri)
+                    for a in session.scalars(sa.select(Artifact).where(Artifact.job_id == job.id))
+                }
+                for row, job in jobs.items()
+            }
+            session.expunge_all()
+    finally:
+        runtime.close()
+    return artifacts, jobs, run
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_the_cpu_pool_stores_what_inline_work_stores(write_image, tmp_path) -> None:
+    """Decoding and PNG encoding in spawned processes give the same ``.npy`` bytes and the same
+    pictures, up to a rare pixel at a colour-bin edge: torch's bilinear upsampling rounds its last
+    bit differently with one thread (a pool process) than with several (this process)."""
+    for i in range(4):
+        write_image(tmp_path / f"{i}.png", seed=i, size=(160 + 9 * i, 120))
+    write_image(tmp_path / "photo.jpg", seed=7, size=(2000, 1500))  # large enough for a draft decode
+    csv = tmp_path / "data.csv"
+    csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(4)) + "big,photo.jpg\n")
+    results = {}
+    for workers in (0, 2):
+        settings = Settings(
+            database_url=f"sqlite:///{tmp_path / f'{workers}.db'}",
+            storage_url=(tmp_path / f"out{workers}").as_uri(),
+            batch_size=3,
+            device="cpu",
+            cpu_workers=workers,
+        )
+        results[workers], _, run = _run(settings, csv)
+        assert run.succeeded == 5
+    for row, inline in results[0].items():
+        pooled = results[2][row]
+        assert set(pooled) == set(inline)
+        for name, data in inline.items():
+            if name.endswith(".npy"):
+                assert pooled[name] == data, (row, name)
+            else:  # see README "What a job produces": a colour-bin edge may fall either way
+                pooled_pixels, inline_pixels = _png_pixels(pooled[name]), _png_pixels(data)
+                differ = np.any(pooled_pixels != inline_pixels, axis=2)
+                assert differ.mean() < 1e-3, (row, name)
+                assert np.abs(pooled_pixels.astype(int) - inline_pixels.astype(int)).max() <= _JET_STEP
+
+
+def test_overlapped_chunks_compute_each_image_once_and_finish_every_job(write_image, tmp_path) -> None:
+    """Batch size 2 makes chunks of 8 jobs: copies of one image sit in the same chunk and in the
+    chunks after it, and each distinct image is still computed exactly once."""
+    for i in range(7):
+        write_image(tmp_path / f"{i}.png", seed=i)
+    rows = [f"{i % 7}.png" for i in range(26)]  # 7 distinct images, each repeated across chunks
+    csv = tmp_path / "data.csv"
+    csv.write_text("id,image_uri\n" + "".join(f"r{n},{uri}\n" for n, uri in enumerate(rows)))
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        storage_url=(tmp_path / "out").as_uri(),
+        batch_size=2,
+        device="cpu",
+        cpu_workers=0,
+    )
+    artifacts, jobs, run = _run(settings, csv)
+    assert (run.succeeded, run.reused, run.failed) == (7, 19, 0)
+    assert all(job.state == JobState.SUCCEEDED for job in jobs.values())
+    computed = {job.image_sha256 for job in jobs.values() if job.reused_from is None}
+    assert len(computed) == 7
+    for n, uri in enumerate(rows):  # a copy points at the artifacts of its image's one computation
+        first = rows.index(uri)
+        assert artifacts[f"r{n}"] == artifacts[f"r{first}"]

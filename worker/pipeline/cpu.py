@@ -1,0 +1,124 @@
+"""The CPU-bound work of a job, as pure functions a pool of processes can run: bytes in, bytes out.
+
+A worker process has one GIL; decoding, resizing and encoding images for a GPU that explains
+thousands of images a second needs many cores. ``CpuPool`` runs these functions in a few spawned
+processes (``VITSCOPE_CPU_WORKERS``; ``worker start`` sizes it from the cores per GPU), or in the
+calling thread when the pool size is 0 — the default on a CPU device, where the model itself uses
+every core. Nothing here touches a database, a store or the network: the pipeline's threads fetch
+and upload, and send only pixels and arrays across.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import numpy as np
+import torch
+
+from worker.cores import cpu_workers_per_gpu
+from worker.preprocess import Preprocessor, decode_image
+from worker.render import PICTURE_SOURCES, heatmap_overlays, layer_grid_png, png_bytes
+
+__all__ = ["CpuPool", "Decoded", "Pictures", "auto_cpu_workers", "decode_and_crop", "draw_pictures"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The layer grid and the overlays in the order the pipeline stacks their maps.
+LAYER_GRID = "layer_scores.png"
+OVERLAYS = tuple(name for name in PICTURE_SOURCES if name != LAYER_GRID)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image's crop (``uint8 [H, W, 3]``, exactly the pixels the model sees) and what it cost."""
+
+    crop: np.ndarray
+    seconds: dict[str, float]
+
+
+def decode_and_crop(data: bytes, preprocessor: Preprocessor, max_pixels: int) -> Decoded:
+    """Decode (at reduced scale when the crop needs far fewer pixels) and resize/centre-crop one image."""
+    start = time.thread_time()
+    image = decode_image(data, max_pixels=max_pixels, min_size=preprocessor.draft_size)
+    decoded = time.thread_time()
+    crop = np.array(preprocessor.crop(image), dtype=np.uint8)
+    return Decoded(crop, {"fetch+decode": decoded - start, "preprocess": time.thread_time() - decoded})
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """An image's PNGs by artifact name, and the CPU seconds of rendering and encoding them."""
+
+    files: dict[str, bytes]
+    seconds: dict[str, float]
+
+
+def draw_pictures(
+    crop: np.ndarray,
+    maps: Mapping[str, np.ndarray],
+    *,
+    overlays: Mapping[str, np.ndarray] | None = None,
+    title: str | None = None,
+) -> Pictures:
+    """Every picture of one image: the layer grid and an overlay per map present.
+
+    ``maps`` holds the source arrays by artifact name (``PICTURE_SOURCES``). ``overlays`` are overlay
+    pixels already rendered for a whole micro-batch on the device; those missing are rendered here.
+    """
+    start = time.thread_time()
+    pixels: dict[str, np.ndarray] = dict(overlays or {})
+    missing = [name for name in OVERLAYS if name not in pixels and PICTURE_SOURCES[name] in maps]
+    if missing:
+        stacked = np.stack([maps[PICTURE_SOURCES[name]] for name in missing])[None]
+        drawn = heatmap_overlays(
+            torch.from_numpy(np.ascontiguousarray(crop))[None], torch.from_numpy(stacked)
+        )
+        pixels.update(zip(missing, drawn[0].numpy(), strict=True))
+    rendered = time.thread_time()
+    files = {name: png_bytes(picture) for name, picture in pixels.items()}
+    layer_scores = maps.get(PICTURE_SOURCES[LAYER_GRID])
+    if layer_scores is not None:
+        files[LAYER_GRID] = layer_grid_png(layer_scores, title=title)
+    return Pictures(files, {"render": rendered - start, "encode": time.thread_time() - rendered})
+
+
+def _start_process() -> None:
+    torch.set_num_threads(1)  # one core per pool process; the pool's size is the parallelism
+
+
+def auto_cpu_workers(device: torch.device) -> int:
+    """The pool size when none is set: 0 on a CPU device (the model uses every core), else this
+    process's cores less one for itself (``worker start`` sets the share of each GPU explicitly)."""
+    return 0 if device.type == "cpu" else cpu_workers_per_gpu(1)
+
+
+class CpuPool:
+    """Runs the functions above in spawned processes, or inline when ``workers`` is 0.
+
+    Spawned, not forked: the driving process may hold a CUDA context and torch's thread pools, which
+    a forked child must not inherit. Processes start on first use and live as long as the runtime.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        if workers > 0:
+            self._executor = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process
+            )
+
+    def run(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """``function(*args, **kwargs)``, in a pool process when there is a pool; blocks the caller."""
+        if self._executor is None:
+            return function(*args, **kwargs)
+        return self._executor.submit(function, *args, **kwargs).result()
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)

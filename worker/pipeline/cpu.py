@@ -22,7 +22,7 @@ import torch
 
 from worker.cores import cpu_workers_per_gpu
 from worker.preprocess import Preprocessor, decode_image
-from worker.render import PICTURE_SOURCES, heatmap_overlays, layer_grid_png, png_bytes
+from worker.render import INPUT_PICTURE, PICTURE_SOURCES, heatmap_overlays, layer_grid_png, png_bytes
 
 __all__ = ["CpuPool", "Decoded", "Pictures", "auto_cpu_workers", "decode_and_crop", "draw_pictures"]
 
@@ -66,7 +66,7 @@ def draw_pictures(
     overlays: Mapping[str, np.ndarray] | None = None,
     title: str | None = None,
 ) -> Pictures:
-    """Every picture of one image: the layer grid and an overlay per map present.
+    """Every picture of one image: the input crop, the layer grid and an overlay per map present.
 
     ``maps`` holds the source arrays by artifact name (``PICTURE_SOURCES``). ``overlays`` are overlay
     pixels already rendered for a whole micro-batch on the device; those missing are rendered here.
@@ -82,6 +82,7 @@ def draw_pictures(
         pixels.update(zip(missing, drawn[0].numpy(), strict=True))
     rendered = time.thread_time()
     files = {name: png_bytes(picture) for name, picture in pixels.items()}
+    files[INPUT_PICTURE] = png_bytes(crop)  # what the model saw, for reports: always written
     layer_scores = maps.get(PICTURE_SOURCES[LAYER_GRID])
     if layer_scores is not None:
         files[LAYER_GRID] = layer_grid_png(layer_scores, title=title)

@@ -362,7 +362,8 @@ def test_a_headless_outcome_records_its_readout_and_note_and_a_reuse_copies_them
 
 @pytest.mark.parametrize("state", [JobState.QUEUED, JobState.RUNNING])
 def test_claims_refuse_jobs_that_used_up_their_attempts(db, make_batch, state: JobState) -> None:
-    """A poison job must not loop: neither a queued one nor an expired one is claimed past the budget."""
+    """A poison job must not loop: neither a queued one nor an expired one is claimed past the budget
+    (an expired one whose owner is gone is failed there and then)."""
     _, ids = make_batch(2)
     now = utcnow()
     with db.session() as s:
@@ -383,6 +384,11 @@ def test_claims_refuse_jobs_that_used_up_their_attempts(db, make_batch, state: J
         )
     assert [job.id for job in claimed] == ids[1:]
     job = _state(db, ids[0])
+    if state is JobState.RUNNING:
+        # Its worker is gone and no attempt is left: failed at once with the reason, not left running.
+        assert (job.state, job.attempts, job.worker_id) == (JobState.FAILED, 3, A.worker_id)
+        assert job.error_message is not None and "worker died" in job.error_message
+        return
     assert (job.state, job.attempts, job.worker_id) == (state, 3, A.worker_id)
     with db.session() as s:  # with a larger budget the same job is claimable again
         assert [

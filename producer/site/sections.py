@@ -13,9 +13,19 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
+from common.db.metrics import metric_summaries
+from common.metrics import RANDOM_METHOD
+from producer.compare import BETTER
 from producer.site.selection import Selection, model_summaries, top1_agreement
 
-__all__ = ["SECTION_BUILDERS", "Section", "agreement_section", "models_section", "summary_sections"]
+__all__ = [
+    "SECTION_BUILDERS",
+    "Section",
+    "agreement_section",
+    "faithfulness_section",
+    "models_section",
+    "summary_sections",
+]
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,41 @@ def agreement_section(session: Session, selection: Selection) -> Section | None:
     )
 
 
-SECTION_BUILDERS: list[Callable[[Session, Selection], Section | None]] = [models_section, agreement_section]
+def faithfulness_section(session: Session, selection: Selection) -> Section | None:
+    """``producer compare`` as a table: per model × metric × method, n, mean and 95 % interval, the
+    random map as the baseline row; absent when the batch was submitted without ``--metrics``."""
+    summaries = [
+        s
+        for s in metric_summaries(session, selection.batch_id)
+        if selection.models is None or s.model in selection.models
+    ]
+    if not summaries:
+        return None
+    rows = [
+        (
+            s.model,
+            s.metric,
+            f"{s.method} (baseline)" if s.method == RANDOM_METHOD else s.method,
+            str(s.n),
+            f"{s.mean:.4f}",
+            "-" if s.ci_low is None or s.ci_high is None else f"[{s.ci_low:.4f}, {s.ci_high:.4f}]",
+            BETTER.get(s.metric, ""),
+        )
+        for s in summaries
+    ]
+    return Section(
+        title="Faithfulness of the maps",
+        columns=("model", "metric", "method", "n", "mean", "95% CI", "reading"),
+        rows=rows,
+        note="Over every job of the batch with metrics (producer compare); docs/metrics.md defines them.",
+    )
+
+
+SECTION_BUILDERS: list[Callable[[Session, Selection], Section | None]] = [
+    models_section,
+    agreement_section,
+    faithfulness_section,
+]
 
 
 def summary_sections(session: Session, selection: Selection) -> list[Section]:

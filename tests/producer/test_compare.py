@@ -85,6 +85,15 @@ def test_submit_with_metrics_then_compare_in_every_format(
     assert "deletion_auc" in shown
     assert "lower is better" in shown
 
+    # The HTML report carries the same table, the random baseline as its own row.
+    site = dataset.parent / f"report-{database_url.split(':')[0]}"
+    reported = _invoke("report", "squares", "--out", str(site), database_url=database_url)
+    assert reported.exit_code == 0, reported.output
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert "Faithfulness of the maps" in index
+    assert "random (baseline)" in index
+    assert f"{table['grad_rollout', 'deletion_auc']['mean']:.4f}" in index
+
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
         count, batch_name = conn.execute(

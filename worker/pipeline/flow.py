@@ -17,6 +17,7 @@ back to the queue); one bad image never fails the rest.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,7 +46,11 @@ def process_jobs(
     the object store unreachable while claiming or recording): ``TransientError``.
     """
     chunk = _Chunk.start(runtime, job_ids, on_job)
-    chunk.compute()
+    try:
+        chunk.compute()
+    except BaseException:
+        chunk.abandon()
+        raise
     return chunk.finish()
 
 
@@ -60,9 +65,15 @@ def process_chunks(
     for job_ids in chunks:
         try:
             chunk = _Chunk.start(runtime, job_ids, on_job, previous=previous)
-            chunk.compute()
         except BaseException:
             if previous is not None:  # its jobs are recorded and released before the error goes up
+                previous.finish()
+            raise
+        try:
+            chunk.compute()
+        except BaseException:
+            chunk.abandon()
+            if previous is not None:
                 previous.finish()
             raise
         if previous is not None:
@@ -116,15 +127,24 @@ class _Chunk:
         if previous is not None:
             chunk.previous = previous.computing
         runtime.keeper.hold(claimed)
+        try:
+            chunk._load_groups(tickets)
+        except BaseException:
+            chunk.abandon()
+            raise
+        return chunk
+
+    def _load_groups(self, tickets: list[Ticket]) -> None:
+        """Load each group's model and start preparing its images."""
+        runtime = self.runtime
         by_key: dict[tuple[str, MethodSettings, MetricSettings], list[Ticket]] = {}
         for ticket in tickets:
             by_key.setdefault((ticket.spec.fingerprint(), ticket.settings, ticket.metrics), []).append(ticket)
         for group in by_key.values():
-            loaded = chunk._load(group)
+            loaded = self._load(group)
             if loaded is not None:
                 fetches = [runtime.fetch_pool.submit(prepare, runtime, loaded, t) for t in group]
-                chunk.groups.append(_Group(loaded, group, fetches))
-        return chunk
+                self.groups.append(_Group(loaded, group, fetches))
 
     def _load(self, tickets: list[Ticket]) -> LoadedModel | None:
         spec = tickets[0].spec
@@ -200,6 +220,18 @@ class _Chunk:
             self.runtime.keeper.release(self.claimed, done=False)
             self.runtime.keeper.current_model = None
         return self.recorder.report
+
+    def abandon(self) -> None:
+        """After a failure of the whole chunk (the database or storage gone): let the micro-batches
+        in flight end, then stop holding the jobs. Their rows stay running under this process, and the
+        chunk's retry takes them back at once (``claim_jobs(reclaim_own=...)`` asks that this process
+        holds no job) instead of waiting out their lease."""
+        records, self.records = self.records, []
+        for record in records:
+            with contextlib.suppress(BaseException):  # the error that matters is already going up
+                record.result()
+        self.runtime.keeper.release(self.claimed, done=False)
+        self.runtime.keeper.current_model = None
 
     def _wait_for_records(self) -> None:
         records, self.records = self.records, []

@@ -211,7 +211,9 @@ def test_transient_storage_failure_is_retried_then_recorded(
     csv = tmp_path / "data.csv"
     csv.write_text("image_uri\na.png\n")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a real outage
-    settings = _settings(sqlite_url, "s3://vitscope-down/x", max_attempts=2)
+    # No riding out the outage (VITSCOPE_STORAGE_RETRY_SECONDS, 60 s by default): this test is about
+    # what the pipeline does once the store gives up.
+    settings = _settings(sqlite_url, "s3://vitscope-down/x", max_attempts=2, storage_retry_seconds=0)
     runtime, submission, run = _run(settings, csv)
     try:
         (job,) = _jobs(runtime, submission.batch_id).values()
@@ -439,6 +441,7 @@ def test_a_model_whose_weights_storage_is_down_requeues_its_group_with_the_reaso
     tmp_path: Path, sqlite_url: str, image_server, write_image, s3_env, monkeypatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a real outage
+    monkeypatch.setenv("VITSCOPE_STORAGE_RETRY_SECONDS", "0")  # give up at once instead of after 60 s
     (tmp_path / "models.toml").write_text(
         '[models.remote]\narch = "deit_tiny_patch16_224"\nweights = "s3://weights/deit.safetensors"\n'
     )

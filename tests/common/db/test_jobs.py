@@ -387,7 +387,8 @@ def test_claims_refuse_jobs_that_used_up_their_attempts(db, make_batch, state: J
     if state is JobState.RUNNING:
         # Its worker is gone and no attempt is left: failed at once with the reason, not left running.
         assert (job.state, job.attempts, job.worker_id) == (JobState.FAILED, 3, A.worker_id)
-        assert job.error_message is not None and "worker died" in job.error_message
+        assert job.error_message is not None
+        assert "worker died" in job.error_message
         return
     assert (job.state, job.attempts, job.worker_id) == (state, 3, A.worker_id)
     with db.session() as s:  # with a larger budget the same job is claimable again

@@ -193,11 +193,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     warmup = make_images(Path(args.images_dir), args.batch_size, 0, seed=2)
     with tempfile.TemporaryDirectory() as tmp, database(args.database, Path(tmp)) as url:
         work = Path(tmp)
+        # The images live outside the CSV's folder: name theirs as a root where the code has the
+        # local-files policy (the code of --before-ref may predate it).
+        roots = {"file_roots": [Path(args.images_dir)]} if "file_roots" in Settings.model_fields else {}
         settings = Settings(
             database_url=url,
             storage_url=(work / "results").as_uri(),
             batch_size=args.batch_size,
             device=args.device,
+            **roots,
         )
         db = open_database(settings, migrate=True)
         runtime = Runtime.from_settings(settings, db=db)

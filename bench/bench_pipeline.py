@@ -254,7 +254,22 @@ def export_ref(ref: str, folder: Path) -> Path:
     return folder
 
 
-def run_child(code: Path, cores: int, mode: str, db: str, images: int, args: argparse.Namespace) -> dict:
+def pool_size(setting: str, cores: int) -> int:
+    """``VITSCOPE_CPU_WORKERS`` for a run on ``cores`` cores: a number, ``cores``, or ``auto`` — what
+    ``worker start`` gives one GPU's worker on a host of that many cores."""
+    if setting == "cores":
+        return cores
+    if setting == "auto":
+        sys.path.insert(0, str(REPO))
+        from worker.cores import cpu_workers_per_gpu
+
+        return cpu_workers_per_gpu(1, cores)
+    return int(setting)
+
+
+def run_child(
+    code: Path, cores: int, pool: int, mode: str, db: str, images: int, args: argparse.Namespace
+) -> dict:
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -275,7 +290,7 @@ def run_child(code: Path, cores: int, mode: str, db: str, images: int, args: arg
     env = {
         **os.environ,
         "PYTHONPATH": str(code),
-        "VITSCOPE_CPU_WORKERS": str(cores),
+        "VITSCOPE_CPU_WORKERS": str(pool),
         "OMP_NUM_THREADS": str(cores),
     }
     out = subprocess.run([*pinned, *command], env=env, cwd=code, capture_output=True, text=True)
@@ -285,19 +300,26 @@ def run_child(code: Path, cores: int, mode: str, db: str, images: int, args: arg
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'code':<7}{'db':<11}{'mode':<8}{'cores':>5}{'img/s':>8}" + "".join(f"{s:>13}" for s in STAGES)
+    head = f"{'code':<7}{'db':<11}{'mode':<8}{'cores':>5}{'pool':>5}{'img/s':>8}" + "".join(
+        f"{s:>13}" for s in STAGES
+    )
     lines = [head + "   (stage columns: ms of busy time per image)"]
     for r in rows:
         stages = "".join(f"{r['ms_per_image'][s]:>13.2f}" for s in STAGES)
         lines.append(
-            f"{r['code']:<7}{r['database']:<11}{r['mode']:<8}{r['cores']:>5}{r['images_per_second']:>8.1f}{stages}"
+            f"{r['code']:<7}{r['database']:<11}{r['mode']:<8}{r['cores']:>5}{r['pool']:>5}"
+            f"{r['images_per_second']:>8.1f}{stages}"
         )
     return "\n".join(lines)
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
-    """after ÷ before on the same configuration, and k cores ÷ 1 core for each code."""
-    by = {(r["code"], r["database"], r["mode"], r["cores"]): r["images_per_second"] for r in rows}
+    """after ÷ before on the same configuration, and k cores ÷ 1 core for each code; where several
+    pool sizes ran, the fastest of each (a worker would be given that size)."""
+    by: dict[tuple[str, str, str, int], float] = {}
+    for r in rows:
+        key = (r["code"], r["database"], r["mode"], r["cores"])
+        by[key] = max(by.get(key, 0.0), r["images_per_second"])
     lines = []
     for (code, db, mode, cores), rate in sorted(by.items()):
         if code == "after" and ("before", db, mode, cores) in by:
@@ -318,6 +340,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--cores", default="1,2", help="core counts, e.g. 1,2,4,8")
     parser.add_argument("--modes", default="null,compute", help="null and/or compute")
+    parser.add_argument(
+        "--cpu-workers",
+        default="auto",
+        help="CPU pool sizes to run, e.g. auto,0,cores: auto is worker start's sizing for one GPU "
+        "(cores - 1, none on one core), cores is one per core, a number is that many (the code of "
+        "--before-ref may have no pool)",
+    )
     parser.add_argument("--database", default="sqlite", help="sqlite and/or postgresql")
     parser.add_argument("--before-ref", help="also run the pipeline of this git commit, for before/after")
     parser.add_argument("--rss", help="image counts for a peak-RSS run instead, e.g. 500,5000")
@@ -347,14 +376,26 @@ def main() -> None:
             for mode in modes:
                 for n in counts:
                     for k in cores:
+                        pools = sorted({pool_size(p, k) for p in args.cpu_workers.split(",")})
                         for name, code in codes.items():
-                            row = run_child(code, k, mode, db, n, args)
-                            rows.append({"code": name, "database": db, "mode": mode, "cores": k, **row})
-                            print(
-                                f"  {name} {db} {mode} {n} images {k} core(s): "
-                                f"{row['images_per_second']} img/s, peak RSS {row['peak_rss_mib']} MiB",
-                                file=sys.stderr,
-                            )
+                            # The code before the pool existed runs once: the setting means nothing to it.
+                            for pool in pools if name == "after" else pools[:1]:
+                                row = run_child(code, k, pool, mode, db, n, args)
+                                rows.append(
+                                    {
+                                        "code": name,
+                                        "database": db,
+                                        "mode": mode,
+                                        "cores": k,
+                                        "pool": pool,
+                                        **row,
+                                    }
+                                )
+                                print(
+                                    f"  {name} {db} {mode} {n} images {k} core(s), pool {pool}: "
+                                    f"{row['images_per_second']} img/s, peak RSS {row['peak_rss_mib']} MiB",
+                                    file=sys.stderr,
+                                )
     load["end"] = load_average()
     print(
         f"{MODEL}, {args.images} images ({SMALL[0]}×{SMALL[1]}, every {args.large_every}th {LARGE[0]}×{LARGE[1]}),"

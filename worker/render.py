@@ -9,9 +9,10 @@ worker's hot loop, so it is written for speed without changing a pixel of what `
   come from one, with matplotlib's jet table looked up by index exactly as matplotlib does;
 - a layer grid's white canvas, title and ``block l`` labels are drawn once per layout and cached;
   each image only pastes its coloured panels;
-- PNGs are encoded by libpng through ``imagecodecs`` (zlib level 1, run-length strategy, "up"
-  filter): about 5× faster than Pillow at level 3 for files of about the same size, and it releases
-  the GIL, so encoding threads use several cores. PNG is lossless: the pixels are the same.
+- PNGs are written here (``png_bytes``): every scanline "up"-filtered by one numpy subtraction and
+  the whole image deflated by libdeflate at level 1 through ``imagecodecs``, which releases the GIL.
+  About 1.7× faster than libpng at zlib level 1 and 4× faster than Pillow, for files of about the same
+  size. PNG is lossless: any decoder gives back the same pixels.
 
 Only matplotlib's colormap table is used; pyplot is never imported.
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 import functools
 import io
 import math
+import struct
+import zlib
 from collections.abc import Mapping
 
 import imagecodecs
@@ -143,17 +146,38 @@ def heatmap_overlay(crop: np.ndarray, grid_map: np.ndarray) -> np.ndarray:
     return heatmap_overlays(crops, maps)[0, 0].numpy()
 
 
-# libpng at zlib level 1 with the run-length strategy and the "up" filter: 1.8 ms for a 224×224
-# overlay and 94 KB, against Pillow's 8.8 ms and 99 KB at level 3 (measured on one core).
-_PNG_LEVEL, _PNG_STRATEGY_RLE, _PNG_FILTER_UP = 1, 3, 32
+# A PNG file is the signature and chunks (length, type, body, CRC-32 of type and body). One IDAT
+# chunk holds the zlib stream of the filtered scanlines: each row prefixed by its filter type.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_FILTER_UP = 2  # each byte minus the byte above it (mod 256); the first row minus zeros
+_DEFLATE_LEVEL = 1  # libdeflate's fastest: 1.1 ms and 83 KB for a 224×224 overlay on one core
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    crc = zlib.crc32(body, zlib.crc32(kind))
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """``uint8 [H, W, 3]`` as a PNG file (lossless; the GIL is released while encoding)."""
-    return bytes(
-        imagecodecs.png_encode(
-            np.ascontiguousarray(pixels), level=_PNG_LEVEL, strategy=_PNG_STRATEGY_RLE, filter=_PNG_FILTER_UP
-        )
+    """``uint8 [H, W, 3]`` as an 8-bit RGB PNG file (lossless; the GIL is released while deflating).
+
+    Written here rather than by libpng because libdeflate compresses the same filtered rows in 60 %
+    of zlib's time; the "up" filter is one vectorized subtraction. The file is plain PNG (no
+    interlacing, no ancillary chunks); ``tests/worker/test_render.py`` decodes it with Pillow and
+    libpng and checks every pixel.
+    """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"png_bytes takes uint8 [H, W, 3] pixels, got {pixels.dtype} {pixels.shape}")
+    height, width, _ = pixels.shape
+    rows = np.ascontiguousarray(pixels).reshape(height, width * 3)
+    scanlines = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    scanlines[:, 0] = _PNG_FILTER_UP
+    scanlines[:1, 1:] = rows[:1]
+    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # uint8 arithmetic wraps mod 256
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no interlace
+    idat = bytes(imagecodecs.deflate_encode(scanlines, level=_DEFLATE_LEVEL))  # a zlib stream
+    return b"".join(
+        (_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b""))
     )
 
 

@@ -37,11 +37,18 @@ class ObjectStore(Protocol):
     url: str
 
     def put(self, key: str, data: bytes, *, content_type: str = DEFAULT_CONTENT_TYPE) -> str:
-        """Write (or overwrite) ``key`` and return its URI."""
+        """Write (or overwrite) ``key`` and return its URI. Readers see the whole object or none of
+        it at once; it survives a power loss once ``sync`` has returned."""
         ...
 
     def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
         """Write every item and return {key: uri}; raise the first error after all were tried."""
+        ...
+
+    def sync(self) -> None:
+        """Make every ``put`` that has returned durable. Called before the database says a job's
+        artifacts exist, once per micro-batch: a local disk commits its journal once for all of them
+        instead of once per file; an object store that acknowledges durable writes does nothing."""
         ...
 
     def get(self, key: str) -> bytes:

@@ -1,7 +1,10 @@
 """An object store in a local folder, and size-capped reads of local files.
 
 Used for single-machine runs (the default ``./results``) and for shared filesystems. Writes are
-atomic: a reader, a crashed worker or a retry never sees half an artifact.
+atomic: a reader, a crashed worker or a retry never sees half an artifact. They are made durable
+together by ``sync`` — one ``syncfs(2)`` of the store's filesystem per micro-batch on Linux, before
+the database records the jobs — instead of an ``fsync`` per file: on ext4 each fsync is a journal
+commit, and ten of them per image cost more CPU than encoding its pictures.
 
 Filesystem failures are reported in the terms of ``common.errors``, like S3's: a missing file is
 ``NotFoundError``; denied access or a key that collides with a folder is ``StorageConfigError``
@@ -12,9 +15,12 @@ Filesystem failures are reported in the terms of ``common.errors``, like S3's: a
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
-from collections.abc import Iterable, Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError, StorageUnavailableError
@@ -45,6 +51,8 @@ class LocalStore:
         with _os_errors("create the store folder", self.root):
             self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
+        self._unsynced: set[Path] = set()  # files written since the last ``sync``
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalStore({self.url!r})"
@@ -53,8 +61,9 @@ class LocalStore:
         """Write through a temporary file in the target folder, then ``os.replace`` it into place.
 
         ``os.replace`` is atomic within one filesystem, which is why the temporary file lives in the
-        same folder. The file is fsynced first so that after a power loss the name never points at
-        an empty file. ``content_type`` has no place on a filesystem and is ignored.
+        same folder. The bytes reach the disk at the next ``sync`` (the pipeline syncs before it
+        records a job), so after a power loss no recorded job names an empty file. ``content_type``
+        has no place on a filesystem and is ignored.
         """
         path = self._path(key)
         temp = path.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
@@ -65,13 +74,29 @@ class LocalStore:
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
                 os.replace(temp, path)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
+        with self._lock:
+            self._unsynced.add(path)
         return self.uri(key)
+
+    def sync(self) -> None:
+        """Every file written since the last call, on disk: one ``syncfs`` of the store's filesystem
+        on Linux (data and the renames), elsewhere an ``fsync`` of each file. On failure the files
+        stay pending, so the next call tries them again."""
+        with self._lock:
+            paths, self._unsynced = self._unsynced, set()
+        if not paths:
+            return
+        try:
+            with _os_errors("sync", self.root):
+                _sync_files(self.root, paths)
+        except BaseException:
+            with self._lock:
+                self._unsynced |= paths
+            raise
 
     def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
         """Sequential: a local disk gains nothing from concurrent small writes."""
@@ -96,6 +121,44 @@ class LocalStore:
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
+
+
+def _libc_syncfs() -> Callable[[int], int] | None:
+    """glibc's ``syncfs(fd)`` (the os module has no binding for it), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+    return function
+
+
+_SYNCFS = _libc_syncfs()
+
+
+def _sync_files(root: Path, paths: set[Path]) -> None:
+    """Flush ``paths`` (all under ``root``) to disk: the whole filesystem at once where the kernel
+    can, else file by file (a file deleted meanwhile needs no flushing)."""
+    if _SYNCFS is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _SYNCFS(fd) != 0:
+                error = ctypes.get_errno()
+                raise OSError(error, os.strerror(error))
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:

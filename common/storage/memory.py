@@ -44,6 +44,9 @@ class MemoryStore:
     def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
         return put_each(self.put, items)
 
+    def sync(self) -> None:
+        """Nothing outlives the process here: nothing to flush."""
+
     def get(self, key: str) -> bytes:
         with _registry_lock:
             data = self._objects.get(check_key(key))

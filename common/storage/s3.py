@@ -181,6 +181,9 @@ class S3Store:
         )
         return self.uri(key)
 
+    def sync(self) -> None:
+        """Nothing to do: S3 (and MinIO) answer a PUT only once the object is durable."""
+
     def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
         """Upload concurrently; after every upload finished, raise the first error in item order.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import NotFoundError, StorageConfigError
+from common.errors import NotFoundError, StorageConfigError, StorageUnavailableError
 from common.storage import LocalStore, open_store
 
 
@@ -103,3 +105,72 @@ def test_a_key_below_an_existing_object_is_a_configuration_error(store: LocalSto
     with pytest.raises(NotFoundError, match="no such file"):
         store.get("a.npy/b.npy")
     assert not store.exists("a.npy/b.npy")
+
+
+def test_sync_flushes_the_files_written_since_the_last_sync_once(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without ``syncfs`` (not Linux), ``sync`` fsyncs exactly the files written since the last one;
+    ``put`` itself fsyncs nothing (ten journal commits per image were the cost this removes)."""
+    import common.storage.local as local
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(local, "_SYNCFS", None)
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    store.put_many([("a/1.npy", b"1", "x"), ("a/2.png", b"2", "x")])
+    store.put("b/3.npy", b"3")
+    assert synced == []
+    store.sync()
+    assert sorted(Path(p).relative_to(store.root).as_posix() for p in synced) == [
+        "a/1.npy",
+        "a/2.png",
+        "b/3.npy",
+    ]
+    synced.clear()
+    store.sync()
+    assert synced == []  # nothing new
+    store.put("a/1.npy", b"one")
+    store.delete("b/3.npy")
+    store.sync()
+    assert [Path(p).relative_to(store.root).as_posix() for p in synced] == ["a/1.npy"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="syncfs is Linux's")
+def test_sync_uses_one_syncfs_of_the_store_filesystem_on_linux(store: LocalStore) -> None:
+    import common.storage.local as local
+
+    assert local._SYNCFS is not None
+    store.put_many([(f"k/{i}.npy", bytes([i]), "x") for i in range(20)])
+    store.sync()  # really calls syncfs(2): returns 0 on a writable filesystem
+    assert store.get("k/7.npy") == b"\x07"
+
+
+def test_a_failed_sync_keeps_its_files_pending_and_reports_storage_unavailable(
+    store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush the disk refuses (EIO) is an outage for the caller, and the next sync tries again."""
+    import common.storage.local as local
+
+    calls: list[int] = []
+
+    def failing_syncfs(fd: int) -> int:
+        calls.append(fd)
+        if len(calls) == 1:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return 0
+
+    monkeypatch.setattr(local, "_SYNCFS", failing_syncfs)
+    store.put("a.npy", b"a")
+    with pytest.raises(StorageUnavailableError, match="cannot sync"):
+        store.sync()
+    assert store._unsynced  # still pending
+    store.sync()
+    assert len(calls) == 2
+    assert not store._unsynced

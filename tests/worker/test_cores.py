@@ -9,9 +9,12 @@ from worker.cores import cpu_workers_per_gpu
 
 
 @pytest.mark.parametrize(
-    ("cores", "gpus", "workers"), [(16, 1, 15), (16, 2, 7), (16, 8, 1), (64, 8, 7), (2, 4, 1), (1, 1, 1)]
+    ("cores", "gpus", "workers"),
+    [(16, 1, 15), (16, 2, 7), (16, 8, 1), (64, 8, 7), (2, 1, 1), (2, 4, 0), (1, 1, 0)],
 )
-def test_each_gpu_gets_its_share_of_the_cores_less_one(cores: int, gpus: int, workers: int) -> None:
+def test_each_gpu_gets_its_share_of_the_cores_less_one_and_none_from_a_single_core(
+    cores: int, gpus: int, workers: int
+) -> None:
     assert cpu_workers_per_gpu(gpus, cores) == workers
 
 

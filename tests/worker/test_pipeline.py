@@ -592,3 +592,40 @@ def test_a_job_whose_lease_was_taken_over_is_not_recorded_by_the_old_owner(
         held.set()
         chunk.join(timeout=300)
         runtime.close()
+
+
+def test_artifacts_are_flushed_to_disk_before_their_jobs_are_recorded(
+    tmp_path: Path, sqlite_url: str, image_server, write_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local store writes without an fsync per file and flushes once per micro-batch: the flush
+    must come before the database says the job succeeded, and a disk that refuses it (EIO: a fault
+    that cannot be caused for real here) sends the micro-batch back to the queue, not to ``failed``."""
+    import ctypes
+    import errno
+
+    import common.storage.local as local
+
+    csv = _http_csv(tmp_path, image_server, write_image, {"a": 1, "b": 2})
+    runtime, _, submission = _submit(
+        _local_settings(sqlite_url, tmp_path), csv, SubmitOptions(models=[MODEL], weights="random")
+    )
+    states_at_flush: list[set[JobState]] = []
+
+    def syncfs(fd: int) -> int:
+        states_at_flush.append({job.state for job in _jobs(runtime, submission.batch_id).values()})
+        if len(states_at_flush) == 1:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return 0
+
+    monkeypatch.setattr(local, "_SYNCFS", syncfs)
+    try:
+        run = run_batch(runtime, submission.batch_id, backoff_seconds=0.01)
+        jobs = _jobs(runtime, submission.batch_id)
+        assert states_at_flush == [{JobState.RUNNING}, {JobState.RUNNING}]  # nothing recorded yet
+        assert (run.succeeded, run.failed, run.rounds) == (2, 0, 2)
+        assert {(job.state, job.attempts) for job in jobs.values()} == {(JobState.SUCCEEDED, 2)}
+        for job in jobs.values():
+            assert set(_artifacts(runtime, job.id)) == EXPECTED
+    finally:
+        runtime.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import imagecodecs
 import matplotlib
 import numpy as np
 import pytest
@@ -358,3 +359,33 @@ def test_png_encoding_is_lossless() -> None:
         RNG.integers(0, 256, (224, 224, 3), dtype=np.uint8), RNG.random((14, 14)).astype(np.float32)
     )
     np.testing.assert_array_equal(decode_png(png_bytes(pixels)), pixels)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (2, 5, 3), (7, 1, 3), (378, 422, 3), (300, 17, 3)])
+def test_png_files_decode_to_the_same_pixels_in_two_decoders(shape: tuple[int, int, int]) -> None:
+    """``png_bytes`` writes the PNG container itself: Pillow (which also checks every chunk's CRC when
+    it verifies) and libpng must both read back exactly the pixels, for odd and tiny sizes too."""
+    pixels = RNG.integers(0, 256, shape, dtype=np.uint8)
+    pixels[: shape[0] // 2] = 255  # a flat half: rows the "up" filter turns into zeros
+    data = png_bytes(pixels)
+    Image.open(io.BytesIO(data)).verify()
+    image = Image.open(io.BytesIO(data))
+    assert (image.mode, image.size) == ("RGB", (shape[1], shape[0]))
+    np.testing.assert_array_equal(np.asarray(image), pixels)
+    np.testing.assert_array_equal(imagecodecs.png_decode(data), pixels)
+
+
+def test_png_files_of_a_photo_stay_compressed() -> None:
+    """A fast level must still compress: a smooth photo-like crop well below its raw 150 KB."""
+    y, x = np.mgrid[0:224, 0:224]
+    smooth = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
+    noisy = np.clip(smooth + RNG.normal(0, 4, smooth.shape), 0, 255).astype(np.uint8)
+    assert len(png_bytes(noisy)) < 0.75 * noisy.nbytes
+
+
+@pytest.mark.parametrize(
+    "bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3))]
+)
+def test_png_bytes_refuses_what_is_not_8_bit_rgb(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(bad)

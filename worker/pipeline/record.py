@@ -90,15 +90,24 @@ class Recorder:
                 self._done(ticket.job_id, state)
 
     def succeed_all(self, stored: Sequence[tuple[Ticket, Future[JobOutcome]]]) -> None:
-        """Wait for a micro-batch's uploads, then record its successes in one transaction; a job
-        whose rendering or upload failed is recorded as failed with the reason."""
+        """Wait for a micro-batch's uploads, make them durable, then record its successes in one
+        transaction; a job whose rendering or upload failed is recorded as failed with the reason."""
         outcomes: list[tuple[str, JobOutcome]] = []
+        uploaded: list[Ticket] = []
         for ticket, future in stored:
             try:
                 outcomes.append((ticket.job_id, future.result()))
+                uploaded.append(ticket)
             except Exception as exc:
                 self.fail(ticket, exc)
         if not outcomes:
+            return
+        try:  # no job is recorded before its artifacts would survive a power loss
+            with self.runtime.clock.measure("store"):
+                self.runtime.store.sync()
+        except Exception as exc:
+            for ticket in uploaded:
+                self.fail(ticket, exc)
             return
         with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
             won = record_successes(session, outcomes, worker_id=self.worker_id)

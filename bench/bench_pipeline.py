@@ -180,6 +180,9 @@ def database(kind: str, folder: Path) -> Iterator[str]:
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in this (pinned) process; returns its row."""
+    import worker  # noqa: F401  (before torch, as the CLIs import it: its OpenMP wait policy)
+
+    # isort: split
     import torch
 
     from common.db import open_database
@@ -344,7 +347,7 @@ def main() -> None:
         "--cpu-workers",
         default="auto",
         help="CPU pool sizes to run, e.g. auto,0,cores: auto is worker start's sizing for one GPU "
-        "(cores - 1, none on one core), cores is one per core, a number is that many (the code of "
+        "(one per core, none on one core), cores is one per core, a number is that many (the code of "
         "--before-ref may have no pool)",
     )
     parser.add_argument("--database", default="sqlite", help="sqlite and/or postgresql")

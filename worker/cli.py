@@ -93,8 +93,9 @@ def worker_commands(
     """(argv, extra environment) for each Celery worker process to start.
 
     Each GPU worker's CPU pool (decoding, PNG encoding) gets ``cpu_workers`` processes, by default
-    its GPU's share of the host's cores less one (``worker.cores.cpu_workers_per_gpu``); a CPU worker
-    keeps the setting's own default (no pool: the model uses the cores).
+    one per core of its GPU's share of the host's cores, none on a single core
+    (``worker.cores.cpu_workers_per_gpu``); a CPU worker keeps the setting's own default (no pool:
+    the model uses the cores).
     """
     base = [
         sys.executable,

@@ -13,19 +13,47 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import boto3
 import pytest
 import sqlalchemy as sa
 
-from common.db.models import Job, JobState, WorkerHeartbeat
+from common.db.models import Artifact, Job, JobState, WorkerHeartbeat
 from common.db.session import upgrade
+from tests.conftest import ImageServer
+
+T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
 QUEUE = "vitscope.deit_tiny"
+DONE = (JobState.SUCCEEDED, JobState.FAILED)
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, *, every: float = 0.1) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def http_dataset(tmp_path: Path, image_server: ImageServer, write_image, count: int) -> Path:
+    """``count`` images served by the test's image server, so a test can hold any one of them."""
+    lines = ["id,image_uri"]
+    for i in range(count):
+        path = write_image(tmp_path / "img" / f"{i}.png", seed=i, size=(64 + i, 64))
+        image_server.images[f"/{i}.png"] = path.read_bytes()
+        lines.append(f"img{i},{image_server.url(f'/{i}.png')}")
+    csv = tmp_path / "data.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
 
 
 @dataclass
@@ -37,6 +65,38 @@ class Cluster:
     bucket: str
     logs: Path
     workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @classmethod
+    def create(
+        cls,
+        tmp_path: Path,
+        *,
+        broker: str,
+        database: str,
+        bucket: str,
+        settings: dict[str, str],
+        pre_ping: bool = False,
+    ) -> Cluster:
+        """A migrated database and the environment every process of the test gets: the services,
+        chunks of four, heartbeats and the reaper in seconds, one torch thread, and ``settings``
+        (the batch size, lease and time limits each kind of test needs). ``pre_ping`` for a test
+        that restarts the database under the engine."""
+        upgrade(database)
+        env = {
+            **os.environ,
+            "VITSCOPE_BROKER_URL": broker,
+            "VITSCOPE_DATABASE_URL": database,
+            "VITSCOPE_STORAGE_URL": f"s3://{bucket}/artifacts",
+            "VITSCOPE_CHUNK_SIZE": "4",
+            "VITSCOPE_HEARTBEAT_SECONDS": "1",
+            "VITSCOPE_REAPER_INTERVAL_SECONDS": "2",
+            "OMP_NUM_THREADS": "1",
+            **settings,
+        }
+        logs = tmp_path / "logs"
+        logs.mkdir(exist_ok=True)
+        engine = sa.create_engine(database, pool_pre_ping=pre_ping)
+        return cls(env=env, engine=engine, bucket=bucket, logs=logs)
 
     def start_worker(
         self, name: str, *, pool: str = "prefork", env: dict[str, str] | None = None
@@ -66,14 +126,15 @@ class Cluster:
         return process
 
     def wait_for_workers(self, count: int, timeout: float = 180) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def reported() -> list[str] | None:
             with self.engine.connect() as conn:
                 ids = conn.execute(sa.select(WorkerHeartbeat.worker_id)).scalars().all()
-            if len(ids) >= count:
-                return list(ids)
-            time.sleep(0.5)
-        raise AssertionError(f"{count} worker(s) did not report within {timeout} s:\n{self.log_tail()}")
+            return list(ids) if len(ids) >= count else None
+
+        try:
+            return wait_until(reported, timeout, f"{count} worker heartbeat(s)", every=0.3)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 
     def worker_ids(self, name: str) -> set[str]:
         """The ``host:pid`` of every process of the worker started as ``name`` that has reported."""
@@ -81,9 +142,25 @@ class Cluster:
             rows = conn.execute(sa.select(WorkerHeartbeat.worker_id, WorkerHeartbeat.node)).all()
         return {worker_id for worker_id, node in rows if node and node.startswith(f"{name}@")}
 
-    def producer(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def start_producer(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """``producer ARGS`` running in the background (``communicate()`` to collect it)."""
+        return subprocess.Popen(
+            [str(BIN / "producer"), *args],
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def producer(
+        self, *args: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [str(BIN / "producer"), *args], env=self.env, capture_output=True, text=True, timeout=600
+            [str(BIN / "producer"), *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if check and result.returncode != 0:
             raise AssertionError(
@@ -97,49 +174,59 @@ class Cluster:
         )
         return result.stdout.strip().splitlines()[-1]
 
-    def jobs(self, batch_id: str) -> list[Job]:
+    def jobs(self, batch_id: str | None = None) -> list[Job]:
+        """The jobs of ``batch_id``, or of every batch, in row order."""
+        query = sa.select(Job).order_by(Job.row_number)
+        if batch_id is not None:
+            query = query.where(Job.batch_id == batch_id)
         with sa.orm.Session(self.engine) as session:
-            return list(
-                session.scalars(sa.select(Job).where(Job.batch_id == batch_id).order_by(Job.row_number))
-            )
+            return list(session.scalars(query))
 
-    def wait_for(self, batch_id: str, predicate, what: str, timeout: float = 180) -> list[Job]:
-        """Poll the batch's jobs until ``predicate(jobs)`` holds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+    def wait_for(
+        self, batch_id: str | None, predicate: Callable[[list[Job]], bool], what: str, timeout: float = 180
+    ) -> list[Job]:
+        """Poll the jobs of ``batch_id`` (of every batch when None) until ``predicate(jobs)`` holds;
+        often, so a state that lasts only a moment (a job running) is still seen."""
+
+        def check() -> list[Job] | None:
             jobs = self.jobs(batch_id)
-            if jobs and predicate(jobs):
-                return jobs
-            time.sleep(0.2)
-        states = sorted((job.state, job.attempts) for job in self.jobs(batch_id))
-        raise AssertionError(f"batch {batch_id}: {what} not seen in {timeout} s: {states}\n{self.log_tail()}")
+            return jobs if jobs and predicate(jobs) else None
 
-    def wait_done(self, batch_id: str, timeout: float = 300) -> list[Job]:
+        try:
+            return wait_until(check, timeout, what, every=0.05)
+        except AssertionError as exc:
+            states = sorted((str(job.state), job.attempts) for job in self.jobs(batch_id))
+            raise AssertionError(f"batch {batch_id}: {exc}: {states}\n{self.log_tail()}") from None
+
+    def wait_done(self, batch_id: str | None = None, timeout: float = 300) -> list[Job]:
         return self.wait_for(
-            batch_id,
-            lambda jobs: all(job.state in (JobState.SUCCEEDED, JobState.FAILED) for job in jobs),
-            "every job finished",
-            timeout,
+            batch_id, lambda jobs: all(job.state in DONE for job in jobs), "every job finished", timeout
         )
 
     def wait_for_log(self, text: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log_text():
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} not logged within {timeout} s:\n{self.log_tail()}")
+        try:
+            wait_until(lambda: text in self.log_text(), timeout, f"{text!r} in the logs", every=0.2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log_tail()}") from None
 
     def log_text(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.logs.glob("*.log")))
 
     def log_tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text()[-3000:] for p in sorted(self.logs.glob("*.log")))
+        return "\n".join(f"--- {p.name}\n" + p.read_text()[-4000:] for p in sorted(self.logs.glob("*.log")))
 
     def objects(self, prefix: str = "") -> list[str]:
         s3 = boto3.client("s3")
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    def artifacts(self) -> dict[str, list[Artifact]]:
+        """Every artifact row, by job id."""
+        with sa.orm.Session(self.engine) as session:
+            found: dict[str, list[Artifact]] = {}
+            for artifact in session.scalars(sa.select(Artifact)):
+                found.setdefault(artifact.job_id, []).append(artifact)
+            return found
 
     def stop(self) -> None:
         for process in self.workers:
@@ -155,31 +242,24 @@ class Cluster:
 
 @pytest.fixture
 def cluster(postgres_url, broker_url, s3_bucket, s3_env, tmp_path) -> Iterator[Cluster]:
-    upgrade(postgres_url)
-    env = {
-        **os.environ,
-        "VITSCOPE_BROKER_URL": broker_url,
-        "VITSCOPE_DATABASE_URL": postgres_url,
-        "VITSCOPE_STORAGE_URL": f"s3://{s3_bucket}/artifacts",
-        "VITSCOPE_CHUNK_SIZE": "4",
-        "VITSCOPE_BATCH_SIZE": "4",
-        # Far above what a chunk of four tiny images needs even on a loaded machine: only a test that
-        # wants a lease to run out (and says so) shortens it.
-        "VITSCOPE_LEASE_SECONDS": "60",
-        "VITSCOPE_HEARTBEAT_SECONDS": "1",
-        "VITSCOPE_REAPER_INTERVAL_SECONDS": "2",
-        "VITSCOPE_VISIBILITY_TIMEOUT_SECONDS": "300",
-        "VITSCOPE_TASK_TIME_LIMIT_SECONDS": "240",
-        # The test's image server is on 127.0.0.1.
-        "VITSCOPE_ALLOW_PRIVATE_NETWORKS": "true",
-        "OMP_NUM_THREADS": "1",
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    engine = sa.create_engine(postgres_url)
-    result = Cluster(env=env, engine=engine, bucket=s3_bucket, logs=logs)
+    result = Cluster.create(
+        tmp_path,
+        broker=broker_url,
+        database=postgres_url,
+        bucket=s3_bucket,
+        settings={
+            "VITSCOPE_BATCH_SIZE": "4",
+            # Far above what a chunk of four tiny images needs even on a loaded machine: only a test
+            # that wants a lease to run out (and says so) shortens it.
+            "VITSCOPE_LEASE_SECONDS": "60",
+            "VITSCOPE_VISIBILITY_TIMEOUT_SECONDS": "300",
+            "VITSCOPE_TASK_TIME_LIMIT_SECONDS": "240",
+            # The test's image server is on 127.0.0.1.
+            "VITSCOPE_ALLOW_PRIVATE_NETWORKS": "true",
+        },
+    )
     try:
         yield result
     finally:
         result.stop()
-        engine.dispose()
+        result.engine.dispose()

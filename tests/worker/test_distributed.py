@@ -22,7 +22,7 @@ from common.db.models import Artifact, Batch, Job, JobState
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.storage import read_uri
 from tests.conftest import ImageServer
-from tests.worker.conftest import Cluster
+from tests.worker.conftest import Cluster, http_dataset
 
 ARTIFACTS_PER_JOB = len(ARRAY_ARTIFACTS) - 1 + len(IMAGE_ARTIFACTS)  # attention.npy is opt-in
 QUEUE = "vitscope.deit_tiny"
@@ -83,18 +83,6 @@ def test_two_workers_share_a_batch_and_do_every_job_once(cluster, tmp_path, writ
     assert "two@" in status
 
 
-def _http_dataset(tmp_path: Path, image_server: ImageServer, write_image, count: int) -> Path:
-    """``count`` images served by the test's image server, so a test can hold any one of them."""
-    lines = ["id,image_uri"]
-    for i in range(count):
-        path = write_image(tmp_path / "img" / f"{i}.png", seed=i, size=(64 + i, 64))
-        image_server.images[f"/{i}.png"] = path.read_bytes()
-        lines.append(f"img{i},{image_server.url(f'/{i}.png')}")
-    csv = tmp_path / "data.csv"
-    csv.write_text("\n".join(lines) + "\n")
-    return csv
-
-
 def _hold_first_chunk(cluster: Cluster, image_server: ImageServer, batch_id: str) -> list[Job]:
     """Wait until the first chunk (jobs 0-3) is claimed and fetching its held image 0; return its jobs."""
     image_server.wait_for_request("/0.png")
@@ -107,7 +95,7 @@ def _hold_first_chunk(cluster: Cluster, image_server: ImageServer, batch_id: str
 def test_killed_worker_child_is_redelivered_and_nothing_is_lost_or_doubled(
     cluster, tmp_path, write_image, image_server
 ) -> None:
-    csv = _http_dataset(tmp_path, image_server, write_image, 16)
+    csv = http_dataset(tmp_path, image_server, write_image, 16)
     held = image_server.hold("/0.png")  # the first chunk stops mid-flight until the child is killed
     cluster.start_worker("victim")
     cluster.wait_for_workers(1)
@@ -133,7 +121,7 @@ def test_killed_worker_child_is_redelivered_and_nothing_is_lost_or_doubled(
 def test_whole_worker_killed_its_jobs_come_back_to_another_worker(
     cluster, tmp_path, write_image, image_server
 ) -> None:
-    csv = _http_dataset(tmp_path, image_server, write_image, 12)
+    csv = http_dataset(tmp_path, image_server, write_image, 12)
     held = image_server.hold("/0.png")
     first = cluster.start_worker("doomed")
     cluster.wait_for_workers(1)

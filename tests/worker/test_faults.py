@@ -12,184 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 import pytest
-import sqlalchemy as sa
 from PIL import Image, PngImagePlugin
 
-from common.db.models import Artifact, Job, JobState, WorkerHeartbeat, utcnow
-from common.db.session import upgrade
+from common.db.models import Job, JobState, utcnow
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
+from tests.worker.conftest import DONE, QUEUE, Cluster, wait_until
 
 ARTIFACTS_PER_JOB = len(ARRAY_ARTIFACTS) - 1 + len(IMAGE_ARTIFACTS)  # attention.npy is opt-in
-BIN = Path(sys.executable).parent
-QUEUE = "vitscope.deit_tiny"
-DONE = (JobState.SUCCEEDED, JobState.FAILED)
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str, *, every: float = 0.1) -> object:
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-@dataclass
-class Cluster:
-    """Workers, a producer and the database of one test, wired to that test's services."""
-
-    env: dict[str, str]
-    engine: sa.Engine
-    bucket: str
-    logs: Path
-    workers: list[subprocess.Popen] = field(default_factory=list)
-
-    def start_worker(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("w")
-        process = subprocess.Popen(
-            [
-                str(BIN / "worker"),
-                "start",
-                "--gpus",
-                "none",
-                "--queues",
-                "deit_tiny",
-                "--hostname",
-                f"{name}@%h",
-            ],
-            env={**self.env, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.workers.append(process)
-        return process
-
-    def wait_for_workers(self, count: int, timeout: float = 180) -> None:
-        def reported() -> bool:
-            with self.engine.connect() as conn:
-                return len(conn.execute(sa.select(WorkerHeartbeat.worker_id)).all()) >= count
-
-        try:
-            wait_for(reported, timeout, f"{count} worker heartbeat(s)", every=0.3)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
-
-    def producer(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        return subprocess.Popen(
-            [str(BIN / "producer"), *args],
-            env={**self.env, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def run_producer(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [str(BIN / "producer"), *args],
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, f"producer {args} exited {result.returncode}:\n{result.stderr}"
-        return result
-
-    def submit(self, csv: Path, *args: str) -> str:
-        result = self.run_producer(
-            "submit", str(csv), "--models", "deit_tiny_patch16_224", "--weights", "random", *args
-        )
-        return result.stdout.strip().splitlines()[-1]
-
-    def jobs(self, batch_id: str | None = None) -> list[Job]:
-        query = sa.select(Job).order_by(Job.row_number)
-        if batch_id is not None:
-            query = query.where(Job.batch_id == batch_id)
-        with sa.orm.Session(self.engine) as session:
-            return list(session.scalars(query))
-
-    def wait_for_jobs(
-        self, what: str, condition: Callable[[list[Job]], bool], timeout: float = 180
-    ) -> list[Job]:
-        def check() -> list[Job] | None:
-            jobs = self.jobs()
-            return jobs if jobs and condition(jobs) else None
-
-        try:
-            return wait_for(check, timeout, what, every=0.05)  # type: ignore[return-value]
-        except AssertionError as exc:
-            states = sorted((str(j.state), j.attempts) for j in self.jobs())
-            raise AssertionError(f"{exc}: {states}\n{self.log_tail()}") from None
-
-    def wait_done(self, timeout: float = 300) -> list[Job]:
-        return self.wait_for_jobs("every job done", lambda jobs: all(j.state in DONE for j in jobs), timeout)
-
-    def artifacts(self) -> dict[str, list[Artifact]]:
-        with sa.orm.Session(self.engine) as session:
-            found: dict[str, list[Artifact]] = {}
-            for artifact in session.scalars(sa.select(Artifact)):
-                found.setdefault(artifact.job_id, []).append(artifact)
-            return found
-
-    def log_tail(self) -> str:
-        return "\n".join(f"--- {p.name}\n" + p.read_text()[-4000:] for p in sorted(self.logs.glob("*.log")))
-
-    def stop(self) -> None:
-        for process in self.workers:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.workers:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-def _s3_objects(bucket: str, prefix: str) -> set[str]:
-    s3 = boto3.client("s3")
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
-
-
-def _make_cluster(
-    tmp_path: Path, *, broker: str, database: str, bucket: str, extra: dict[str, str] | None = None
-) -> Cluster:
-    upgrade(database)
-    env = {
-        **os.environ,
-        "VITSCOPE_BROKER_URL": broker,
-        "VITSCOPE_DATABASE_URL": database,
-        "VITSCOPE_STORAGE_URL": f"s3://{bucket}/artifacts",
-        "VITSCOPE_CHUNK_SIZE": "4",
-        "VITSCOPE_BATCH_SIZE": "1",  # one image per pass: chunks last long enough to be hit mid-way
-        "VITSCOPE_LEASE_SECONDS": "10",
-        "VITSCOPE_HEARTBEAT_SECONDS": "1",
-        "VITSCOPE_REAPER_INTERVAL_SECONDS": "2",
-        "VITSCOPE_VISIBILITY_TIMEOUT_SECONDS": "120",
-        "VITSCOPE_TASK_TIME_LIMIT_SECONDS": "90",
-        "OMP_NUM_THREADS": "1",
-        **(extra or {}),
-    }
-    logs = tmp_path / "logs"
-    logs.mkdir(exist_ok=True)
-    engine = sa.create_engine(database, pool_pre_ping=True)  # this test restarts PostgreSQL too
-    return Cluster(env=env, engine=engine, bucket=bucket, logs=logs)
 
 
 @pytest.fixture
@@ -197,7 +35,20 @@ def cluster_factory(tmp_path: Path, s3_bucket: str) -> Iterator[Callable[..., Cl
     made: list[Cluster] = []
 
     def make(*, broker: str, database: str, extra: dict[str, str] | None = None) -> Cluster:
-        cluster = _make_cluster(tmp_path, broker=broker, database=database, bucket=s3_bucket, extra=extra)
+        cluster = Cluster.create(
+            tmp_path,
+            broker=broker,
+            database=database,
+            bucket=s3_bucket,
+            settings={
+                "VITSCOPE_BATCH_SIZE": "1",  # one image per pass: chunks last long enough to be hit mid-way
+                "VITSCOPE_LEASE_SECONDS": "10",
+                "VITSCOPE_VISIBILITY_TIMEOUT_SECONDS": "120",
+                "VITSCOPE_TASK_TIME_LIMIT_SECONDS": "90",
+                **(extra or {}),
+            },
+            pre_ping=True,  # a test restarts PostgreSQL under the engine
+        )
         made.append(cluster)
         return cluster
 
@@ -235,7 +86,7 @@ def _assert_each_job_computed_once(cluster: Cluster, jobs: list[Job]) -> None:
     assert {job.id: len(artifacts.get(job.id, [])) for job in jobs} == {
         job.id: ARTIFACTS_PER_JOB for job in jobs
     }
-    stored = _s3_objects(cluster.bucket, "artifacts/")
+    stored = set(cluster.objects("artifacts/"))
     expected = {a.uri.split("/", 3)[3] for job in jobs for a in artifacts[job.id]}
     assert expected <= stored
     assert len(stored) == ARTIFACTS_PER_JOB * len(jobs)  # deterministic keys: nothing written twice
@@ -259,18 +110,19 @@ def test_redis_restarted_mid_batch_loses_and_repeats_nothing(
     csv = _dataset(tmp_path, cluster.bucket, write_image, 16)
     cluster.start_worker("w")
     cluster.wait_for_workers(1)
-    submit = cluster.producer(
+    submit = cluster.start_producer(
         "submit", str(csv), "--models", "deit_tiny_patch16_224", "--weights", "random", "--wait"
     )
-    cluster.wait_for_jobs("a job running", lambda jobs: any(j.state == JobState.RUNNING for j in jobs))
+    cluster.wait_for(None, lambda jobs: any(j.state == JobState.RUNNING for j in jobs), "a job running")
     queued_messages = private_redis.client().llen(QUEUE)
     assert queued_messages > 0, "the batch should still have messages waiting in Redis"
     restarted, restarted_utc = time.monotonic(), utcnow()
     private_redis.restart()  # SIGTERM (clean shutdown, append-only file flushed), then start again
     assert private_redis.client().llen(QUEUE) >= queued_messages - 1  # what waited is still there
-    cluster.wait_for_jobs(  # a chunk claimed after the restart: the worker consumes again
-        "a job started after the restart",
+    cluster.wait_for(  # a chunk claimed after the restart: the worker consumes again
+        None,
         lambda jobs: any(j.started_at is not None and j.started_at > restarted_utc for j in jobs),
+        "a job started after the restart",
     )
     resumed = time.monotonic() - restarted
     out, err = submit.communicate(timeout=300)
@@ -292,22 +144,23 @@ def test_postgres_restarted_mid_batch_every_job_ends_succeeded(
     csv = _dataset(tmp_path, cluster.bucket, write_image, 12)
     cluster.start_worker("w")
     cluster.wait_for_workers(1)
-    submit = cluster.producer(
+    submit = cluster.start_producer(
         "submit", str(csv), "--models", "deit_tiny_patch16_224", "--weights", "random", "--wait"
     )
-    cluster.wait_for_jobs("a job running", lambda jobs: any(j.state == JobState.RUNNING for j in jobs))
+    cluster.wait_for(None, lambda jobs: any(j.state == JobState.RUNNING for j in jobs), "a job running")
     private_postgres.stop()  # pg_ctl -m fast: every open session is cut
     log = cluster.logs / "w.log"
     # Down until the chunk in flight has failed on it as a whole (not only a heartbeat): that is the
     # path to prove — the chunk retried, taking its own half-done jobs back.
-    wait_for(
+    wait_until(
         lambda: "hit a transient error, retrying" in log.read_text(), 180, "the chunk to fail on the database"
     )
     restarted, restarted_utc = time.monotonic(), utcnow()
     private_postgres.start()
-    cluster.wait_for_jobs(
-        "a job finished after the restart",
+    cluster.wait_for(
+        None,
         lambda jobs: any(j.finished_at is not None and j.finished_at > restarted_utc for j in jobs),
+        "a job finished after the restart",
     )
     resumed = time.monotonic() - restarted
     out, err = submit.communicate(timeout=300)
@@ -411,12 +264,13 @@ def test_s3_unreachable_for_20_seconds_uploads_wait_and_the_batch_completes(
     csv = _dataset(tmp_path, cluster.bucket, write_image, 12)
     cluster.start_worker("w")
     cluster.wait_for_workers(1)
-    cluster.producer("submit", str(csv), "--models", "deit_tiny_patch16_224", "--weights", "random")
-    cluster.wait_for_jobs(
-        "a job succeeded and others not done",
+    cluster.start_producer("submit", str(csv), "--models", "deit_tiny_patch16_224", "--weights", "random")
+    cluster.wait_for(
+        None,
         lambda jobs: (
             any(j.state == JobState.SUCCEEDED for j in jobs) and any(j.state not in DONE for j in jobs)
         ),
+        "a job succeeded and others not done",
     )
     proxy.cut()
     cut_at = time.monotonic()
@@ -427,7 +281,7 @@ def test_s3_unreachable_for_20_seconds_uploads_wait_and_the_batch_completes(
         while time.monotonic() - cut_at < OUTAGE_SECONDS:
             jobs = cluster.jobs()  # first: whatever succeeded here has its rows and objects by now
             artifacts = cluster.artifacts()
-            stored = _s3_objects(cluster.bucket, "artifacts/")
+            stored = set(cluster.objects("artifacts/"))
             for job in jobs:
                 if job.state == JobState.SUCCEEDED:
                     keys = {a.uri.split("/", 3)[3] for a in artifacts.get(job.id, [])}
@@ -440,9 +294,10 @@ def test_s3_unreachable_for_20_seconds_uploads_wait_and_the_batch_completes(
         proxy.start()
     restored_at, restored_utc = time.monotonic(), utcnow()
     assert unfinished_at_restore, "every job finished during the outage: it proved nothing"
-    cluster.wait_for_jobs(
-        "a job finished after storage returned",
+    cluster.wait_for(
+        None,
         lambda jobs: any(j.finished_at is not None and j.finished_at > restored_utc for j in jobs),
+        "a job finished after storage returned",
     )
     resumed = time.monotonic() - restored_at
     jobs = cluster.wait_done()
@@ -467,7 +322,7 @@ def test_sigterm_finishes_the_chunk_in_hand_and_leaves_the_rest_queued(
     worker = cluster.start_worker("leaving")
     cluster.wait_for_workers(1)
     cluster.submit(csv)
-    cluster.wait_for_jobs("a job running", lambda jobs: any(j.state == JobState.RUNNING for j in jobs))
+    cluster.wait_for(None, lambda jobs: any(j.state == JobState.RUNNING for j in jobs), "a job running")
     worker.send_signal(signal.SIGTERM)  # to the Celery parent only, as `docker stop` does
     sent = time.monotonic()
     worker.wait(timeout=limit + 30)
@@ -525,10 +380,8 @@ def test_an_image_that_kills_its_worker_fails_alone_with_the_reason(
     assert poison.attempts == max_attempts
     assert poison.error_class == "WorkerLostError"
     assert f"worker died while processing this job {max_attempts} time(s)" in poison.error_message
-    assert "WorkerLostError" in cluster.run_producer("status", poison.batch_id).stdout
-    failed = cluster.run_producer(
-        "results", poison.batch_id, "--status", "failed", "--format", "jsonl"
-    ).stdout
+    assert "WorkerLostError" in cluster.producer("status", poison.batch_id).stdout
+    failed = cluster.producer("results", poison.batch_id, "--status", "failed", "--format", "jsonl").stdout
     assert "worker died while processing this job" in failed
 
 
@@ -554,10 +407,10 @@ def test_purged_queue_is_healed_by_the_reaper(
     redis.delete(QUEUE)  # … and are lost
 
     def reported_stale() -> str | None:
-        status = cluster.run_producer("status", batch_id).stdout
+        status = cluster.producer("status", batch_id).stdout
         return status if "6 queued job(s) with no recent publication" in status else None
 
-    wait_for(reported_stale, 60, "status to report the unpublished jobs", every=1)
+    wait_until(reported_stale, 60, "status to report the unpublished jobs", every=1)
     cluster.start_worker("healer")
     cluster.wait_for_workers(1)
     started = time.monotonic()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import redis
 import sqlalchemy as sa
@@ -20,21 +19,9 @@ from common.celery_app import TASK_PROCESS_JOBS, make_celery
 from common.db.models import Artifact, JobState
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.settings import Settings
-from tests.conftest import ImageServer
-from tests.worker.conftest import QUEUE, Cluster
+from tests.worker.conftest import QUEUE, Cluster, http_dataset
 
 ARTIFACTS_PER_JOB = len(ARRAY_ARTIFACTS) - 1 + len(IMAGE_ARTIFACTS)  # attention.npy is opt-in
-
-
-def _dataset(tmp_path: Path, image_server: ImageServer, write_image, count: int) -> Path:
-    lines = ["id,image_uri"]
-    for i in range(count):
-        path = write_image(tmp_path / "img" / f"{i}.png", seed=i, size=(64 + i, 64))
-        image_server.images[f"/{i}.png"] = path.read_bytes()
-        lines.append(f"img{i},{image_server.url(f'/{i}.png')}")
-    csv = tmp_path / "data.csv"
-    csv.write_text("\n".join(lines) + "\n")
-    return csv
 
 
 @contextmanager
@@ -71,7 +58,7 @@ def _artifact_counts(cluster: Cluster, job_ids: list[str]) -> dict[str, int]:
 def test_a_chunk_that_cannot_reach_the_database_is_retried_with_growing_backoff(
     cluster, tmp_path, write_image, image_server, postgres_admin_url
 ) -> None:
-    csv = _dataset(tmp_path, image_server, write_image, 2)
+    csv = http_dataset(tmp_path, image_server, write_image, 2)
     batch_id = cluster.submit(csv)  # queued in Redis before any worker runs
     with _database_down(cluster, postgres_admin_url):
         cluster.start_worker("patient")
@@ -88,7 +75,7 @@ def test_a_chunk_that_cannot_reach_the_database_is_retried_with_growing_backoff(
 
 
 def test_jobs_a_chunk_hands_back_are_published_again(cluster, tmp_path, write_image, image_server) -> None:
-    csv = _dataset(tmp_path, image_server, write_image, 3)
+    csv = http_dataset(tmp_path, image_server, write_image, 3)
     image_server.fail("/1.png", 1)  # one transient 503: that job alone goes back to the queue
     cluster.start_worker("w")
     batch_id = cluster.submit(csv)
@@ -111,7 +98,7 @@ def test_a_malformed_message_is_dropped_logged_and_not_redelivered(
     cluster.wait_for_log("dropping malformed message: 'not-a-list'")
     assert "dropping malformed message: [1, 2]" in cluster.log_text()
     # The worker lives on and still does real work; the dropped messages were acknowledged.
-    batch_id = cluster.submit(_dataset(tmp_path, image_server, write_image, 1))
+    batch_id = cluster.submit(http_dataset(tmp_path, image_server, write_image, 1))
     assert [job.state for job in cluster.wait_done(batch_id)] == [JobState.SUCCEEDED]
     broker = redis.Redis.from_url(cluster.env["VITSCOPE_BROKER_URL"], socket_timeout=5)
     try:
@@ -128,7 +115,7 @@ def test_a_malformed_message_is_dropped_logged_and_not_redelivered(
 def test_the_database_lost_mid_chunk_retries_the_chunk_and_every_job_ends_once(
     cluster, tmp_path, write_image, image_server, postgres_admin_url
 ) -> None:
-    csv = _dataset(tmp_path, image_server, write_image, 4)
+    csv = http_dataset(tmp_path, image_server, write_image, 4)
     held = image_server.hold("/3.png")
     cluster.start_worker("w")
     cluster.wait_for_workers(1)

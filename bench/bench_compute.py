@@ -48,7 +48,7 @@ class Row:
         return self.forward_images_per_second / self.explain_images_per_second
 
 
-def _seconds_per_call(run: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+def seconds_per_call(run: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Median wall time of ``run`` after ``warmup`` untimed calls (CUDA work is waited for)."""
     for _ in range(warmup):
         run()
@@ -90,8 +90,7 @@ def bench_model(
             return explain(model, images, settings, autocast_dtype=dtype)
 
         seconds = [
-            _seconds_per_call(run, device, warmup, repeats)
-            for run in (forward, forward_backward, explain_all)
+            seconds_per_call(run, device, warmup, repeats) for run in (forward, forward_backward, explain_all)
         ]
         rows.append(Row(name, batch_size, *(batch_size / value for value in seconds)))
     return rows

@@ -20,17 +20,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
+from bench_compute import seconds_per_call  # this folder: the scripts run as files
 from timm.data import resolve_data_config
 
 from common.methods import MethodSettings
@@ -41,21 +40,6 @@ from worker.metrics import ImageInputs, box_coverage, evaluate, explanation_maps
 
 BIN = Path(sys.executable).parent
 STANDARD = frozenset(MetricFamily) - {MetricFamily.SANITY}
-
-
-def _median_seconds(run: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        run()
-    timings = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
-    return statistics.median(timings)
 
 
 def bench_core(
@@ -105,7 +89,7 @@ def bench_core(
         ("explain + standard metrics", scored(STANDARD)),
         ("explain + all metrics (with sanity)", scored(frozenset(MetricFamily))),
     ):
-        rates[label] = batch / _median_seconds(run, device, warmup, repeats)
+        rates[label] = batch / seconds_per_call(run, device, warmup, repeats)
     return rates
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidModelSpecError
+from common.modelspec import read_models_toml
 
 __all__ = [
     "METHODS",
@@ -214,13 +214,7 @@ def load_metrics_section(path: str | Path) -> MetricSettings:
     that uses the file; the command line's ``--metrics`` wins over it.
     """
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidModelSpecError(f"models file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InvalidModelSpecError(f"models file {path}: invalid TOML: {exc}") from None
-    section = data.get("metrics", {})
+    section = read_models_toml(path).get("metrics", {})
     if not isinstance(section, dict):
         raise InvalidModelSpecError(f"models file {path}: [metrics] must be a table")
     unknown = set(section) - _SECTION_KEYS

@@ -31,6 +31,7 @@ __all__ = [
     "ModelSpec",
     "is_timm_model",
     "load_models_file",
+    "read_models_toml",
     "resolve_model",
     "resolve_models_option",
     "timm_model_names",
@@ -204,15 +205,21 @@ def _absolute_weights(weights: str, base_dir: Path) -> str:
     return str(path if path.is_absolute() else (base_dir / path).resolve())
 
 
-def load_models_file(path: str | Path) -> dict[str, ModelSpec]:
-    """Parse a TOML models file (``[models.<name>]`` tables) into specs keyed by name."""
-    path = Path(path)
+def read_models_toml(path: Path) -> dict[str, Any]:
+    """A models file's TOML, with a missing file or bad TOML reported as ``InvalidModelSpecError``
+    naming the file (its ``[models.*]`` and ``[metrics]`` tables are read by their own parsers)."""
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise InvalidModelSpecError(f"models file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidModelSpecError(f"models file {path}: invalid TOML: {exc}") from None
+
+
+def load_models_file(path: str | Path) -> dict[str, ModelSpec]:
+    """Parse a TOML models file (``[models.<name>]`` tables) into specs keyed by name."""
+    path = Path(path)
+    data = read_models_toml(path)
     models = data.get("models")
     if not isinstance(models, dict) or not models:
         raise InvalidModelSpecError(f"models file {path}: no [models.<name>] tables found")

@@ -17,7 +17,9 @@ they add up to more than the wall time when stages overlap. Inputs are distinct 
 
 ``--before-ref REF`` also runs the same images through the pipeline as it was at git ``REF`` (an
 export of that commit), so one run gives before and after under the same load. The load average is
-recorded beside the numbers: on a shared machine, compare ratios within one run.
+recorded beside the numbers: on a shared machine, compare ratios within one run. ``--repeat N``
+runs every configuration N times, interleaved, and shows the median run with the range: the store
+stage includes the disk's writeback (``syncfs``), which alone can swing a run by a third.
 
     .venv/bin/python bench/bench_pipeline.py                               # after only, 1 and 2 cores
     .venv/bin/python bench/bench_pipeline.py --before-ref 3b91896 --database sqlite,postgresql
@@ -194,7 +196,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.cores)
     images = make_images(Path(args.images_dir), args.images, args.large_every, seed=1)
     warmup = make_images(Path(args.images_dir), args.batch_size, 0, seed=2)
-    with tempfile.TemporaryDirectory() as tmp, database(args.database, Path(tmp)) as url:
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp, database(args.database, Path(tmp)) as url:
         work = Path(tmp)
         # The images live outside the CSV's folder: name theirs as a root where the code has the
         # local-files policy (the code of --before-ref may predate it).
@@ -271,7 +273,15 @@ def pool_size(setting: str, cores: int) -> int:
 
 
 def run_child(
-    code: Path, cores: int, pool: int, mode: str, db: str, images: int, args: argparse.Namespace
+    code: Path,
+    cores: int,
+    pool: int,
+    mode: str,
+    db: str,
+    images: int,
+    args: argparse.Namespace,
+    *,
+    png_level: int,
 ) -> dict:
     command = [
         sys.executable,
@@ -285,6 +295,7 @@ def run_child(
         f"--batch-size={args.batch_size}",
         f"--images-dir={args.images_dir}",
         f"--device={args.device}",
+        *([f"--work-dir={args.work_dir}"] if args.work_dir else []),
     ]
     available = sorted(os.sched_getaffinity(0))
     if cores > len(available):
@@ -294,6 +305,7 @@ def run_child(
         **os.environ,
         "PYTHONPATH": str(code),
         "VITSCOPE_CPU_WORKERS": str(pool),
+        "VITSCOPE_PNG_LEVEL": str(png_level),
         "OMP_NUM_THREADS": str(cores),
     }
     out = subprocess.run([*pinned, *command], env=env, cwd=code, capture_output=True, text=True)
@@ -302,36 +314,51 @@ def run_child(
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_row(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median images/s (the lower middle of an even count), with every run's rate:
+    one whole run's stages, not medians of columns from different runs that would not add up."""
+    ordered = sorted(found, key=lambda r: r["images_per_second"])
+    rates = [r["images_per_second"] for r in ordered]
+    return {**ordered[(len(ordered) - 1) // 2], "runs_images_per_second": rates}
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'code':<7}{'db':<11}{'mode':<8}{'cores':>5}{'pool':>5}{'img/s':>8}" + "".join(
-        f"{s:>13}" for s in STAGES
+    head = (
+        f"{'code':<7}{'db':<11}{'mode':<8}{'cores':>5}{'pool':>5}{'png':>4}{'img/s':>8}{'range':>13}"
+        + "".join(f"{s:>13}" for s in STAGES)
     )
     lines = [head + "   (stage columns: ms of busy time per image)"]
     for r in rows:
         stages = "".join(f"{r['ms_per_image'][s]:>13.2f}" for s in STAGES)
+        rates = r["runs_images_per_second"]
+        spread = f"{rates[0]:.1f}-{rates[-1]:.1f}" if len(rates) > 1 else "-"
         lines.append(
             f"{r['code']:<7}{r['database']:<11}{r['mode']:<8}{r['cores']:>5}{r['pool']:>5}"
-            f"{r['images_per_second']:>8.1f}{stages}"
+            f"{'-' if r['png_level'] is None else r['png_level']:>4}"
+            f"{r['images_per_second']:>8.1f}{spread:>13}{stages}"
         )
     return "\n".join(lines)
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
-    """after ÷ before on the same configuration, and k cores ÷ 1 core for each code; where several
-    pool sizes ran, the fastest of each (a worker would be given that size)."""
+    """after ÷ before on the same configuration (each PNG level of after against before's own), and
+    k cores ÷ 1 core for each code and level; where several pool sizes ran, the fastest of each (a
+    worker would be given that size)."""
     by: dict[tuple[str, str, str, int], float] = {}
     for r in rows:
-        key = (r["code"], r["database"], r["mode"], r["cores"])
+        code = r["code"] if r.get("png_level") is None else f"{r['code']} (png {r['png_level']})"
+        key = (code, r["database"], r["mode"], r["cores"])
         by[key] = max(by.get(key, 0.0), r["images_per_second"])
     lines = []
     for (code, db, mode, cores), rate in sorted(by.items()):
-        if code == "after" and ("before", db, mode, cores) in by:
+        if code.startswith("after") and ("before", db, mode, cores) in by:
             lines.append(
-                f"after/before  {db:<10} {mode:<7} {cores} core(s): {rate / by['before', db, mode, cores]:.2f}x"
+                f"{code}/before  {db:<10} {mode:<7} {cores} core(s): "
+                f"{rate / by['before', db, mode, cores]:.2f}x"
             )
         if cores > 1 and (code, db, mode, 1) in by:
             lines.append(
-                f"{cores} cores/1 core {code:<6} {db:<10} {mode:<7}: {rate / by[code, db, mode, 1]:.2f}x"
+                f"{cores} cores/1 core {code} {db:<10} {mode:<7}: {rate / by[code, db, mode, 1]:.2f}x"
             )
     return lines
 
@@ -355,6 +382,23 @@ def main() -> None:
     parser.add_argument("--rss", help="image counts for a peak-RSS run instead, e.g. 500,5000")
     parser.add_argument("--images-dir", default=str(Path(tempfile.gettempdir()) / "vitscope-bench-images"))
     parser.add_argument("--device", default="cpu", help="the pipeline's device (cuda: overlays drawn there)")
+    parser.add_argument(
+        "--work-dir",
+        help="where each run's results folder and SQLite file go (default: the system's temporary "
+        "folder); /dev/shm takes the disk out of the store stage",
+    )
+    parser.add_argument(
+        "--png-levels",
+        default="1",
+        help="VITSCOPE_PNG_LEVEL values to run, e.g. 1,0 (the code of --before-ref runs its own)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each configuration, interleaved; the table shows the median run (by images/s) "
+        "and the range",
+    )
     parser.add_argument("--json", help="also write the rows and ratios to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="null", help=argparse.SUPPRESS)
@@ -368,37 +412,48 @@ def main() -> None:
     cores = [int(c) for c in args.cores.split(",")]
     modes = args.modes.split(",")
     databases = args.database.split(",")
-    rows: list[dict[str, Any]] = []
     load = {"start": load_average()}
+    runs: dict[tuple[str, str, str, int, int, int, int | None], list[dict[str, Any]]] = defaultdict(list)
+    png_levels = [int(level) for level in args.png_levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         codes = {"after": REPO}
         if args.before_ref:
             codes = {"before": export_ref(args.before_ref, Path(tmp)), **codes}
         counts = [int(n) for n in args.rss.split(",")] if args.rss else [args.images]
-        for db in databases:
-            for mode in modes:
-                for n in counts:
-                    for k in cores:
-                        pools = sorted({pool_size(p, k) for p in args.cpu_workers.split(",")})
-                        for name, code in codes.items():
-                            # The code before the pool existed runs once: the setting means nothing to it.
-                            for pool in pools if name == "after" else pools[:1]:
-                                row = run_child(code, k, pool, mode, db, n, args)
-                                rows.append(
-                                    {
-                                        "code": name,
-                                        "database": db,
-                                        "mode": mode,
-                                        "cores": k,
-                                        "pool": pool,
-                                        **row,
-                                    }
-                                )
-                                print(
-                                    f"  {name} {db} {mode} {n} images {k} core(s), pool {pool}: "
-                                    f"{row['images_per_second']} img/s, peak RSS {row['peak_rss_mib']} MiB",
-                                    file=sys.stderr,
-                                )
+        # Repeats are the outer loop, so a slow spell of the machine (the disk's writeback, another
+        # tenant) falls on every configuration alike instead of on one.
+        for repeat in range(args.repeat):
+            for db in databases:
+                for mode in modes:
+                    for n in counts:
+                        for k in cores:
+                            pools = sorted({pool_size(p, k) for p in args.cpu_workers.split(",")})
+                            for name, code in codes.items():
+                                # The code before runs once: a pool size or PNG level means nothing to it.
+                                after = name == "after"
+                                for pool in pools if after else pools[:1]:
+                                    for level in png_levels if after else png_levels[:1]:
+                                        row = run_child(code, k, pool, mode, db, n, args, png_level=level)
+                                        runs[name, db, mode, n, k, pool, level if after else None].append(row)
+                                        print(
+                                            f"  [{repeat + 1}/{args.repeat}] {name} {db} {mode} {n} images "
+                                            f"{k} core(s), pool {pool}, PNG level {level}: "
+                                            f"{row['images_per_second']} img/s, "
+                                            f"peak RSS {row['peak_rss_mib']} MiB",
+                                            file=sys.stderr,
+                                        )
+    rows = [
+        {
+            "code": name,
+            "database": db,
+            "mode": mode,
+            "cores": k,
+            "pool": pool,
+            "png_level": level,
+            **median_row(found),
+        }
+        for (name, db, mode, _n, k, pool, level), found in runs.items()
+    ]
     load["end"] = load_average()
     print(
         f"{MODEL}, {args.images} images ({SMALL[0]}×{SMALL[1]}, every {args.large_every}th {LARGE[0]}×{LARGE[1]}),"

@@ -10,9 +10,10 @@ worker's hot loop, so it is written for speed without changing a pixel of what `
 - a layer grid's white canvas, title and ``block l`` labels are drawn once per layout and cached;
   each image only pastes its coloured panels;
 - PNGs are written here (``png_bytes``): every scanline "up"-filtered by one numpy subtraction and
-  the whole image deflated by libdeflate at level 1 through ``imagecodecs``, which releases the GIL.
-  About 1.7× faster than libpng at zlib level 1 and 4× faster than Pillow, for files of about the same
-  size. PNG is lossless: any decoder gives back the same pixels.
+  the whole image deflated by libdeflate through ``imagecodecs``, which releases the GIL. At level 1
+  (the default) about 1.7× faster than libpng at zlib level 1 and 4× faster than Pillow, for files
+  of about the same size; level 0 (``VITSCOPE_PNG_LEVEL``) stores the rows uncompressed, 20× faster
+  again for files 1.4–1.8× larger. PNG is lossless: any decoder gives back the same pixels.
 
 Only matplotlib's colormap table is used; pyplot is never imported.
 """
@@ -36,8 +37,10 @@ from PIL import Image, ImageDraw, ImageFont
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 
 __all__ = [
+    "DEFAULT_PNG_LEVEL",
     "INPUT_PICTURE",
     "PICTURE_SOURCES",
+    "PNG_LEVELS",
     "heatmap_overlay",
     "heatmap_overlays",
     "layer_grid_pixels",
@@ -150,7 +153,10 @@ def heatmap_overlay(crop: np.ndarray, grid_map: np.ndarray) -> np.ndarray:
 # chunk holds the zlib stream of the filtered scanlines: each row prefixed by its filter type.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_FILTER_UP = 2  # each byte minus the byte above it (mod 256); the first row minus zeros
-_DEFLATE_LEVEL = 1  # libdeflate's fastest: 1.1 ms and 83 KB for a 224×224 overlay on one core
+# libdeflate's levels: 1 is its fastest compressing one (about 0.9 ms and 83 KB for a 224×224
+# overlay on one core), 0 stores the rows uncompressed (0.05 ms, 151 KB), 12 is its smallest.
+PNG_LEVELS = range(13)
+DEFAULT_PNG_LEVEL = 1
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -158,16 +164,20 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
+def png_bytes(pixels: np.ndarray, *, level: int = DEFAULT_PNG_LEVEL) -> bytes:
     """``uint8 [H, W, 3]`` as an 8-bit RGB PNG file (lossless; the GIL is released while deflating).
 
     Written here rather than by libpng because libdeflate compresses the same filtered rows in 60 %
-    of zlib's time; the "up" filter is one vectorized subtraction. The file is plain PNG (no
-    interlacing, no ancillary chunks); ``tests/worker/test_render.py`` decodes it with Pillow and
-    libpng and checks every pixel.
+    of zlib's time; the "up" filter is one vectorized subtraction. ``level`` is libdeflate's
+    (``PNG_LEVELS``): every level gives back the same pixels, only the size and the time differ —
+    level 0 stores the rows uncompressed, for a host whose CPU cannot keep up with its GPU. The file
+    is plain PNG (no interlacing, no ancillary chunks); ``tests/worker/test_render.py`` decodes it
+    with Pillow and libpng and checks every pixel.
     """
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"png_bytes takes uint8 [H, W, 3] pixels, got {pixels.dtype} {pixels.shape}")
+    if level not in PNG_LEVELS:
+        raise ValueError(f"PNG level must be 0 to {PNG_LEVELS[-1]}, got {level}")
     height, width, _ = pixels.shape
     rows = np.ascontiguousarray(pixels).reshape(height, width * 3)
     scanlines = np.empty((height, width * 3 + 1), dtype=np.uint8)
@@ -175,7 +185,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     scanlines[:1, 1:] = rows[:1]
     np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # uint8 arithmetic wraps mod 256
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no interlace
-    idat = bytes(imagecodecs.deflate_encode(scanlines, level=_DEFLATE_LEVEL))  # a zlib stream
+    idat = bytes(imagecodecs.deflate_encode(scanlines, level=level))  # a zlib stream
     return b"".join(
         (_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b""))
     )

@@ -413,12 +413,12 @@ def _insert_many(session: Session, results: Iterable[_Results]) -> None:
     artifact_rows: list[dict[str, Any]] = []
     prediction_rows: list[dict[str, Any]] = []
     metric_rows: list[dict[str, Any]] = []
+    # ``vars``, not ``dataclasses.asdict``: these records are flat, and asdict's recursive copy of an
+    # image's ~15 rows took half of this function's time under a profiler.
     for r in results:
-        artifact_rows += [{"job_id": r.job_id, **dataclasses.asdict(a)} for a in r.artifacts]
-        prediction_rows += [{"job_id": r.job_id, **dataclasses.asdict(p)} for p in r.predictions]
-        metric_rows += [
-            {"job_id": r.job_id, **dataclasses.asdict(m), "config": r.metrics_config or ""} for m in r.metrics
-        ]
+        artifact_rows += [{"job_id": r.job_id, **vars(a)} for a in r.artifacts]
+        prediction_rows += [{"job_id": r.job_id, **vars(p)} for p in r.predictions]
+        metric_rows += [{"job_id": r.job_id, **vars(m), "config": r.metrics_config or ""} for m in r.metrics]
     if artifact_rows:
         stmt = dialect_insert(session, Artifact).on_conflict_do_nothing(index_elements=["job_id", "name"])
         session.execute(stmt, artifact_rows)

@@ -51,6 +51,16 @@ class ObjectStore(Protocol):
         instead of once per file; an object store that acknowledges durable writes does nothing."""
         ...
 
+    def hand_over(self, keys: Iterable[str]) -> None:
+        """Stop answering for the durability of ``keys``, written here on behalf of another process
+        that opened the same URL: that process's ``take_over`` and ``sync`` make them durable."""
+        ...
+
+    def take_over(self, keys: Iterable[str]) -> None:
+        """``keys`` another process wrote to this store (and handed over): the next ``sync`` makes
+        them durable along with this store's own writes."""
+        ...
+
     def get(self, key: str) -> bytes:
         """The bytes of ``key``; ``NotFoundError`` when it does not exist."""
         ...

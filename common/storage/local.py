@@ -98,6 +98,20 @@ class LocalStore:
                 self._unsynced |= paths
             raise
 
+    def hand_over(self, keys: Iterable[str]) -> None:
+        """Forget ``keys`` until someone else syncs them (a pool process writing for the pipeline
+        would otherwise keep every path it ever wrote)."""
+        paths = {self._path(key) for key in keys}
+        with self._lock:
+            self._unsynced -= paths
+
+    def take_over(self, keys: Iterable[str]) -> None:
+        """Count ``keys`` written by another process among this store's pending files: ``syncfs``
+        flushes them anyway, the ``fsync`` fallback needs their paths."""
+        paths = {self._path(key) for key in keys}
+        with self._lock:
+            self._unsynced |= paths
+
     def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
         """Sequential: a local disk gains nothing from concurrent small writes."""
         return put_each(self.put, items)

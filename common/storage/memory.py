@@ -47,6 +47,12 @@ class MemoryStore:
     def sync(self) -> None:
         """Nothing outlives the process here: nothing to flush."""
 
+    def hand_over(self, keys: Iterable[str]) -> None:
+        """Nothing to hand over: nothing is flushed."""
+
+    def take_over(self, keys: Iterable[str]) -> None:
+        """Nothing to take over: nothing is flushed."""
+
     def get(self, key: str) -> bytes:
         with _registry_lock:
             data = self._objects.get(check_key(key))

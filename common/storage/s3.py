@@ -184,6 +184,12 @@ class S3Store:
     def sync(self) -> None:
         """Nothing to do: S3 (and MinIO) answer a PUT only once the object is durable."""
 
+    def hand_over(self, keys: Iterable[str]) -> None:
+        """Nothing to hand over: every acknowledged PUT is already durable."""
+
+    def take_over(self, keys: Iterable[str]) -> None:
+        """Nothing to take over: every acknowledged PUT is already durable."""
+
     def put_many(self, items: Iterable[PutItem]) -> dict[str, str]:
         """Upload concurrently; after every upload finished, raise the first error in item order.
 

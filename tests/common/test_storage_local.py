@@ -141,6 +141,36 @@ def test_sync_flushes_the_files_written_since_the_last_sync_once(
     assert [Path(p).relative_to(store.root).as_posix() for p in synced] == ["a/1.npy"]
 
 
+def test_files_handed_over_are_synced_by_the_store_that_takes_them_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CPU-pool process writes through its own store of the same folder and hands the keys over;
+    the pipeline's store takes them over and its ``sync`` flushes them (the ``fsync`` fallback needs
+    their paths), while the writer forgets them instead of keeping every path it ever wrote."""
+    import common.storage.local as local
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).relative_to(tmp_path / "store").as_posix())
+        real_fsync(fd)
+
+    monkeypatch.setattr(local, "_SYNCFS", None)
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    writer, pipeline = LocalStore(tmp_path / "store"), LocalStore(tmp_path / "store")
+    writer.put_many([("a/1.npy", b"1", "x"), ("a/2.png", b"2", "x")])
+    writer.put("a/3.npy", b"3")
+    writer.hand_over(["a/1.npy", "a/2.png"])
+    pipeline.put("b/own.npy", b"own")
+    pipeline.take_over(["a/1.npy", "a/2.png"])
+    pipeline.sync()
+    assert sorted(synced) == ["a/1.npy", "a/2.png", "b/own.npy"]
+    synced.clear()
+    writer.sync()
+    assert synced == ["a/3.npy"]  # what it did not hand over is still its own to flush
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="syncfs is Linux's")
 def test_sync_uses_one_syncfs_of_the_store_filesystem_on_linux(store: LocalStore) -> None:
     import common.storage.local as local

@@ -1,22 +1,26 @@
-"""The pipeline's faster stages change no artifact: the CPU pool against inline work, the crops
-normalized per micro-batch against one by one, overlapped chunks with duplicates across them.
+"""The pipeline's faster stages change no artifact: the CPU pool against inline work (and writing
+the artifacts itself where it can open the store), the crops normalized per micro-batch against one
+by one, overlapped chunks with duplicates across them, PNG levels.
 
 Real batches through ``run_batch`` on SQLite and a local folder, deit_tiny with random weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import sqlalchemy as sa
 from PIL import Image
 
 from common.db import open_database
 from common.db.models import Artifact, Job, JobState
 from common.settings import Settings
-from common.storage import read_uri
+from common.storage import LocalStore, MemoryStore, S3Store, read_uri
 from producer.submit import SubmitOptions, commit_plan, plan_submission
 from worker.local import run_batch
 from worker.pipeline import Runtime
@@ -113,3 +117,103 @@ def test_overlapped_chunks_compute_each_image_once_and_finish_every_job(write_im
     for n, uri in enumerate(rows):  # a copy points at the artifacts of its image's one computation
         first = rows.index(uri)
         assert artifacts[f"r{n}"] == artifacts[f"r{first}"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3", "memory"])
+def test_pool_processes_write_the_artifacts_where_they_can_open_the_store(
+    kind: str, write_image, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a CPU pool, a local folder or an S3 bucket is written by the pool processes themselves:
+    this process's store writes nothing (its ``put`` and ``put_many`` fail here, which spawned
+    processes do not inherit), yet every artifact is there, described by its size and SHA-256, and
+    the local files were flushed by this process's ``sync`` before their jobs were recorded. An
+    in-memory store lives in this process only, so this process writes it."""
+    import common.storage.local as local
+
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", seed=i, size=(150 + 11 * i, 120))
+    csv = tmp_path / "data.csv"
+    csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(3)))
+    url = {
+        "local": lambda: (tmp_path / "out").as_uri(),
+        "s3": lambda: f"s3://{request.getfixturevalue('s3_bucket')}/pooled",
+        "memory": lambda: f"memory://pooled-{os.getpid()}",
+    }[kind]()
+    shared = kind != "memory"
+    if shared:
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the worker's own process wrote an artifact")
+
+        for store_class in (LocalStore, S3Store):
+            monkeypatch.setattr(store_class, "put", refuse)
+            monkeypatch.setattr(store_class, "put_many", refuse)
+    flushed: list[Path] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the fallback of a system without syncfs: it needs every path
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(local, "_SYNCFS", None)
+    monkeypatch.setattr(local.os, "fsync", fsync)
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        storage_url=url,
+        batch_size=2,
+        device="cpu",
+        cpu_workers=2,
+    )
+    options = SubmitOptions(models=[MODEL], weights="random")
+    db = open_database(settings, migrate=True)
+    runtime = Runtime.from_settings(settings, db=db)
+    try:
+        assert (runtime.store_target is not None) == shared
+        assert isinstance(runtime.store, MemoryStore) == (not shared)
+        submission = commit_plan(db, plan_submission(csv, options), options, mode="local")
+        run = run_batch(runtime, submission.batch_id, backoff_seconds=0.01)
+        assert (run.succeeded, run.failed) == (3, 0)
+        with db.session() as session:
+            artifacts = session.scalars(sa.select(Artifact)).all()
+            described = [(a.uri, a.bytes, a.checksum, a.shape, a.name) for a in artifacts]
+    finally:
+        runtime.close()
+    assert len(described) == 3 * 10
+    for uri, size, checksum, shape, name in described:
+        data = read_uri(uri)
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (size, checksum)
+        if name.endswith(".png"):
+            width, height = Image.open(io.BytesIO(data)).size
+            assert shape == f"{height}x{width}x3"
+    if kind == "local":
+        assert {Path(uri.removeprefix("file://")) for uri, *_ in described} <= set(flushed)
+
+
+def test_every_png_level_gives_the_same_pixels(write_image, tmp_path: Path) -> None:
+    """``VITSCOPE_PNG_LEVEL`` trades file size for CPU and nothing else: level 0 (stored) files are
+    larger than those of levels 1 and 9, and all three decode to the same pixels; the arrays are the
+    same bytes. (Level 9 is not always smaller than 1 on the noise of these test images.)"""
+    for i in range(2):
+        write_image(tmp_path / f"{i}.png", seed=i, size=(170, 130 + 9 * i))
+    csv = tmp_path / "data.csv"
+    csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(2)))
+    results = {}
+    for level in (0, 1, 9):
+        settings = Settings(
+            database_url=f"sqlite:///{tmp_path / f'{level}.db'}",
+            storage_url=(tmp_path / f"out{level}").as_uri(),
+            device="cpu",
+            cpu_workers=0,
+            png_level=level,
+        )
+        results[level], _, run = _run(settings, csv)
+        assert run.succeeded == 2
+    for row, default in results[1].items():
+        for name, data in default.items():
+            stored, smallest = results[0][row][name], results[9][row][name]
+            if name.endswith(".npy"):
+                assert stored == data == smallest, (row, name)
+                continue
+            assert len(stored) > max(len(data), len(smallest)), (row, name)
+            np.testing.assert_array_equal(_png_pixels(stored), _png_pixels(data))
+            np.testing.assert_array_equal(_png_pixels(smallest), _png_pixels(data))

@@ -361,13 +361,16 @@ def test_png_encoding_is_lossless() -> None:
     np.testing.assert_array_equal(decode_png(png_bytes(pixels)), pixels)
 
 
+@pytest.mark.parametrize("level", [0, 1, 12])
 @pytest.mark.parametrize("shape", [(1, 1, 3), (2, 5, 3), (7, 1, 3), (378, 422, 3), (300, 17, 3)])
-def test_png_files_decode_to_the_same_pixels_in_two_decoders(shape: tuple[int, int, int]) -> None:
+def test_png_files_decode_to_the_same_pixels_in_two_decoders(shape: tuple[int, int, int], level: int) -> None:
     """``png_bytes`` writes the PNG container itself: Pillow (which also checks every chunk's CRC when
-    it verifies) and libpng must both read back exactly the pixels, for odd and tiny sizes too."""
+    it verifies) and libpng must both read back exactly the pixels, for odd and tiny sizes too, at
+    the stored level 0 (an image of more than 64 KB spans several stored blocks), the default and
+    the smallest."""
     pixels = RNG.integers(0, 256, shape, dtype=np.uint8)
     pixels[: shape[0] // 2] = 255  # a flat half: rows the "up" filter turns into zeros
-    data = png_bytes(pixels)
+    data = png_bytes(pixels, level=level)
     Image.open(io.BytesIO(data)).verify()
     image = Image.open(io.BytesIO(data))
     assert (image.mode, image.size) == ("RGB", (shape[1], shape[0]))
@@ -389,3 +392,9 @@ def test_png_files_of_a_photo_stay_compressed() -> None:
 def test_png_bytes_refuses_what_is_not_8_bit_rgb(bad: np.ndarray) -> None:
     with pytest.raises(ValueError, match="uint8"):
         png_bytes(bad)
+
+
+@pytest.mark.parametrize("level", [-1, 13])
+def test_png_bytes_refuses_a_level_libdeflate_does_not_have(level: int) -> None:
+    with pytest.raises(ValueError, match="PNG level must be 0 to 12"):
+        png_bytes(np.zeros((4, 4, 3), np.uint8), level=level)

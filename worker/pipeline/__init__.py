@@ -1,7 +1,8 @@
 """The worker's pipeline: one chunk of jobs, claim → prepare → compute → store → record.
 
 Each stage is a module of its own; ``flow`` reads the whole path top to bottom; ``cpu`` holds the
-CPU-bound work a pool of processes runs, ``clock`` the CPU time per stage. The public surface is
+CPU-bound work a pool of processes runs, ``artifacts`` the writing of an image's artifacts by that
+pool, ``clock`` the CPU time per stage. The public surface is
 what the shells (``worker.tasks``, ``worker.local``, the producer's ``--local``) use.
 """
 

@@ -5,7 +5,8 @@ thousands of images a second needs many cores. ``CpuPool`` runs these functions 
 processes (``VITSCOPE_CPU_WORKERS``; ``worker start`` sizes it from the cores per GPU), or in the
 calling thread when the pool size is 0 — the default on a CPU device, where the model itself uses
 every core. Nothing here touches a database, a store or the network: the pipeline's threads fetch
-and upload, and send only pixels and arrays across.
+and send only bytes, pixels and arrays across; ``artifacts`` adds the writing of an image's
+artifacts to the same pool where the store can be opened there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ import torch
 
 from worker.cores import cpu_workers_per_gpu
 from worker.preprocess import Preprocessor, decode_image
-from worker.render import INPUT_PICTURE, PICTURE_SOURCES, heatmap_overlays, layer_grid_png, png_bytes
+from worker.render import (
+    DEFAULT_PNG_LEVEL,
+    INPUT_PICTURE,
+    PICTURE_SOURCES,
+    heatmap_overlays,
+    layer_grid_pixels,
+    png_bytes,
+)
 
 __all__ = ["CpuPool", "Decoded", "Pictures", "auto_cpu_workers", "decode_and_crop", "draw_pictures"]
 
@@ -53,9 +61,11 @@ def decode_and_crop(data: bytes, preprocessor: Preprocessor, max_pixels: int) ->
 
 @dataclass(frozen=True)
 class Pictures:
-    """An image's PNGs by artifact name, and the CPU seconds of rendering and encoding them."""
+    """An image's PNGs by artifact name, their pixel shapes ``(H, W, 3)``, and the CPU seconds of
+    rendering and encoding them."""
 
     files: dict[str, bytes]
+    shapes: dict[str, tuple[int, ...]]
     seconds: dict[str, float]
 
 
@@ -65,11 +75,13 @@ def draw_pictures(
     *,
     overlays: Mapping[str, np.ndarray] | None = None,
     title: str | None = None,
+    png_level: int = DEFAULT_PNG_LEVEL,
 ) -> Pictures:
     """Every picture of one image: the input crop, the layer grid and an overlay per map present.
 
     ``maps`` holds the source arrays by artifact name (``PICTURE_SOURCES``). ``overlays`` are overlay
     pixels already rendered for a whole micro-batch on the device; those missing are rendered here.
+    ``png_level`` is the PNG files' deflate level (``VITSCOPE_PNG_LEVEL``).
     """
     start = time.thread_time()
     pixels: dict[str, np.ndarray] = dict(overlays or {})
@@ -80,13 +92,14 @@ def draw_pictures(
             torch.from_numpy(np.ascontiguousarray(crop))[None], torch.from_numpy(stacked)
         )
         pixels.update(zip(missing, drawn[0].numpy(), strict=True))
-    rendered = time.thread_time()
-    files = {name: png_bytes(picture) for name, picture in pixels.items()}
-    files[INPUT_PICTURE] = png_bytes(crop)  # what the model saw, for reports: always written
+    pixels[INPUT_PICTURE] = crop  # what the model saw, for reports: always written
     layer_scores = maps.get(PICTURE_SOURCES[LAYER_GRID])
     if layer_scores is not None:
-        files[LAYER_GRID] = layer_grid_png(layer_scores, title=title)
-    return Pictures(files, {"render": rendered - start, "encode": time.thread_time() - rendered})
+        pixels[LAYER_GRID] = layer_grid_pixels(layer_scores, title=title)
+    rendered = time.thread_time()
+    files = {name: png_bytes(picture, level=png_level) for name, picture in pixels.items()}
+    shapes = {name: picture.shape for name, picture in pixels.items()}
+    return Pictures(files, shapes, {"render": rendered - start, "encode": time.thread_time() - rendered})
 
 
 def _start_process() -> None:

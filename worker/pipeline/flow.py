@@ -6,7 +6,7 @@ hands it job ids differs. Each stage keeps the next one fed:
     claim      this thread       take the jobs, group them by model and settings
     prepare    fetch threads     download and hash; decode and crop in the CPU pool
     compute    this thread       micro-batches on the device; overlays drawn there on a GPU
-    store      store threads     pictures drawn and encoded in the CPU pool, artifacts uploaded
+    store      store threads     pictures drawn, encoded and written in the CPU pool (or written here)
     record     record thread     one transaction per micro-batch
 
 ``process_chunks`` also overlaps chunks: the next chunk is claimed and its images fetched and

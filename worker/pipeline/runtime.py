@@ -17,6 +17,7 @@ from worker.attention import explain_in_batches
 from worker.device import autocast_dtype, select_device
 from worker.keeper import LeaseKeeper
 from worker.models import ModelCache
+from worker.pipeline.artifacts import StoreTarget
 from worker.pipeline.clock import StageClock
 from worker.pipeline.cpu import CpuPool, auto_cpu_workers
 
@@ -50,6 +51,9 @@ class Runtime:
     record_pool: ThreadPoolExecutor
     explainer: Explainer = explain_in_batches
     clock: StageClock = field(default_factory=StageClock)
+    # How a CPU-pool process opens ``store`` itself and writes an image's artifacts there; None when
+    # it cannot (an in-memory store, or one the caller passed in), and this process writes them.
+    store_target: StoreTarget | None = None
 
     @classmethod
     def from_settings(
@@ -66,12 +70,20 @@ class Runtime:
         db = db or open_database(settings)
         device = select_device(settings.device)
         workers = settings.cpu_workers if settings.cpu_workers is not None else auto_cpu_workers(device)
+        storage_url = settings.resolved_storage_url()
         return cls(
             settings=settings,
             db=db,
             store=store
             or open_store(
-                settings.resolved_storage_url(),
+                storage_url,
+                upload_threads=settings.upload_threads,
+                retry_seconds=settings.storage_retry_seconds,
+            ),
+            store_target=None
+            if store is not None
+            else StoreTarget.of(
+                storage_url,
                 upload_threads=settings.upload_threads,
                 retry_seconds=settings.storage_retry_seconds,
             ),

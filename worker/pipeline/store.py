@@ -1,63 +1,43 @@
-"""Store: one image's pictures drawn and encoded (the CPU pool), every artifact uploaded under its
-deterministic key, and described for the database."""
+"""Store: one image's pictures drawn and encoded, every artifact written under its deterministic
+key, and the job described for the database.
+
+With a CPU pool and a store other processes can open, a pool process does all of it and sends back
+only the descriptions (``artifacts.write_artifacts``); otherwise the pool (or this thread) draws
+and encodes and this thread writes.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
 import time
 
-import numpy as np
-from PIL import Image
-
-from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord
-from common.keys import artifact_key
+from common.db.records import JobOutcome, PredictionRecord
 from worker.attention import Explanation
 from worker.models import LoadedModel
+from worker.pipeline.artifacts import ImageArtifacts, Written, put_artifacts, write_artifacts
 from worker.pipeline.compute import Computed
 from worker.pipeline.cpu import draw_pictures
 from worker.pipeline.runtime import Runtime
-from worker.render import npy_bytes
 
 __all__ = ["store"]
 
 
-def _content_type(name: str) -> str:
-    return "image/png" if name.endswith(".png") else "application/x-npy"
-
-
 def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> JobOutcome:
-    """Render every artifact, upload them under deterministic keys, describe them for the database."""
+    """Render every artifact, write them under deterministic keys, describe them for the database."""
     start = time.perf_counter()
     prepared, explanation = computed.prepared, computed.explanation
     ticket = prepared.ticket
-    arrays = explanation.arrays()
-    pictures = runtime.cpu.run(
-        draw_pictures,
-        prepared.crop,
-        arrays,
+    image = ImageArtifacts(
+        image_sha256=prepared.sha256,
+        model=ticket.model,
+        config=ticket.config,
+        crop=prepared.crop,
+        arrays=explanation.arrays(),
         overlays=computed.overlays,
         title=f"{ticket.model}: layer scores",
+        png_level=runtime.settings.png_level,
     )
-    runtime.clock.add(pictures.seconds)
-    with runtime.clock.measure("store"):
-        rendered = {**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures.files}
-        keys = {name: artifact_key(prepared.sha256, ticket.model, ticket.config, name) for name in rendered}
-        uris = runtime.store.put_many(
-            (keys[name], data, _content_type(name)) for name, data in rendered.items()
-        )
-        artifacts = [
-            ArtifactRecord(
-                name=name,
-                uri=uris[keys[name]],
-                content_type=_content_type(name),
-                bytes=len(data),
-                checksum=hashlib.sha256(data).hexdigest(),
-                shape=_shape(name, data, arrays),
-                dtype=str(arrays[name].dtype) if name in arrays else "uint8",
-            )
-            for name, data in sorted(rendered.items())
-        ]
+    written = _write(runtime, image)
+    runtime.clock.add(written.seconds)
     return JobOutcome(
         image_sha256=prepared.sha256,
         target_index=explanation.target,
@@ -65,7 +45,7 @@ def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> JobOutco
         note=_note(explanation),
         device=str(runtime.device),
         weights_source=loaded.weights_source,
-        artifacts=artifacts,
+        artifacts=written.artifacts,
         predictions=_predictions(explanation, loaded.labels),
         fetch_seconds=prepared.fetch_seconds,
         compute_seconds=computed.seconds,
@@ -73,6 +53,24 @@ def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> JobOutco
         metrics=computed.metrics,
         metrics_config=ticket.metrics_config if computed.metrics else None,
     )
+
+
+def _write(runtime: Runtime, image: ImageArtifacts) -> Written:
+    """In a pool process when it can reach the store itself; else drawn there (or here), written here."""
+    if runtime.cpu.workers and runtime.store_target is not None:
+        written = runtime.cpu.run(write_artifacts, runtime.store_target, image)
+        runtime.store.take_over(written.keys)  # synced with the micro-batch, before it is recorded
+        return written
+    pictures = runtime.cpu.run(
+        draw_pictures,
+        image.crop,
+        image.arrays,
+        overlays=image.overlays,
+        title=image.title,
+        png_level=image.png_level,
+    )
+    written = put_artifacts(runtime.store, image, pictures.files, pictures.shapes)
+    return Written(written.artifacts, written.keys, {**pictures.seconds, **written.seconds})
 
 
 def _predictions(explanation: Explanation, labels: tuple[str, ...] | None) -> list[PredictionRecord]:
@@ -102,10 +100,3 @@ def _note(explanation: Explanation) -> str | None:
     if explanation.cls_attention is None:
         missing.append("no class token: no cls_attention")
     return "; ".join(missing) or None
-
-
-def _shape(name: str, data: bytes, arrays: dict[str, np.ndarray]) -> str:
-    if name in arrays:
-        return "x".join(str(d) for d in arrays[name].shape)
-    width, height = Image.open(io.BytesIO(data)).size  # reads the header only
-    return f"{height}x{width}x3"

@@ -1,0 +1,149 @@
+"""An image's artifacts drawn, encoded, hashed and written by the process that draws them.
+
+On a GPU host the driving process — one GIL — must do nothing per image but feed the device and
+record. Sending PNG bytes back from the CPU pool only for the driving process to write, hash and
+describe them cost it about 3 ms per image (as much as the rest of its work), and the pool half of
+that went unused. So when the store can be opened again by URL in another process (a local folder
+or S3; ``StoreTarget``), a pool process opens it once and writes the whole image's artifacts
+itself; only their descriptions (``ArtifactRecord``) travel back. A store that cannot be shared (an
+in-memory store, or one a caller built and passed in) is written by the driving process as before.
+
+Durability stays with the driving process: a pool process hands the keys it wrote over
+(``ObjectStore.hand_over``) and the driving process takes them over (``take_over``), so its one
+``sync`` per micro-batch, before the jobs are recorded, covers files written by any process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from common.db.records import ArtifactRecord
+from common.keys import artifact_key
+from common.storage import ObjectStore, open_store
+from common.storage.uri import uri_scheme
+from worker.pipeline.cpu import draw_pictures
+from worker.render import npy_bytes
+
+__all__ = ["ImageArtifacts", "StoreTarget", "Written", "put_artifacts", "write_artifacts"]
+
+# Schemes whose store another process reaches by opening the same URL: the same folder, the same bucket.
+_SHAREABLE_SCHEMES = ("", "file", "s3")
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """How a pool process opens the driving process's store: its URL, its options, and the ``AWS_*``
+    environment boto3 reads when it builds a client (a spawned process inherits the environment of
+    the moment it started, which tests and embedders may have changed since)."""
+
+    url: str
+    upload_threads: int
+    retry_seconds: float | None
+    aws_environment: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def of(cls, url: str, *, upload_threads: int, retry_seconds: float | None) -> StoreTarget | None:
+        """The target for a store opened from ``url``; None for one another process cannot share."""
+        if uri_scheme(url) not in _SHAREABLE_SCHEMES:
+            return None
+        aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+        return cls(url, upload_threads, retry_seconds, aws)
+
+
+_opened: dict[StoreTarget, ObjectStore] = {}
+_opened_lock = threading.Lock()
+
+
+def _open(target: StoreTarget) -> ObjectStore:
+    """This process's store for ``target``, opened on first use.
+
+    A pool process serves only its pipeline, so it adopts the driving process's AWS variables
+    instead of keeping stale ones; stores opened earlier keep working, as the S3 client cache is
+    keyed by that environment.
+    """
+    with _opened_lock:
+        store = _opened.get(target)
+        if store is None:
+            for name in [k for k in os.environ if k.startswith("AWS_")]:
+                del os.environ[name]
+            os.environ.update(dict(target.aws_environment))
+            store = _opened[target] = open_store(
+                target.url, upload_threads=target.upload_threads, retry_seconds=target.retry_seconds
+            )
+        return store
+
+
+@dataclass(frozen=True)
+class ImageArtifacts:
+    """What one image's artifacts are made of: its identity (the key parts), the crop, the arrays
+    by artifact name, the overlays the device already drew, the layer grid's title and the PNG level."""
+
+    image_sha256: str
+    model: str
+    config: str
+    crop: np.ndarray
+    arrays: Mapping[str, np.ndarray]
+    overlays: Mapping[str, np.ndarray] | None
+    title: str
+    png_level: int
+
+
+@dataclass(frozen=True)
+class Written:
+    """The artifacts as the database describes them, the keys written (for ``take_over``), and the
+    CPU seconds of drawing, encoding and storing them."""
+
+    artifacts: list[ArtifactRecord]
+    keys: list[str]
+    seconds: dict[str, float]
+
+
+def _content_type(name: str) -> str:
+    return "image/png" if name.endswith(".png") else "application/x-npy"
+
+
+def put_artifacts(
+    store: ObjectStore,
+    image: ImageArtifacts,
+    pictures: Mapping[str, bytes],
+    shapes: Mapping[str, tuple[int, ...]],
+) -> Written:
+    """Write the arrays as ``.npy`` and the encoded ``pictures`` (whose pixel ``shapes`` are given)
+    under their deterministic keys; describe each file (size, SHA-256, shape, dtype)."""
+    start = time.thread_time()
+    arrays = image.arrays
+    files = {**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures}
+    keys = {name: artifact_key(image.image_sha256, image.model, image.config, name) for name in files}
+    uris = store.put_many((keys[name], data, _content_type(name)) for name, data in files.items())
+    artifacts = [
+        ArtifactRecord(
+            name=name,
+            uri=uris[keys[name]],
+            content_type=_content_type(name),
+            bytes=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+            shape="x".join(str(d) for d in (arrays[name].shape if name in arrays else shapes[name])),
+            dtype=str(arrays[name].dtype) if name in arrays else "uint8",
+        )
+        for name, data in sorted(files.items())
+    ]
+    return Written(artifacts, list(keys.values()), {"store": time.thread_time() - start})
+
+
+def write_artifacts(target: StoreTarget, image: ImageArtifacts) -> Written:
+    """Draw, encode and write one image's artifacts in this (pool) process; hand their durability
+    back to the caller. Runs in the CPU pool."""
+    store = _open(target)
+    pictures = draw_pictures(
+        image.crop, image.arrays, overlays=image.overlays, title=image.title, png_level=image.png_level
+    )
+    written = put_artifacts(store, image, pictures.files, pictures.shapes)
+    store.hand_over(written.keys)  # the driving process syncs them (``take_over``) before recording
+    return Written(written.artifacts, written.keys, {**pictures.seconds, **written.seconds})

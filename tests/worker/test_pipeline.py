@@ -204,16 +204,20 @@ def test_resubmitting_reuses_and_duplicates_compute_once(write_image, tmp_path, 
         runtime.close()
 
 
+@pytest.mark.parametrize("cpu_workers", [0, 2])
 def test_transient_storage_failure_is_retried_then_recorded(
-    write_image, tmp_path, sqlite_url, s3_env, monkeypatch
+    write_image, tmp_path, sqlite_url, s3_env, monkeypatch, cpu_workers: int
 ) -> None:
+    """Whether this process uploads (no CPU pool) or a pool process does (its error crosses back)."""
     write_image(tmp_path / "a.png")
     csv = tmp_path / "data.csv"
     csv.write_text("image_uri\na.png\n")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a real outage
     # No riding out the outage (VITSCOPE_STORAGE_RETRY_SECONDS, 60 s by default): this test is about
     # what the pipeline does once the store gives up.
-    settings = _settings(sqlite_url, "s3://vitscope-down/x", max_attempts=2, storage_retry_seconds=0)
+    settings = _settings(
+        sqlite_url, "s3://vitscope-down/x", max_attempts=2, storage_retry_seconds=0, cpu_workers=cpu_workers
+    )
     runtime, submission, run = _run(settings, csv)
     try:
         (job,) = _jobs(runtime, submission.batch_id).values()

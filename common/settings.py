@@ -73,8 +73,9 @@ class Settings(BaseSettings):
         ge=0,
         le=12,
         description="libdeflate level of the PNG pictures: 1 (default) is its fastest compressing one; 0 "
-        "stores the pixels uncompressed (files 1.4-1.8x larger, about 0.8 ms less CPU per picture) for "
-        "a GPU host whose CPUs cannot keep up; up to 12 for the smallest files. Pixels are the same.",
+        "stores the crop and the overlays uncompressed (files 1.4-1.8x larger, about 0.8 ms less CPU per "
+        "picture; the layer grid stays at 1) for a GPU host whose CPUs cannot keep up; up to 12 for the "
+        "smallest files. Pixels are the same at every level.",
     )
     cpu_workers: int | None = Field(
         default=None,

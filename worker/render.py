@@ -13,7 +13,8 @@ worker's hot loop, so it is written for speed without changing a pixel of what `
   the whole image deflated by libdeflate through ``imagecodecs``, which releases the GIL. At level 1
   (the default) about 1.7× faster than libpng at zlib level 1 and 4× faster than Pillow, for files
   of about the same size; level 0 (``VITSCOPE_PNG_LEVEL``) stores the rows uncompressed, 20× faster
-  again for files 1.4–1.8× larger. PNG is lossless: any decoder gives back the same pixels.
+  again for photo-like pictures 1.4–1.8× larger (a layer grid, flat colour, would be 29× larger:
+  the pipeline keeps it at level 1). PNG is lossless: any decoder gives back the same pixels.
 
 Only matplotlib's colormap table is used; pyplot is never imported.
 """

@@ -61,3 +61,19 @@ def test_the_png_level_is_a_setting_within_libdeflates_levels(monkeypatch: pytes
     monkeypatch.setenv("VITSCOPE_PNG_LEVEL", "13")
     with pytest.raises(pydantic.ValidationError, match="png_level"):
         Settings()
+
+
+def test_a_relative_results_folder_is_shared_by_its_absolute_url(tmp_path: Path) -> None:
+    """A pool process may start from another working directory: it gets the folder the pipeline
+    opened, not the relative name."""
+    from worker.pipeline import Runtime
+
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", storage_url="results", device="cpu", cpu_workers=1
+    )
+    runtime = Runtime.from_settings(settings)
+    try:
+        assert runtime.store_target is not None
+        assert runtime.store_target.url == (tmp_path / "results").resolve().as_uri()  # cwd is tmp_path
+    finally:
+        runtime.close()

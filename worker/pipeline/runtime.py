@@ -70,23 +70,18 @@ class Runtime:
         db = db or open_database(settings)
         device = select_device(settings.device)
         workers = settings.cpu_workers if settings.cpu_workers is not None else auto_cpu_workers(device)
-        storage_url = settings.resolved_storage_url()
+        threads, retry = settings.upload_threads, settings.storage_retry_seconds
+        target = None
+        if store is None:
+            store = open_store(settings.resolved_storage_url(), upload_threads=threads, retry_seconds=retry)
+            # By the opened store's URL, absolute: a relative folder would be another folder in a
+            # process started from another working directory.
+            target = StoreTarget.of(store.url, upload_threads=threads, retry_seconds=retry)
         return cls(
             settings=settings,
             db=db,
-            store=store
-            or open_store(
-                storage_url,
-                upload_threads=settings.upload_threads,
-                retry_seconds=settings.storage_retry_seconds,
-            ),
-            store_target=None
-            if store is not None
-            else StoreTarget.of(
-                storage_url,
-                upload_threads=settings.upload_threads,
-                retry_seconds=settings.storage_retry_seconds,
-            ),
+            store=store,
+            store_target=target,
             fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings)),
             models=ModelCache(device=device, weights_dir=settings.weights_dir),
             device=device,

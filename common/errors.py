@@ -23,13 +23,15 @@ message and a non-zero exit code instead of a traceback.
         ├── StorageUnavailableError
         ├── DatabaseUnavailableError
         ├── BrokerUnavailableError    the queue (Redis) unreachable or refusing messages
-        └── ImageFetchTransientError  timeouts, 5xx, connection resets
+        ├── ImageFetchTransientError  timeouts, 5xx, connection resets
+        └── CpuProcessLostError       a CPU-pool process died (killed, out of memory) mid-job
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BrokerUnavailableError",
+    "CpuProcessLostError",
     "DatabaseUnavailableError",
     "ImageError",
     "ImageFetchRefusedError",
@@ -140,3 +142,9 @@ class BrokerUnavailableError(TransientError):
 
 class ImageFetchTransientError(TransientError):
     """Fetching an image failed for a reason that may pass (timeout, 5xx, connection reset)."""
+
+
+class CpuProcessLostError(TransientError):
+    """A worker's CPU-pool process died while decoding or drawing an image (the kernel's OOM killer, a
+    signal, a crashing codec). Transient: the pool is restarted and the job retried; an image that
+    kills its process every time uses up its attempts and fails on its own."""

@@ -12,15 +12,18 @@ artifacts to the same pool where the store can be opened there.
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 import numpy as np
 import torch
 
+from common.errors import CpuProcessLostError
 from worker.cores import cpu_workers_per_gpu
 from worker.preprocess import Preprocessor, decode_image
 from worker.render import (
@@ -120,22 +123,72 @@ class CpuPool:
 
     Spawned, not forked: the driving process may hold a CUDA context and torch's thread pools, which
     a forked child must not inherit. Processes start on first use and live as long as the runtime.
+
+    A process that dies (the OOM killer, a signal, a crashing codec) breaks a ``ProcessPoolExecutor``
+    for good: every later call would fail at once, and with it every job the worker takes. So the
+    calls it broke raise ``CpuProcessLostError`` (their jobs go back to the queue) and the next call
+    gets a fresh pool.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._executor: ProcessPoolExecutor | None = None
-        if workers > 0:
-            self._executor = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process
-            )
+        self._executor: ProcessPoolExecutor | None = self._new_executor() if workers > 0 else None
+        self._lock = threading.Lock()
+        self._closed = False
+        self.restarts = 0  # pools replaced after a process died
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process
+        )
 
     def run(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """``function(*args, **kwargs)``, in a pool process when there is a pool; blocks the caller."""
         if self._executor is None:
             return function(*args, **kwargs)
-        return self._executor.submit(function, *args, **kwargs).result()
+        executor, future = self._submit(function, *args, **kwargs)
+        try:
+            return future.result()
+        except BrokenProcessPool as exc:
+            self._replace(executor)
+            name = getattr(function, "__name__", repr(function))
+            raise CpuProcessLostError(
+                f"a CPU-pool process died while running {name} (killed, out of memory or crashed)"
+            ) from exc
+
+    def _submit(
+        self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> tuple[ProcessPoolExecutor, Future[R]]:
+        """Submit to the current pool; one that broke before this call started is replaced first."""
+        for _ in range(3):
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("the CPU pool is closed")
+                executor = self._executor
+            assert executor is not None
+            try:
+                return executor, executor.submit(function, *args, **kwargs)
+            except BrokenProcessPool:
+                self._replace(executor)
+            except RuntimeError:
+                with self._lock:
+                    if self._executor is executor:
+                        raise  # shut down, not replaced
+                # replaced by another thread since we looked: submit to the new pool
+        raise CpuProcessLostError("the CPU pool broke three times in a row while starting a call")
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        """A fresh pool instead of ``broken``, once however many calls saw it break."""
+        with self._lock:
+            if self._closed or self._executor is not broken:
+                return
+            self._executor = self._new_executor()
+            self.restarts += 1
+        broken.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            executor = self._executor
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,141 @@
+"""The CPU pool survives the death of one of its processes: real processes, killed for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from common.db import open_database
+from common.db.models import Job, JobState
+from common.errors import CpuProcessLostError
+from common.settings import Settings
+from producer.submit import SubmitOptions, commit_plan, plan_submission
+from worker.local import run_batch
+from worker.pipeline import Runtime
+from worker.pipeline.cpu import CpuPool
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def _slow_pid(started: str, release: str) -> int:
+    """Says it started, then waits until ``release`` exists: a call running when a sibling dies."""
+    Path(started).touch()
+    for _ in range(6000):
+        if os.path.exists(release):
+            break
+        threading.Event().wait(0.01)
+    return os.getpid()
+
+
+def test_a_call_whose_process_is_killed_fails_transiently_and_the_pool_heals() -> None:
+    pool = CpuPool(1)
+    try:
+        first = pool.run(_pid)
+        with pytest.raises(CpuProcessLostError, match="died while running _die"):
+            pool.run(_die)
+        assert pool.restarts == 1
+        assert pool.run(_pid) != first  # a fresh process, and the pool works again
+        assert pool.restarts == 1
+    finally:
+        pool.close()
+
+
+def _wait_for(path: Path) -> None:
+    for _ in range(6000):
+        if path.exists():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_every_call_the_death_broke_fails_and_the_pool_is_replaced_once(tmp_path: Path) -> None:
+    """A process's death fails the call running beside it in the other process too (the executor
+    stops the whole pool); both callers see ``CpuProcessLostError``, the pool is replaced once, and
+    later calls succeed."""
+    pool = CpuPool(2)
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            # Both processes started first: Python 3.11's executor only watches a process spawned
+            # for a call from its next wake-up on, so a death in a brand-new one is seen late.
+            warm = [
+                threads.submit(pool.run, _slow_pid, str(tmp_path / f"s{i}"), str(tmp_path / "go"))
+                for i in (0, 1)
+            ]
+            _wait_for(tmp_path / "s0")
+            _wait_for(tmp_path / "s1")
+            (tmp_path / "go").touch()
+            assert len({f.result(timeout=60) for f in warm}) == 2
+            started, release = tmp_path / "started", tmp_path / "release"
+            try:
+                running = threads.submit(pool.run, _slow_pid, str(started), str(release))
+                _wait_for(started)
+                dying = threads.submit(pool.run, _die)
+                with pytest.raises(CpuProcessLostError):
+                    dying.result(timeout=60)
+                with pytest.raises(CpuProcessLostError):
+                    running.result(timeout=60)
+            finally:
+                release.touch()  # nothing is left waiting, whatever failed
+        assert pool.restarts == 1
+        assert pool.run(_pid) > 0
+        assert pool.restarts == 1
+    finally:
+        pool.close()
+
+
+def test_a_closed_pool_refuses_calls_instead_of_running_them_here() -> None:
+    pool = CpuPool(1)
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.run(_pid)
+
+
+def test_a_batch_survives_a_pool_process_killed_mid_run(write_image, tmp_path: Path) -> None:
+    """SIGKILL one of the pool's processes once the first job is recorded: the jobs whose images it
+    held go back to the queue and are done on the next round; every job ends succeeded."""
+    for i in range(10):
+        write_image(tmp_path / f"{i}.png", seed=i, size=(120 + 7 * i, 100))
+    csv = tmp_path / "data.csv"
+    csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(10)))
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        storage_url=(tmp_path / "out").as_uri(),
+        batch_size=2,
+        device="cpu",
+        cpu_workers=2,
+    )
+    options = SubmitOptions(models=["deit_tiny_patch16_224"], weights="random")
+    db = open_database(settings, migrate=True)
+    runtime = Runtime.from_settings(settings, db=db)
+    killed: list[int] = []
+
+    def on_job(job_id: str, state: JobState) -> None:
+        if not killed and state == JobState.SUCCEEDED:
+            pid = next(iter(runtime.cpu._executor._processes))  # a real pool process
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    try:
+        submission = commit_plan(db, plan_submission(csv, options), options, mode="local")
+        run = run_batch(runtime, submission.batch_id, on_job=on_job, backoff_seconds=0.01)
+        with db.session() as session:
+            states = session.execute(sa.select(Job.state, Job.attempts)).all()
+    finally:
+        runtime.close()
+    assert killed
+    assert runtime.cpu.restarts >= 1
+    assert (run.succeeded, run.failed) == (10, 0)
+    assert {state for state, _ in states} == {JobState.SUCCEEDED}
+    assert max(attempts for _, attempts in states) <= 2  # at most the one retry the death cost

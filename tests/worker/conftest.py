@@ -24,6 +24,7 @@ import sqlalchemy as sa
 
 from common.db.models import Artifact, Job, JobState, WorkerHeartbeat
 from common.db.session import upgrade
+from common.settings import Settings
 from tests.conftest import ImageServer
 
 T = TypeVar("T")
@@ -31,6 +32,17 @@ T = TypeVar("T")
 BIN = Path(sys.executable).parent
 QUEUE = "vitscope.deit_tiny"
 DONE = (JobState.SUCCEEDED, JobState.FAILED)
+
+
+def embedded_settings(tmp_path: Path, name: str = "run", **overrides: object) -> Settings:
+    """A local run on the CPU in ``tmp_path``: SQLite file ``{name}.db`` and results folder
+    ``{name}-out`` (so that several runs of one test keep their results apart); ``overrides`` win."""
+    fields: dict[str, object] = {
+        "database_url": f"sqlite:///{tmp_path / f'{name}.db'}",
+        "storage_url": (tmp_path / f"{name}-out").as_uri(),
+        "device": "cpu",
+    }
+    return Settings(**(fields | overrides))
 
 
 def wait_until(check: Callable[[], T | None], timeout: float, what: str, *, every: float = 0.1) -> T:

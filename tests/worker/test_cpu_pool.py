@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from common.db import open_database
 from common.db.models import Job, JobState
 from common.errors import CpuProcessLostError
-from common.settings import Settings
 from producer.submit import SubmitOptions, commit_plan, plan_submission
+from tests.worker.conftest import embedded_settings
 from worker.local import run_batch
 from worker.pipeline import Runtime
 from worker.pipeline.cpu import CpuPool
@@ -109,13 +109,7 @@ def test_a_batch_survives_a_pool_process_killed_mid_run(write_image, tmp_path: P
         write_image(tmp_path / f"{i}.png", seed=i, size=(120 + 7 * i, 100))
     csv = tmp_path / "data.csv"
     csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(10)))
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-        storage_url=(tmp_path / "out").as_uri(),
-        batch_size=2,
-        device="cpu",
-        cpu_workers=2,
-    )
+    settings = embedded_settings(tmp_path, batch_size=2, cpu_workers=2)
     options = SubmitOptions(models=["deit_tiny_patch16_224"], weights="random")
     db = open_database(settings, migrate=True)
     runtime = Runtime.from_settings(settings, db=db)

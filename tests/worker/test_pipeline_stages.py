@@ -22,6 +22,7 @@ from common.db.models import Artifact, Job, JobState
 from common.settings import Settings
 from common.storage import LocalStore, MemoryStore, S3Store, read_uri
 from producer.submit import SubmitOptions, commit_plan, plan_submission
+from tests.worker.conftest import embedded_settings
 from worker.local import run_batch
 from worker.pipeline import Runtime
 
@@ -72,13 +73,7 @@ def test_the_cpu_pool_stores_what_inline_work_stores(write_image, tmp_path) -> N
     csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(4)) + "big,photo.jpg\n")
     results = {}
     for workers in (0, 2):
-        settings = Settings(
-            database_url=f"sqlite:///{tmp_path / f'{workers}.db'}",
-            storage_url=(tmp_path / f"out{workers}").as_uri(),
-            batch_size=3,
-            device="cpu",
-            cpu_workers=workers,
-        )
+        settings = embedded_settings(tmp_path, f"pool{workers}", batch_size=3, cpu_workers=workers)
         results[workers], _, run = _run(settings, csv)
         assert run.succeeded == 5
     for row, inline in results[0].items():
@@ -102,13 +97,7 @@ def test_overlapped_chunks_compute_each_image_once_and_finish_every_job(write_im
     rows = [f"{i % 7}.png" for i in range(26)]  # 7 distinct images, each repeated across chunks
     csv = tmp_path / "data.csv"
     csv.write_text("id,image_uri\n" + "".join(f"r{n},{uri}\n" for n, uri in enumerate(rows)))
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-        storage_url=(tmp_path / "out").as_uri(),
-        batch_size=2,
-        device="cpu",
-        cpu_workers=0,
-    )
+    settings = embedded_settings(tmp_path, batch_size=2, cpu_workers=0)
     artifacts, jobs, run = _run(settings, csv)
     assert (run.succeeded, run.reused, run.failed) == (7, 19, 0)
     assert all(job.state == JobState.SUCCEEDED for job in jobs.values())
@@ -157,13 +146,7 @@ def test_pool_processes_write_the_artifacts_where_they_can_open_the_store(
 
     monkeypatch.setattr(local, "_SYNCFS", None)
     monkeypatch.setattr(local.os, "fsync", fsync)
-    settings = Settings(
-        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-        storage_url=url,
-        batch_size=2,
-        device="cpu",
-        cpu_workers=2,
-    )
+    settings = embedded_settings(tmp_path, storage_url=url, batch_size=2, cpu_workers=2)
     options = SubmitOptions(models=[MODEL], weights="random")
     db = open_database(settings, migrate=True)
     runtime = Runtime.from_settings(settings, db=db)
@@ -200,13 +183,7 @@ def test_every_png_level_gives_the_same_pixels(write_image, tmp_path: Path) -> N
     csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(2)))
     results = {}
     for level in (0, 1, 9):
-        settings = Settings(
-            database_url=f"sqlite:///{tmp_path / f'{level}.db'}",
-            storage_url=(tmp_path / f"out{level}").as_uri(),
-            device="cpu",
-            cpu_workers=0,
-            png_level=level,
-        )
+        settings = embedded_settings(tmp_path, f"level{level}", cpu_workers=0, png_level=level)
         results[level], _, run = _run(settings, csv)
         assert run.succeeded == 2
     for row, default in results[1].items():

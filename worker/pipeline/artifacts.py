@@ -144,6 +144,9 @@ def write_artifacts(target: StoreTarget, image: ImageArtifacts) -> Written:
     pictures = draw_pictures(
         image.crop, image.arrays, overlays=image.overlays, title=image.title, png_level=image.png_level
     )
-    written = put_artifacts(store, image, pictures.files, pictures.shapes)
-    store.hand_over(written.keys)  # the driving process syncs them (``take_over``) before recording
+    names = [*image.arrays, *pictures.files]
+    try:
+        written = put_artifacts(store, image, pictures.files, pictures.shapes)
+    finally:  # never tracked here, even after a failed write: the driving process syncs what it records
+        store.hand_over(artifact_key(image.image_sha256, image.model, image.config, n) for n in names)
     return Written(written.artifacts, written.keys, {**pictures.seconds, **written.seconds})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from common.db import open_database
 from common.db.models import Job, JobState
 from common.errors import CpuProcessLostError
 from producer.submit import SubmitOptions, commit_plan, plan_submission
-from tests.worker.conftest import embedded_settings
+from tests.worker.conftest import embedded_settings, wait_until
 from worker.local import run_batch
 from worker.pipeline import Runtime
 from worker.pipeline.cpu import CpuPool
@@ -32,10 +31,7 @@ def _pid() -> int:
 def _slow_pid(started: str, release: str) -> int:
     """Says it started, then waits until ``release`` exists: a call running when a sibling dies."""
     Path(started).touch()
-    for _ in range(6000):
-        if os.path.exists(release):
-            break
-        threading.Event().wait(0.01)
+    wait_until(lambda: os.path.exists(release), 60, f"{release} in a pool process", every=0.01)
     return os.getpid()
 
 
@@ -52,14 +48,6 @@ def test_a_call_whose_process_is_killed_fails_transiently_and_the_pool_heals() -
         pool.close()
 
 
-def _wait_for(path: Path) -> None:
-    for _ in range(6000):
-        if path.exists():
-            return
-        threading.Event().wait(0.01)
-    raise AssertionError(f"{path} never appeared")
-
-
 def test_every_call_the_death_broke_fails_and_the_pool_is_replaced_once(tmp_path: Path) -> None:
     """A process's death fails the call running beside it in the other process too (the executor
     stops the whole pool); both callers see ``CpuProcessLostError``, the pool is replaced once, and
@@ -73,14 +61,14 @@ def test_every_call_the_death_broke_fails_and_the_pool_is_replaced_once(tmp_path
                 threads.submit(pool.run, _slow_pid, str(tmp_path / f"s{i}"), str(tmp_path / "go"))
                 for i in (0, 1)
             ]
-            _wait_for(tmp_path / "s0")
-            _wait_for(tmp_path / "s1")
+            wait_until((tmp_path / "s0").exists, 60, str(tmp_path / "s0"), every=0.01)
+            wait_until((tmp_path / "s1").exists, 60, str(tmp_path / "s1"), every=0.01)
             (tmp_path / "go").touch()
             assert len({f.result(timeout=60) for f in warm}) == 2
             started, release = tmp_path / "started", tmp_path / "release"
             try:
                 running = threads.submit(pool.run, _slow_pid, str(started), str(release))
-                _wait_for(started)
+                wait_until(started.exists, 60, str(started), every=0.01)
                 dying = threads.submit(pool.run, _die)
                 with pytest.raises(CpuProcessLostError):
                     dying.result(timeout=60)

@@ -28,10 +28,10 @@ from common.db.records import ArtifactRecord
 from common.keys import artifact_key
 from common.storage import ObjectStore, open_store
 from common.storage.uri import uri_scheme
-from worker.pipeline.cpu import draw_pictures
+from worker.pipeline.cpu import Pictures, draw_pictures
 from worker.render import npy_bytes
 
-__all__ = ["ImageArtifacts", "StoreTarget", "Written", "put_artifacts", "write_artifacts"]
+__all__ = ["ImageArtifacts", "StoreTarget", "Written", "draw", "put_artifacts", "write_artifacts"]
 
 # Schemes whose store another process reaches by opening the same URL: the same folder, the same bucket.
 _SHAREABLE_SCHEMES = ("", "file", "s3")
@@ -94,6 +94,10 @@ class ImageArtifacts:
     title: str
     png_level: int
 
+    def key(self, name: str) -> str:
+        """The deterministic object key of the artifact ``name`` of this image."""
+        return artifact_key(self.image_sha256, self.model, self.config, name)
+
 
 @dataclass(frozen=True)
 class Written:
@@ -109,18 +113,20 @@ def _content_type(name: str) -> str:
     return "image/png" if name.endswith(".png") else "application/x-npy"
 
 
-def put_artifacts(
-    store: ObjectStore,
-    image: ImageArtifacts,
-    pictures: Mapping[str, bytes],
-    shapes: Mapping[str, tuple[int, ...]],
-) -> Written:
-    """Write the arrays as ``.npy`` and the encoded ``pictures`` (whose pixel ``shapes`` are given)
-    under their deterministic keys; describe each file (size, SHA-256, shape, dtype)."""
+def draw(image: ImageArtifacts) -> Pictures:
+    """``draw_pictures`` for one image: its pictures encoded, in whichever process runs it."""
+    return draw_pictures(
+        image.crop, image.arrays, overlays=image.overlays, title=image.title, png_level=image.png_level
+    )
+
+
+def put_artifacts(store: ObjectStore, image: ImageArtifacts, pictures: Pictures) -> Written:
+    """Write the arrays as ``.npy`` and the encoded ``pictures`` under their deterministic keys;
+    describe each file (size, SHA-256, shape, dtype). The seconds are the pictures' and the writing's."""
     start = time.thread_time()
     arrays = image.arrays
-    files = {**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures}
-    keys = {name: artifact_key(image.image_sha256, image.model, image.config, name) for name in files}
+    files = {**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures.files}
+    keys = {name: image.key(name) for name in files}
     uris = store.put_many((keys[name], data, _content_type(name)) for name, data in files.items())
     artifacts = [
         ArtifactRecord(
@@ -129,24 +135,21 @@ def put_artifacts(
             content_type=_content_type(name),
             bytes=len(data),
             checksum=hashlib.sha256(data).hexdigest(),
-            shape="x".join(str(d) for d in (arrays[name].shape if name in arrays else shapes[name])),
+            shape="x".join(str(d) for d in (arrays[name].shape if name in arrays else pictures.shapes[name])),
             dtype=str(arrays[name].dtype) if name in arrays else "uint8",
         )
         for name, data in sorted(files.items())
     ]
-    return Written(artifacts, list(keys.values()), {"store": time.thread_time() - start})
+    seconds = {**pictures.seconds, "store": time.thread_time() - start}
+    return Written(artifacts, list(keys.values()), seconds)
 
 
 def write_artifacts(target: StoreTarget, image: ImageArtifacts) -> Written:
     """Draw, encode and write one image's artifacts in this (pool) process; hand their durability
     back to the caller. Runs in the CPU pool."""
     store = _open(target)
-    pictures = draw_pictures(
-        image.crop, image.arrays, overlays=image.overlays, title=image.title, png_level=image.png_level
-    )
-    names = [*image.arrays, *pictures.files]
+    pictures = draw(image)
     try:
-        written = put_artifacts(store, image, pictures.files, pictures.shapes)
+        return put_artifacts(store, image, pictures)
     finally:  # never tracked here, even after a failed write: the driving process syncs what it records
-        store.hand_over(artifact_key(image.image_sha256, image.model, image.config, n) for n in names)
-    return Written(written.artifacts, written.keys, {**pictures.seconds, **written.seconds})
+        store.hand_over(image.key(name) for name in [*image.arrays, *pictures.files])

@@ -13,9 +13,8 @@ import time
 from common.db.records import JobOutcome, PredictionRecord
 from worker.attention import Explanation
 from worker.models import LoadedModel
-from worker.pipeline.artifacts import ImageArtifacts, Written, put_artifacts, write_artifacts
+from worker.pipeline.artifacts import ImageArtifacts, Written, draw, put_artifacts, write_artifacts
 from worker.pipeline.compute import Computed
-from worker.pipeline.cpu import draw_pictures
 from worker.pipeline.runtime import Runtime
 
 __all__ = ["store"]
@@ -61,16 +60,7 @@ def _write(runtime: Runtime, image: ImageArtifacts) -> Written:
         written = runtime.cpu.run(write_artifacts, runtime.store_target, image)
         runtime.store.take_over(written.keys)  # synced with the micro-batch, before it is recorded
         return written
-    pictures = runtime.cpu.run(
-        draw_pictures,
-        image.crop,
-        image.arrays,
-        overlays=image.overlays,
-        title=image.title,
-        png_level=image.png_level,
-    )
-    written = put_artifacts(runtime.store, image, pictures.files, pictures.shapes)
-    return Written(written.artifacts, written.keys, {**pictures.seconds, **written.seconds})
+    return put_artifacts(runtime.store, image, runtime.cpu.run(draw, image))
 
 
 def _predictions(explanation: Explanation, labels: tuple[str, ...] | None) -> list[PredictionRecord]:

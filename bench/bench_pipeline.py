@@ -178,6 +178,34 @@ class RssSampler:
         self.peak_kib = max(self.peak_kib, self._current_kib())
 
 
+def process_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process and, together, of its live child processes (the
+    CPU pool, which lives as long as the runtime): read before and after the timed batch, they show
+    where a core's time goes and whether the cores were busy at all. Zeros where ``/proc`` is missing."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(pid: int | str) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    try:
+        children = [
+            pid
+            for task in Path("/proc/self/task").iterdir()
+            for pid in (task / "children").read_text().split()
+        ]
+        own = seconds("self")
+        pool = 0.0
+        for pid in children:
+            try:
+                pool += seconds(pid)
+            except OSError:  # exited since
+                continue
+    except OSError:
+        return 0.0, 0.0
+    return own, pool
+
+
 def null_explainer(runtime: Any, images: list[Path]) -> Callable[..., Any]:
     """An ``explain_in_batches`` stand-in returning real explanations of a few images, in turn."""
     import dataclasses
@@ -272,8 +300,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             run(write_csv(work / "warmup.csv", warmup))
             busy = reported if reported is not None else timer.seconds
             busy.clear()
+            cpu_before = process_cpu_seconds()
             with RssSampler() as rss:
                 seconds = run(write_csv(work / "batch.csv", images))
+            cpu_after = process_cpu_seconds()
             stages = {s: round(1000 * busy.get(s, 0.0) / len(images), 2) for s in STAGES}
         finally:
             runtime.close()
@@ -282,6 +312,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "images_per_second": round(len(images) / seconds, 2),
         "ms_per_image": stages,
+        # CPU of the driving process and of the pool processes per image, and cores kept busy
+        "cpu_ms_per_image": {
+            part: round(1000 * (cpu_after[i] - cpu_before[i]) / len(images), 2)
+            for i, part in enumerate(("main", "pool"))
+        },
+        "busy_cores": round((sum(cpu_after) - sum(cpu_before)) / seconds, 2),
         "peak_rss_mib": round(rss.peak_kib / 1024, 1),
     }
 
@@ -361,10 +397,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = (
         f"{'code':<7}{'db':<11}{'mode':<8}{'cores':>5}{'pool':>5}{'png':>4}{'img/s':>8}{'range':>13}"
         + "".join(f"{s:>13}" for s in STAGES)
+        + f"{'cpu main':>9}{'cpu pool':>9}{'busy':>6}"
     )
-    lines = [head + "   (stage columns: ms of busy time per image)"]
+    lines = [head + "   (stage and cpu columns: ms per image; busy: cores in use)"]
     for r in rows:
         stages = "".join(f"{r['ms_per_image'][s]:>13.2f}" for s in STAGES)
+        cpu = r.get("cpu_ms_per_image", {})
+        stages += f"{cpu.get('main', 0.0):>9.1f}{cpu.get('pool', 0.0):>9.1f}{r.get('busy_cores', 0.0):>6.2f}"
         rates = r["runs_images_per_second"]
         spread = f"{rates[0]:.1f}-{rates[-1]:.1f}" if len(rates) > 1 else "-"
         lines.append(

@@ -9,12 +9,8 @@ worker's hot loop, so it is written for speed without changing a pixel of what `
   come from one, with matplotlib's jet table looked up by index exactly as matplotlib does;
 - a layer grid's white canvas, title and ``block l`` labels are drawn once per layout and cached;
   each image only pastes its coloured panels;
-- PNGs are written here (``png_bytes``): every scanline "up"-filtered by one numpy subtraction and
-  the whole image deflated by libdeflate through ``imagecodecs``, which releases the GIL. At level 1
-  (the default) about 1.7× faster than libpng at zlib level 1 and 4× faster than Pillow, for files
-  of about the same size; level 0 (``VITSCOPE_PNG_LEVEL``) stores the rows uncompressed, 20× faster
-  again for photo-like pictures 1.4–1.8× larger (a layer grid, flat colour, would be 29× larger:
-  the pipeline keeps it at level 1). PNG is lossless: any decoder gives back the same pixels.
+- PNGs are written by ``worker.png`` (Huffman-only coding of up-filtered rows at the default level,
+  libdeflate for flat-colour layer grids), with the GIL released.
 
 Only matplotlib's colormap table is used; pyplot is never imported.
 """
@@ -24,18 +20,17 @@ from __future__ import annotations
 import functools
 import io
 import math
-import struct
-import zlib
 from collections.abc import Mapping
 
-import imagecodecs
 import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 from PIL import Image, ImageDraw, ImageFont
 
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
+from worker.png import DEFAULT_PNG_LEVEL, PNG_LEVELS, png_bytes
 
 __all__ = [
     "DEFAULT_PNG_LEVEL",
@@ -125,9 +120,16 @@ def heatmap_overlays(crops: torch.Tensor, grid_maps: torch.Tensor) -> torch.Tens
         raise ValueError(
             f"grid_maps must be [B, M, gh, gw] for {crops.shape[0]} crops, got {tuple(grid_maps.shape)}"
         )
-    B, H, W, _ = crops.shape
-    M = grid_maps.shape[1]
+    H, W = crops.shape[1:3]
     upsampled = F.interpolate(grid_maps.to(torch.float32), size=(H, W), mode="bilinear", align_corners=False)
+    if crops.device.type == "cpu":
+        return _compose_compiled(upsampled, crops)
+    return _compose_tensors(upsampled, crops)
+
+
+def _compose_tensors(upsampled: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """Jet colours plus the crop, scaled by the picture's maximum, as tensor ops (a GPU's path)."""
+    B, M, H, W = upsampled.shape
     table = torch.from_numpy(_jet_table()[0]).to(crops.device)
     indices = _jet_indices(upsampled)
     # index_select and in-place arithmetic: three times faster on a CPU than fancy indexing and
@@ -136,6 +138,56 @@ def heatmap_overlays(crops: torch.Tensor, grid_maps: torch.Tensor) -> torch.Tens
     combined.add_((crops.to(torch.float64) / 255.0)[:, None])
     peak = combined.reshape(B, M, -1).amax(dim=2).reshape(B, M, 1, 1, 1)
     return combined.div_(peak).mul_(255.0).round_().to(torch.uint8)
+
+
+def _compose_compiled(upsampled: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """``_compose_tensors`` on a CPU as one compiled loop: the tensor ops make nine passes over
+    float64 temporaries four times the picture's size; this makes two over the pixels, with the same
+    float64 operations in the same order, so the pixels are the same (tested on every path)."""
+    B, M, H, W = upsampled.shape
+    out = np.empty((B, M, H, W, 3), np.uint8)
+    _compose_kernel(
+        np.ascontiguousarray(upsampled.numpy()), np.ascontiguousarray(crops.numpy()), _jet_table()[0], out
+    )
+    return torch.from_numpy(out)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _compose_kernel(  # pragma: no cover - compiled
+    upsampled: np.ndarray, crops: np.ndarray, table: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[b, m] = round(255 · c / max(c))``, ``c = jet(upsampled[b, m]) + crops[b] / 255``.
+
+    The jet row is ``_jet_indices``'s: ``floor(clip(v, 0, 1) · N)`` in float32, 1 mapped to ``N - 1``,
+    NaN to the "bad" row ``N + 2``. A picture whose maximum is 0 (a black crop under NaN maps) is
+    black, as the tensor path's ``0 / 0`` cast to uint8 gives.
+    """
+    B, M, H, W = upsampled.shape
+    N = table.shape[0] - 3
+    rows = np.empty((H, W), np.int64)
+    scaled = np.empty(256, np.float64)
+    for value in range(256):
+        scaled[value] = value / 255.0
+    for b in range(B):
+        for m in range(M):
+            peak = -np.inf
+            for y in range(H):
+                for x in range(W):
+                    v = upsampled[b, m, y, x]
+                    if np.isnan(v):
+                        row = N + 2
+                    else:
+                        v = min(max(v, np.float32(0.0)), np.float32(1.0))
+                        row = min(int(np.floor(v * np.float32(N))), N - 1)
+                    rows[y, x] = row
+                    for ch in range(3):
+                        peak = max(peak, table[row, ch] + scaled[crops[b, y, x, ch]])
+            for y in range(H):
+                for x in range(W):
+                    row = rows[y, x]
+                    for ch in range(3):
+                        c = table[row, ch] + scaled[crops[b, y, x, ch]]
+                        out[b, m, y, x, ch] = np.uint8(np.rint(c / peak * 255.0)) if peak > 0 else 0
 
 
 def heatmap_overlay(crop: np.ndarray, grid_map: np.ndarray) -> np.ndarray:
@@ -150,54 +202,9 @@ def heatmap_overlay(crop: np.ndarray, grid_map: np.ndarray) -> np.ndarray:
     return heatmap_overlays(crops, maps)[0, 0].numpy()
 
 
-# A PNG file is the signature and chunks (length, type, body, CRC-32 of type and body). One IDAT
-# chunk holds the zlib stream of the filtered scanlines: each row prefixed by its filter type.
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_FILTER_UP = 2  # each byte minus the byte above it (mod 256); the first row minus zeros
-# libdeflate's levels: 1 is its fastest compressing one (about 0.9 ms and 83 KB for a 224×224
-# overlay on one core), 0 stores the rows uncompressed (0.05 ms, 151 KB), 12 is its smallest.
-PNG_LEVELS = range(13)
-DEFAULT_PNG_LEVEL = 1
-
-
-def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    crc = zlib.crc32(body, zlib.crc32(kind))
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-
-def png_bytes(pixels: np.ndarray, *, level: int = DEFAULT_PNG_LEVEL) -> bytes:
-    """``uint8 [H, W, 3]`` as an 8-bit RGB PNG file (lossless; the GIL is released while deflating).
-
-    Written here rather than by libpng because libdeflate compresses the same filtered rows in 60 %
-    of zlib's time; the "up" filter is one vectorized subtraction. ``level`` is libdeflate's
-    (``PNG_LEVELS``): every level gives back the same pixels, only the size and the time differ —
-    level 0 stores the rows uncompressed, for a host whose CPU cannot keep up with its GPU. The file
-    is plain PNG (no interlacing, no ancillary chunks); ``tests/worker/test_render.py`` decodes it
-    with Pillow and libpng and checks every pixel.
-    """
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise ValueError(f"png_bytes takes uint8 [H, W, 3] pixels, got {pixels.dtype} {pixels.shape}")
-    if level not in PNG_LEVELS:
-        raise ValueError(f"PNG level must be 0 to {PNG_LEVELS[-1]}, got {level}")
-    height, width, _ = pixels.shape
-    rows = np.ascontiguousarray(pixels).reshape(height, width * 3)
-    scanlines = np.empty((height, width * 3 + 1), dtype=np.uint8)
-    scanlines[:, 0] = _PNG_FILTER_UP
-    scanlines[:1, 1:] = rows[:1]
-    np.subtract(rows[1:], rows[:-1], out=scanlines[1:, 1:])  # uint8 arithmetic wraps mod 256
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no interlace
-    idat = bytes(imagecodecs.deflate_encode(scanlines, level=level))  # a zlib stream
-    return b"".join(
-        (_PNG_SIGNATURE, _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b""))
-    )
-
-
-_png = png_bytes
-
-
 def overlay_png(crop: np.ndarray, grid_map: np.ndarray) -> bytes:
     """``heatmap_overlay`` encoded as PNG."""
-    return _png(heatmap_overlay(crop, grid_map))
+    return png_bytes(heatmap_overlay(crop, grid_map))
 
 
 def _tiling(count: int) -> tuple[int, int]:
@@ -278,7 +285,7 @@ def layer_grid_pixels(layer_scores: np.ndarray, *, title: str | None = None) -> 
 
 def layer_grid_png(layer_scores: np.ndarray, *, title: str | None = None) -> bytes:
     """``layer_grid_pixels`` encoded as PNG."""
-    return _png(layer_grid_pixels(layer_scores, title=title))
+    return png_bytes(layer_grid_pixels(layer_scores, title=title), flat=True)
 
 
 def render_artifacts(
@@ -296,7 +303,7 @@ def render_artifacts(
     if unknown:
         raise ValueError(f"unknown array artifact name(s) {unknown}; expected names from {ARRAY_ARTIFACTS}")
     rendered = {name: npy_bytes(array) for name, array in arrays.items()}
-    rendered[INPUT_PICTURE] = _png(crop)
+    rendered[INPUT_PICTURE] = png_bytes(crop)
     layer_scores = arrays.get(PICTURE_SOURCES[_LAYER_GRID])
     if layer_scores is not None:
         rendered[_LAYER_GRID] = layer_grid_png(layer_scores, title=title)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import io
 
-import imagecodecs
 import matplotlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
@@ -17,6 +17,8 @@ from tests.worker import render_reference
 from worker.render import (
     INPUT_PICTURE,
     PICTURE_SOURCES,
+    _compose_compiled,
+    _compose_tensors,
     _jet,
     heatmap_overlay,
     heatmap_overlays,
@@ -312,20 +314,51 @@ def test_render_artifacts_refuses_unknown_names() -> None:
     ("batch", "grid", "size"),
     [(1, (14, 14), (224, 224)), (5, (7, 7), (224, 224)), (3, (24, 24), (384, 384)), (2, (3, 5), (37, 61))],
 )
+@pytest.mark.parametrize("path", ["heatmap_overlays", "compiled", "tensors"])
 def test_batched_overlays_equal_the_plain_renderer_pixel_for_pixel(
-    batch: int, grid: tuple[int, int], size: tuple[int, int]
+    batch: int, grid: tuple[int, int], size: tuple[int, int], path: str
 ) -> None:
+    """The public function and both its paths: the compiled loop a CPU worker runs and the tensor ops a
+    GPU runs (here on the CPU)."""
     crops = RNG.integers(0, 256, (batch, *size, 3), dtype=np.uint8)
     maps = RNG.random((batch, 3, *grid)).astype(np.float32)
     maps[0, 0] /= maps[0, 0].max()  # the exact top of the colour scale
     maps[-1, -1, 0, 0] = 1.5  # out of range: clipped
     maps[-1, 1, 0, 0] = -0.25
-    out = heatmap_overlays(torch.from_numpy(crops), torch.from_numpy(maps)).numpy()
+    out = _overlays_by(path, crops, maps)
     assert out.shape == (batch, 3, *size, 3)
     assert out.dtype == np.uint8
     for b in range(batch):
         for m in range(3):
             np.testing.assert_array_equal(out[b, m], render_reference.heatmap_overlay(crops[b], maps[b, m]))
+
+
+def _overlays_by(path: str, crops: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    if path == "heatmap_overlays":
+        return heatmap_overlays(torch.from_numpy(crops), torch.from_numpy(maps)).numpy()
+    compose = {"compiled": _compose_compiled, "tensors": _compose_tensors}[path]
+    upsampled = F.interpolate(
+        torch.from_numpy(maps), size=crops.shape[1:3], mode="bilinear", align_corners=False
+    )
+    return compose(upsampled, torch.from_numpy(crops)).numpy()
+
+
+def test_the_compiled_and_the_tensor_overlays_agree_on_nan_edges_and_a_black_picture() -> None:
+    """Values a map should not hold but may: NaN (the colormap's "bad" colour), every bin edge of the
+    jet table, out of range; and a black crop under an all-NaN map, whose maximum is 0."""
+    crops = RNG.integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
+    crops[2] = 0
+    edges = np.concatenate([np.arange(257) / 256, np.nextafter(np.arange(1, 257) / 256, 0)])
+    maps = RNG.random((3, 2, 32, 48)).astype(np.float32)
+    maps[0, 0].reshape(-1)[: edges.size] = edges.astype(np.float32)
+    maps[0, 1, ::3] = np.nan
+    maps[1, 0] = RNG.normal(0.5, 1.0, (32, 48))
+    maps[2] = np.nan
+    compiled, tensors = _overlays_by("compiled", crops, maps), _overlays_by("tensors", crops, maps)
+    np.testing.assert_array_equal(compiled, tensors)
+    assert (compiled[2] == 0).all()
+    for m in range(2):
+        np.testing.assert_array_equal(compiled[0, m], render_reference.heatmap_overlay(crops[0], maps[0, m]))
 
 
 def test_jet_lookup_picks_matplotlibs_colour_at_every_bin_edge() -> None:
@@ -359,42 +392,3 @@ def test_png_encoding_is_lossless() -> None:
         RNG.integers(0, 256, (224, 224, 3), dtype=np.uint8), RNG.random((14, 14)).astype(np.float32)
     )
     np.testing.assert_array_equal(decode_png(png_bytes(pixels)), pixels)
-
-
-@pytest.mark.parametrize("level", [0, 1, 12])
-@pytest.mark.parametrize("shape", [(1, 1, 3), (2, 5, 3), (7, 1, 3), (378, 422, 3), (300, 17, 3)])
-def test_png_files_decode_to_the_same_pixels_in_two_decoders(shape: tuple[int, int, int], level: int) -> None:
-    """``png_bytes`` writes the PNG container itself: Pillow (which also checks every chunk's CRC when
-    it verifies) and libpng must both read back exactly the pixels, for odd and tiny sizes too, at
-    the stored level 0 (an image of more than 64 KB spans several stored blocks), the default and
-    the smallest."""
-    pixels = RNG.integers(0, 256, shape, dtype=np.uint8)
-    pixels[: shape[0] // 2] = 255  # a flat half: rows the "up" filter turns into zeros
-    data = png_bytes(pixels, level=level)
-    Image.open(io.BytesIO(data)).verify()
-    image = Image.open(io.BytesIO(data))
-    assert (image.mode, image.size) == ("RGB", (shape[1], shape[0]))
-    np.testing.assert_array_equal(np.asarray(image), pixels)
-    np.testing.assert_array_equal(imagecodecs.png_decode(data), pixels)
-
-
-def test_png_files_of_a_photo_stay_compressed() -> None:
-    """A fast level must still compress: a smooth photo-like crop well below its raw 150 KB."""
-    y, x = np.mgrid[0:224, 0:224]
-    smooth = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8)
-    noisy = np.clip(smooth + RNG.normal(0, 4, smooth.shape), 0, 255).astype(np.uint8)
-    assert len(png_bytes(noisy)) < 0.75 * noisy.nbytes
-
-
-@pytest.mark.parametrize(
-    "bad", [np.zeros((4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3))]
-)
-def test_png_bytes_refuses_what_is_not_8_bit_rgb(bad: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="uint8"):
-        png_bytes(bad)
-
-
-@pytest.mark.parametrize("level", [-1, 13])
-def test_png_bytes_refuses_a_level_libdeflate_does_not_have(level: int) -> None:
-    with pytest.raises(ValueError, match="PNG level must be 0 to 12"):
-        png_bytes(np.zeros((4, 4, 3), np.uint8), level=level)

@@ -10,6 +10,7 @@ statements; never count on it — count what RETURNING returns.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -367,18 +368,24 @@ def find_reusables(session: Session, keys: Iterable[tuple[str, str]]) -> dict[tu
     thousand pairs: the earliest finished original of each pair that has one."""
     found: dict[tuple[str, str], Job] = {}
     for part in chunks(list(dict.fromkeys(keys))):
-        rows = session.scalars(
-            sa.select(Job)
-            .where(
-                sa.tuple_(Job.image_sha256, Job.config_fingerprint).in_(part),
-                Job.state == JobState.SUCCEEDED,
-                Job.reused_from.is_(None),
-            )
-            .order_by(Job.finished_at)
-        )
-        for job in rows:
+        for job in session.scalars(_reusables_statement(), {"keys": part}):
             found.setdefault((job.image_sha256, job.config_fingerprint), job)
     return found
+
+
+@functools.cache
+def _reusables_statement() -> sa.Select[tuple[Job]]:
+    """``find_reusables``'s query, built once: a tuple ``IN`` of literal pairs was rebuilt and
+    type-checked pair by pair for every micro-batch."""
+    return (
+        sa.select(Job)
+        .where(
+            sa.tuple_(Job.image_sha256, Job.config_fingerprint).in_(sa.bindparam("keys", expanding=True)),
+            Job.state == JobState.SUCCEEDED,
+            Job.reused_from.is_(None),
+        )
+        .order_by(Job.finished_at)
+    )
 
 
 def _finish(session: Session, job_id: str, worker_id: str, values: dict[str, Any]) -> bool:
@@ -453,36 +460,92 @@ def record_successes(
     """``record_success`` for a micro-batch of jobs in the caller's one transaction; returns the ids
     this worker still owned (and so recorded).
 
-    One commit instead of one per job, and the artifact and prediction rows of all jobs in one
-    statement per table: on SQLite a commit is a disk sync, which made recording cost more than
-    computing. Each job's state change is still its own compare-and-set.
+    One commit instead of one per job, the state changes as one ``executemany`` of a statement
+    built once, and the artifact and prediction rows of all jobs in one statement per table: on
+    SQLite a commit is a disk sync, which made recording cost more than computing. Each job's state
+    change is still its own compare-and-set (``WHERE id = … AND state = 'running' AND worker_id =
+    …``); the winners are read back in one query.
     """
     now = now or utcnow()
-    won: list[tuple[str, JobOutcome]] = []
-    for job_id, outcome in outcomes:
-        values = {
-            "state": JobState.SUCCEEDED.value,
-            "finished_at": now,
-            "lease_expires_at": None,
-            "image_sha256": outcome.image_sha256,
-            "target_index": outcome.target_index,
-            "readout": outcome.readout,
-            "note": outcome.note,
-            "device": outcome.device,
-            "weights_source": outcome.weights_source,
-            "fetch_seconds": outcome.fetch_seconds,
-            "compute_seconds": outcome.compute_seconds,
-            "store_seconds": outcome.store_seconds,
-            "error_class": None,
-            "error_message": None,
+    if not outcomes:
+        return []
+    rows = [
+        {
+            "b_id": job_id,
+            "b_worker": worker_id,
+            "v_state": JobState.SUCCEEDED.value,
+            "v_finished_at": now,
+            "v_image_sha256": outcome.image_sha256,
+            "v_target_index": outcome.target_index,
+            "v_readout": outcome.readout,
+            "v_note": outcome.note,
+            "v_device": outcome.device,
+            "v_weights_source": outcome.weights_source,
+            "v_fetch_seconds": outcome.fetch_seconds,
+            "v_compute_seconds": outcome.compute_seconds,
+            "v_store_seconds": outcome.store_seconds,
         }
-        if _finish(session, job_id, worker_id, values):
-            won.append((job_id, outcome))
+        for job_id, outcome in outcomes
+    ]
+    session.execute(_finish_many_statement(), rows)
+    # Which compare-and-sets won: not the executemany's rowcount (psycopg may report -1), but the
+    # rows that now carry this worker's id and this very finishing time.
+    ids = [job_id for job_id, _ in outcomes]
+    finished: set[str] = set()
+    for part in chunks(ids):
+        finished.update(
+            session.scalars(_finished_by_statement(), {"ids": part, "worker": worker_id, "now": now})
+        )
+    won = [(job_id, outcome) for job_id, outcome in outcomes if job_id in finished]
     _insert_many(
         session,
         [_Results(job_id, o.artifacts, o.predictions, o.metrics, o.metrics_config) for job_id, o in won],
     )
     return [job_id for job_id, _ in won]
+
+
+@functools.cache
+def _finish_many_statement() -> sa.Update:
+    """``running → succeeded`` of one job, as one statement executed for a whole micro-batch
+    (``executemany``): built and compiled once. One ORM ``UPDATE … RETURNING`` per job, each with
+    its own fourteen values, cost more CPU than the rest of recording together."""
+    jobs = Job.__table__
+    values = {
+        name: sa.bindparam(f"v_{name}")
+        for name in (
+            "state",
+            "finished_at",
+            "image_sha256",
+            "target_index",
+            "readout",
+            "note",
+            "device",
+            "weights_source",
+            "fetch_seconds",
+            "compute_seconds",
+            "store_seconds",
+        )
+    }
+    return (
+        sa.update(jobs)
+        .where(
+            jobs.c.id == sa.bindparam("b_id"),
+            jobs.c.state == JobState.RUNNING.value,
+            jobs.c.worker_id == sa.bindparam("b_worker"),
+        )
+        .values(**values, lease_expires_at=None, error_class=None, error_message=None)
+    )
+
+
+@functools.cache
+def _finished_by_statement() -> sa.Select[tuple[str]]:
+    """The ids among ``ids`` that ``worker`` finished at ``now``: the compare-and-sets it won."""
+    return sa.select(Job.id).where(
+        Job.id.in_(sa.bindparam("ids", expanding=True)),
+        Job.state == JobState.SUCCEEDED,
+        Job.worker_id == sa.bindparam("worker"),
+        Job.finished_at == sa.bindparam("now"),
+    )
 
 
 def record_reuse(

@@ -30,6 +30,8 @@ __all__ = ["LocalStore", "list_files", "read_file"]
 
 # Prefix of the temporary files of writes in progress; ``list`` never reports them.
 _TEMP_PREFIX = ".vitscope-tmp-"
+# Folders ``put`` remembers having made before it forgets them all and starts again.
+_FOLDERS_REMEMBERED = 4096
 _PERMANENT_OS_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
@@ -52,6 +54,7 @@ class LocalStore:
             self.root.mkdir(parents=True, exist_ok=True)
         self.url = self.root.as_uri()
         self._unsynced: set[Path] = set()  # files written since the last ``sync``
+        self._folders: set[Path] = set()  # folders known to exist (bounded: see _FOLDERS_REMEMBERED)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -66,21 +69,34 @@ class LocalStore:
         has no place on a filesystem and is ignored.
         """
         path = self._path(key)
-        temp = path.with_name(f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}")
+        folder = path.parent
+        temp = folder / f"{_TEMP_PREFIX}{secrets.token_hex(8)}-{path.name}"
         with _os_errors("write", path):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # os.open with mode 0o666 honours the umask, unlike tempfile's private 0o600 files.
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            if folder not in self._folders:  # one mkdir per folder, not per file: an image's ten share one
+                folder.mkdir(parents=True, exist_ok=True)
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
+                # os.open with mode 0o666 honours the umask, unlike tempfile's private 0o600 files.
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileNotFoundError:  # the folder was removed since: make it again
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
                 os.replace(temp, path)
             except BaseException:
                 temp.unlink(missing_ok=True)
                 raise
         with self._lock:
             self._unsynced.add(path)
-        return self.uri(key)
+            if len(self._folders) >= _FOLDERS_REMEMBERED:
+                self._folders.clear()
+            self._folders.add(folder)
+        return path.as_uri()
 
     def sync(self) -> None:
         """Every file written since the last call, on disk: one ``syncfs`` of the store's filesystem

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,16 @@ def test_a_failed_write_leaves_the_old_object_and_no_temporary_file(store: Local
     assert store.get("taken/inner.npy") == b"kept"
     assert sorted(p.name for p in store.root.iterdir()) == ["taken"]
     assert store.list() == ["taken/inner.npy"]
+
+
+def test_a_folder_removed_after_a_write_is_made_again_by_the_next(store: LocalStore) -> None:
+    """``put`` remembers the folders it made; one deleted behind its back (a user clearing results,
+    a cleanup job) must not make the next write into it fail."""
+    store.put("image/model/a.npy", b"first")
+    shutil.rmtree(store.root / "image")
+    store.put("image/model/b.npy", b"second")
+    assert store.get("image/model/b.npy") == b"second"
+    assert not store.exists("image/model/a.npy")
 
 
 def test_a_crashed_write_leftover_is_not_listed(store: LocalStore) -> None:

@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     cpu_workers: int | None = Field(
         default=None,
         ge=0,
-        description="Processes decoding images and encoding PNGs for one worker; 0 = in its threads; "
+        description="Processes drawing, encoding and writing the pictures for one worker (images are "
+        "decoded in its fetch threads); 0 = in its threads; "
         "unset: the cores of this worker's share of the host on a GPU, 0 on the CPU (worker start sets it).",
     )
 

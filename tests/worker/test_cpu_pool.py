@@ -92,11 +92,15 @@ def test_a_closed_pool_refuses_calls_instead_of_running_them_here() -> None:
 
 def test_a_batch_survives_a_pool_process_killed_mid_run(write_image, tmp_path: Path) -> None:
     """SIGKILL one of the pool's processes once the first job is recorded: the jobs whose images it
-    held go back to the queue and are done on the next round; every job ends succeeded."""
-    for i in range(10):
+    held go back to the queue and are done on the next round; every job ends succeeded.
+
+    Twenty images in chunks of eight: the third chunk starts only once the first is recorded, so its
+    pictures are drawn after the death, by a pool that must have been replaced."""
+    count = 20
+    for i in range(count):
         write_image(tmp_path / f"{i}.png", seed=i, size=(120 + 7 * i, 100))
     csv = tmp_path / "data.csv"
-    csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(10)))
+    csv.write_text("id,image_uri\n" + "".join(f"r{i},{i}.png\n" for i in range(count)))
     settings = embedded_settings(tmp_path, batch_size=2, cpu_workers=2)
     options = SubmitOptions(models=["deit_tiny_patch16_224"], weights="random")
     db = open_database(settings, migrate=True)
@@ -118,6 +122,6 @@ def test_a_batch_survives_a_pool_process_killed_mid_run(write_image, tmp_path: P
         runtime.close()
     assert killed
     assert runtime.cpu.restarts >= 1
-    assert (run.succeeded, run.failed) == (10, 0)
+    assert (run.succeeded, run.failed) == (count, 0)
     assert {state for state, _ in states} == {JobState.SUCCEEDED}
     assert max(attempts for _, attempts in states) <= 2  # at most the one retry the death cost

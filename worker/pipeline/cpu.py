@@ -1,13 +1,13 @@
-"""The CPU-bound work of a job, as pure functions a pool of processes can run: bytes in, bytes out.
+"""The CPU-bound work of a job, as pure functions: bytes in, pixels out; pixels in, bytes out.
 
-A worker process has one GIL; decoding, resizing and encoding images for a GPU that explains
-thousands of images a second needs many cores. ``CpuPool`` runs these functions in a few spawned
-processes (``VITSCOPE_CPU_WORKERS``; ``worker start`` sizes it from the cores per GPU), or in the
-calling thread when the pool size is 0 — the default on a CPU device, where the model itself uses
-every core. Nothing here touches a database, a store or the network: the pipeline's threads fetch
-and send only bytes, pixels and arrays across; ``artifacts`` adds the writing of an image's
-artifacts to the same pool where the store can be opened there.
-"""
+``decode_and_crop`` runs in the fetch threads: Pillow releases the GIL while it decodes and
+resizes. Drawing, encoding and writing an image's pictures also run mostly without the GIL (compiled
+loops, libdeflate), but the Python around them, for ten files per image, does not: ``CpuPool`` runs
+``draw_pictures`` (and ``artifacts.write_artifacts``, which also writes the files where the store
+can be opened in another process) in a few spawned processes (``VITSCOPE_CPU_WORKERS``; ``worker
+start`` sizes it from the cores per GPU), or in the calling thread when the pool size is 0 — the
+default on a CPU device, where the model itself uses every core. Nothing here touches a database, a
+store or the network."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The same code runs inside a Celery worker and in ``producer submit --local``; on
 hands it job ids differs. Each stage keeps the next one fed:
 
     claim      this thread       take the jobs, group them by model and settings
-    prepare    fetch threads     download and hash; decode and crop in the CPU pool
+    prepare    fetch threads     download, hash, decode and crop (Pillow releases the GIL)
     compute    this thread       micro-batches on the device; overlays drawn there on a GPU
     store      store threads     pictures drawn, encoded and written in the CPU pool (or written here)
     record     record thread     one transaction per micro-batch

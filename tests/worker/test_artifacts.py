@@ -3,16 +3,19 @@ the settings that reach it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import pydantic
 import pytest
 
 import worker.pipeline.artifacts as artifacts
+from common.errors import StorageConfigError
 from common.settings import Settings
 from common.storage import LocalStore
-from worker.pipeline.artifacts import StoreTarget
+from worker.pipeline.artifacts import ImageArtifacts, StoreTarget, Written
 
 
 @pytest.mark.parametrize(
@@ -77,3 +80,36 @@ def test_a_relative_results_folder_is_shared_by_its_absolute_url(tmp_path: Path)
         assert runtime.store_target.url == (tmp_path / "results").resolve().as_uri()  # cwd is tmp_path
     finally:
         runtime.close()
+
+
+def test_one_image_that_cannot_be_written_fails_alone_in_a_pool_call(tmp_path: Path) -> None:
+    """``write_artifacts_many`` carries a micro-batch's share in one pool call; an image whose
+    folder cannot be made (a file is in its way) returns its error, and the others are written."""
+    rng = np.random.default_rng(0)
+    target = StoreTarget.of((tmp_path / "results").as_uri(), upload_threads=1, retry_seconds=0.0)
+    images = [
+        ImageArtifacts(
+            image_sha256=f"{i:02d}" * 32,
+            model="deit_tiny_patch16_224",
+            config="c" * 16,
+            crop=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+            arrays={"rollout.npy": rng.random((2, 2)).astype(np.float32)},
+            overlays=None,
+            title="t",
+            png_level=1,
+        )
+        for i in range(3)
+    ]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / images[1].image_sha256[:2]).write_bytes(b"in the way")
+    results = artifacts.write_artifacts_many(target, images)
+    assert isinstance(results[1], StorageConfigError)
+    store = LocalStore(tmp_path / "results")
+    for image, result in zip(images, results, strict=True):
+        if image is images[1]:
+            continue
+        assert isinstance(result, Written)
+        assert sorted(a.name for a in result.artifacts) == ["input.png", "rollout.npy", "rollout.png"]
+        for record in result.artifacts:
+            data = store.get(image.key(record.name))
+            assert hashlib.sha256(data).hexdigest() == record.checksum

@@ -31,7 +31,15 @@ from common.storage.uri import uri_scheme
 from worker.pipeline.cpu import Pictures, draw_pictures
 from worker.render import npy_bytes
 
-__all__ = ["ImageArtifacts", "StoreTarget", "Written", "draw", "put_artifacts", "write_artifacts"]
+__all__ = [
+    "ImageArtifacts",
+    "StoreTarget",
+    "Written",
+    "draw",
+    "put_artifacts",
+    "write_artifacts",
+    "write_artifacts_many",
+]
 
 # Schemes whose store another process reaches by opening the same URL: the same folder, the same bucket.
 _SHAREABLE_SCHEMES = ("", "file", "s3")
@@ -153,3 +161,15 @@ def write_artifacts(target: StoreTarget, image: ImageArtifacts) -> Written:
         return put_artifacts(store, image, pictures)
     finally:  # never tracked here, even after a failed write: the driving process syncs what it records
         store.hand_over(image.key(name) for name in [*image.arrays, *pictures.files])
+
+
+def write_artifacts_many(target: StoreTarget, images: list[ImageArtifacts]) -> list[Written | Exception]:
+    """``write_artifacts`` for several images in one pool call; an image that fails returns its
+    error in its place, so one bad image fails only its own job. Runs in the CPU pool."""
+    results: list[Written | Exception] = []
+    for image in images:
+        try:
+            results.append(write_artifacts(target, image))
+        except Exception as exc:
+            results.append(exc)
+    return results

@@ -32,7 +32,7 @@ from worker.pipeline.compute import compute
 from worker.pipeline.prepare import Prepared, prepare
 from worker.pipeline.record import ChunkReport, JobCallback, Recorder
 from worker.pipeline.runtime import Runtime
-from worker.pipeline.store import store
+from worker.pipeline.store import store_all
 
 __all__ = ["process_chunks", "process_jobs"]
 
@@ -199,9 +199,10 @@ class _Chunk:
     def _compute_and_store(self, loaded: LoadedModel, batch: list[Prepared]) -> None:
         runtime = self.runtime
         self.computing.update((p.sha256, p.ticket.config) for p in batch)
+        computed = compute(self.recorder, loaded, batch)
         stored: list[tuple[Ticket, Future[JobOutcome]]] = [
-            (c.prepared.ticket, runtime.store_pool.submit(store, runtime, loaded, c))
-            for c in compute(self.recorder, loaded, batch)
+            (c.prepared.ticket, future)
+            for c, future in zip(computed, store_all(runtime, loaded, computed), strict=True)
         ]
         if stored:
             self.records.append(runtime.record_pool.submit(self.recorder.succeed_all, stored))

@@ -188,21 +188,23 @@ def process_cpu_seconds() -> tuple[float, float]:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
 
+    def children_of(task: Path) -> list[str]:
+        try:
+            return (task / "children").read_text().split()
+        except OSError:  # a thread that ended while we looked
+            return []
+
     try:
-        children = [
-            pid
-            for task in Path("/proc/self/task").iterdir()
-            for pid in (task / "children").read_text().split()
-        ]
+        tasks = list(Path("/proc/self/task").iterdir())
         own = seconds("self")
-        pool = 0.0
-        for pid in children:
-            try:
-                pool += seconds(pid)
-            except OSError:  # exited since
-                continue
     except OSError:
         return 0.0, 0.0
+    pool = 0.0
+    for pid in {pid for task in tasks for pid in children_of(task)}:
+        try:
+            pool += seconds(pid)
+        except OSError:  # exited since
+            continue
     return own, pool
 
 

@@ -62,8 +62,9 @@ def test_png_files_decode_to_the_same_pixels_in_two_decoders(
         RNG.integers(0, 256, 100_000).astype(np.uint8),  # incompressible
         (RNG.geometric(0.4, 200_000) % 256).astype(np.uint8),  # skewed, as filtered photo rows are
         np.zeros(0, np.uint8),
+        np.tile(np.array([0, 7, 7, 7], np.uint8), 20_000),  # the sampled bytes see no 7 at all
     ],
-    ids=["one-byte", "one-symbol", "all-bytes", "random", "skewed", "empty"],
+    ids=["one-byte", "one-symbol", "all-bytes", "random", "skewed", "empty", "unsampled"],
 )
 @pytest.mark.parametrize("runs", [False, True])
 def test_huffman_streams_inflate_to_their_input(data: np.ndarray, runs: bool) -> None:

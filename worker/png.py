@@ -292,7 +292,8 @@ def _huffman_deflate(  # pragma: no cover - compiled
     codes = _canonical_codes(lengths)
 
     # Pass 2: the bits, least significant first, gathered in a 64-bit register and stored 32 at a
-    # time (a token adds at most 15 + 5 + 1 bits, so the register never overflows).
+    # time (a token adds at most 15 + 5 + 1 bits, so the register never overflows). The store is
+    # written out in each loop: a helper returning the register as a tuple made this pass 3× slower.
     words = np.empty(n // 2 + 256, np.dtype("<u4"))  # a token is at most 21 bits per byte, plus the header
     w = 0
     bits = np.uint64(0)

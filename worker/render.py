@@ -5,12 +5,13 @@ are the primary artifacts; the PNGs are for people. Everything here runs once pe
 worker's hot loop, so it is written for speed without changing a pixel of what ``docs/methods.md``
 (artifact 8) defines:
 
-- overlays are tensor ops over a whole micro-batch (``heatmap_overlays``), on the GPU when the maps
-  come from one, with matplotlib's jet table looked up by index exactly as matplotlib does;
+- overlays are drawn for a whole micro-batch at once (``heatmap_overlays``): as tensor ops on the
+  GPU when the maps come from one, as one compiled loop (numba, GIL released) on a CPU, both with
+  matplotlib's jet table looked up by index exactly as matplotlib does;
 - a layer grid's white canvas, title and ``block l`` labels are drawn once per layout and cached;
-  each image only pastes its coloured panels;
-- PNGs are written by ``worker.png`` (Huffman-only coding of up-filtered rows at the default level,
-  libdeflate for flat-colour layer grids), with the GIL released.
+  each image only paints its coloured panels (compiled);
+- PNGs are written by ``worker.png`` (Huffman coding of the filtered rows at the default level, the
+  layer grid's runs coded as matches), with the GIL released.
 
 Only matplotlib's colormap table is used; pyplot is never imported.
 """

@@ -301,18 +301,16 @@ def _huffman_deflate(  # pragma: no cover - compiled
     # BFINAL = 1, BTYPE = 2 (dynamic); HLIT = 286 - 257, HDIST = 2 - 1, HCLEN = 19 - 4
     bits |= np.uint64(1 | (2 << 1) | ((_LITERAL_LENGTH_SYMBOLS - 257) << 3) | (1 << 8) | (15 << 13))
     count += np.uint64(17)
-    for j in range(19):
-        bits |= np.uint64(0 if code_length_order[j] >= 16 else 4) << count
-        count += np.uint64(3)
-        if count >= 32:
-            words[w] = np.uint32(bits & np.uint64(0xFFFFFFFF))
-            w += 1
-            bits >>= np.uint64(32)
-            count -= np.uint64(32)
-    for j in range(_LITERAL_LENGTH_SYMBOLS + 2):  # each code length by its 4-bit code (canonical: its value)
-        length = lengths[j] if j < _LITERAL_LENGTH_SYMBOLS else 1
-        bits |= np.uint64(_reversed(length, 4)) << count
-        count += np.uint64(4)
+    # Then the code-length code (3 bits each: 4 for symbols 0–15, 0 for 16–18) and every code length
+    # by its 4-bit code (canonical: its own value). Not the hot part: one loop for both.
+    for j in range(19 + _LITERAL_LENGTH_SYMBOLS + 2):
+        if j < 19:
+            value, width = (0 if code_length_order[j] >= 16 else 4), 3
+        else:
+            length = lengths[j - 19] if j - 19 < _LITERAL_LENGTH_SYMBOLS else 1
+            value, width = _reversed(length, 4), 4
+        bits |= np.uint64(value) << count
+        count += np.uint64(width)
         if count >= 32:
             words[w] = np.uint32(bits & np.uint64(0xFFFFFFFF))
             w += 1

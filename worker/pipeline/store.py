@@ -20,7 +20,6 @@ from worker.pipeline.artifacts import (
     Written,
     draw,
     put_artifacts,
-    write_artifacts,
     write_artifacts_many,
 )
 from worker.pipeline.compute import Computed
@@ -84,10 +83,11 @@ def _store_in_pool(
 
 
 def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> JobOutcome:
-    """Render every artifact, write them under deterministic keys, describe them for the database."""
+    """Render every artifact (in the CPU pool if there is one), write them here under deterministic
+    keys, describe them for the database: for stores a pool process cannot open (``store_all``)."""
     start = time.perf_counter()
     image = _artifacts(runtime, computed)
-    written = _write(runtime, image)
+    written = put_artifacts(runtime.store, image, runtime.cpu.run(draw, image))
     runtime.clock.add(written.seconds)
     return _outcome(runtime, loaded, computed, written, time.perf_counter() - start)
 
@@ -126,15 +126,6 @@ def _outcome(
         metrics=computed.metrics,
         metrics_config=prepared.ticket.metrics_config if computed.metrics else None,
     )
-
-
-def _write(runtime: Runtime, image: ImageArtifacts) -> Written:
-    """In a pool process when it can reach the store itself; else drawn there (or here), written here."""
-    if runtime.cpu.workers and runtime.store_target is not None:
-        written = runtime.cpu.run(write_artifacts, runtime.store_target, image)
-        runtime.store.take_over(written.keys)  # synced with the micro-batch, before it is recorded
-        return written
-    return put_artifacts(runtime.store, image, runtime.cpu.run(draw, image))
 
 
 def _predictions(explanation: Explanation, labels: tuple[str, ...] | None) -> list[PredictionRecord]:

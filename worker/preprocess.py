@@ -23,6 +23,7 @@ from torchvision.transforms import functional as TF
 
 from common.errors import ImageError, ImageTooLargeError, UnsupportedModelError
 from common.methods import Preprocess
+from worker.resample import PillowCrops
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessor", "build_preprocessor", "decode_image"]
 
@@ -48,6 +49,9 @@ _WHITE = (255, 255, 255, 255)
 
 # Largest intermediate picture before the centre crop (~100 MB of RGB); only slivers reach it.
 _MAX_RESIZED_PIXELS = 32_000_000
+
+# Every preprocessor's compiled crops, with the pass order learned per geometry.
+_CROPS = PillowCrops()
 
 
 def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -> Image.Image:
@@ -164,6 +168,27 @@ class Preprocessor:
         size = self.resize_size if self.crop_mode == "center" else [self.resize_size, self.resize_size]
         resized = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
         return TF.center_crop(resized, list(self.input_size))
+
+    def crop_pixels(self, image: Image.Image) -> np.ndarray:
+        """``crop`` as ``uint8 [H, W, 3]``, the same pixels, computed only where the crop keeps them
+        once the picture's geometry is known (``worker.resample.PillowCrops``): 0.4 ms for a 500×375
+        photo instead of 1.5. A crop that needs padding (a picture smaller than the crop) is Pillow's."""
+        if self.crop_mode == "center":
+            _check_resized_pixels(image.size, self.resize_size)
+        resized = self.resized_size(image.size)
+        left, top = self.crop_offset(resized)
+        crop_height, crop_width = self.input_size
+        box = (left, top, left + crop_width, top + crop_height)
+        if left < 0 or top < 0 or box[2] > resized[0] or box[3] > resized[1]:
+            return np.array(self.crop(image), dtype=np.uint8)
+        return _CROPS(
+            lambda: np.asarray(image),
+            lambda: np.array(self.crop(image), dtype=np.uint8),
+            image.size,
+            resized,
+            box,
+            self.interpolation,
+        )
 
     @property
     def draft_size(self) -> int:

@@ -58,7 +58,7 @@ def decode_and_crop(data: bytes, preprocessor: Preprocessor, max_pixels: int) ->
     start = time.thread_time()
     image = decode_image(data, max_pixels=max_pixels, min_size=preprocessor.draft_size)
     decoded = time.thread_time()
-    crop = np.array(preprocessor.crop(image), dtype=np.uint8)
+    crop = preprocessor.crop_pixels(image)
     return Decoded(crop, {"fetch+decode": decoded - start, "preprocess": time.thread_time() - decoded})
 
 

@@ -450,7 +450,7 @@ def main() -> None:
         "--cpu-workers",
         default="auto",
         help="CPU pool sizes to run, e.g. auto,0,cores: auto is worker start's sizing for one GPU "
-        "(one per core, none on one core), cores is one per core, a number is that many (the code of "
+        "(one per two cores, none on one core), cores is one per core, a number is that many (the code of "
         "--before-ref may have no pool)",
     )
     parser.add_argument("--database", default="sqlite", help="sqlite and/or postgresql")

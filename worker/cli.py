@@ -92,8 +92,8 @@ def worker_commands(
 ) -> list[tuple[list[str], dict[str, str]]]:
     """(argv, extra environment) for each Celery worker process to start.
 
-    Each GPU worker's CPU pool (decoding, PNG encoding) gets ``cpu_workers`` processes, by default
-    one per core of its GPU's share of the host's cores, none on a single core
+    Each GPU worker's CPU pool (drawing, PNG encoding, writing) gets ``cpu_workers`` processes, by default
+    one per two cores of its GPU's share of the host's cores, none on a single core
     (``worker.cores.cpu_workers_per_gpu``); a CPU worker keeps the setting's own default (no pool:
     the model uses the cores).
     """

@@ -12,9 +12,9 @@ from worker.cores import cpu_workers_per_gpu
 
 @pytest.mark.parametrize(
     ("cores", "gpus", "workers"),
-    [(16, 1, 16), (16, 2, 8), (16, 8, 2), (64, 8, 8), (2, 1, 2), (3, 2, 0), (2, 4, 0), (1, 1, 0)],
+    [(16, 1, 8), (16, 2, 4), (16, 8, 1), (64, 8, 4), (2, 1, 1), (3, 1, 1), (3, 2, 0), (2, 4, 0), (1, 1, 0)],
 )
-def test_each_gpu_gets_a_process_per_core_of_its_share_and_none_from_a_single_core(
+def test_each_gpu_gets_a_process_per_two_cores_of_its_share_and_none_from_a_single_core(
     cores: int, gpus: int, workers: int
 ) -> None:
     assert cpu_workers_per_gpu(gpus, cores) == workers

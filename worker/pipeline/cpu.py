@@ -114,8 +114,8 @@ def _start_process() -> None:
 
 
 def auto_cpu_workers(device: torch.device) -> int:
-    """The pool size when none is set: 0 on a CPU device (the model uses every core), else this
-    process's cores, none on a single core (``worker start`` sets the share of each GPU explicitly)."""
+    """The pool size when none is set: 0 on a CPU device (the model uses every core), else half
+    this process's cores, none on a single core (``worker start`` sets the share of each GPU explicitly)."""
     return 0 if device.type == "cpu" else cpu_workers_per_gpu(1)
 
 

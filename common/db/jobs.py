@@ -426,14 +426,20 @@ def _insert_many(session: Session, results: Iterable[_Results]) -> None:
         artifact_rows += [{"job_id": r.job_id, **vars(a)} for a in r.artifacts]
         prediction_rows += [{"job_id": r.job_id, **vars(p)} for p in r.predictions]
         metric_rows += [{"job_id": r.job_id, **vars(m), "config": r.metrics_config or ""} for m in r.metrics]
+    # The tables, not the mapped classes: a Core ``executemany`` skips the ORM's bulk-insert
+    # bookkeeping, which cost more than the statements themselves.
     if artifact_rows:
-        stmt = dialect_insert(session, Artifact).on_conflict_do_nothing(index_elements=["job_id", "name"])
+        stmt = dialect_insert(session, Artifact.__table__).on_conflict_do_nothing(
+            index_elements=["job_id", "name"]
+        )
         session.execute(stmt, artifact_rows)
     if prediction_rows:
-        stmt = dialect_insert(session, Prediction).on_conflict_do_nothing(index_elements=["job_id", "rank"])
+        stmt = dialect_insert(session, Prediction.__table__).on_conflict_do_nothing(
+            index_elements=["job_id", "rank"]
+        )
         session.execute(stmt, prediction_rows)
     if metric_rows:
-        stmt = dialect_insert(session, JobMetric).on_conflict_do_nothing(
+        stmt = dialect_insert(session, JobMetric.__table__).on_conflict_do_nothing(
             index_elements=["job_id", "method", "metric"]
         )
         session.execute(stmt, metric_rows)

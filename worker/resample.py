@@ -171,18 +171,8 @@ def _resize_crop_kernel(
     in_height, in_width, _ = pixels.shape
     resize_x = out_width != in_width
     resize_y = out_height != in_height
-    if resize_x:
-        h_start, h_length, h_taps = _coefficients(kind, support, in_width, out_width, left, width)
-        column0, column1 = h_start[0], h_start[width - 1] + h_length[width - 1]
-    else:
-        h_start, h_length, h_taps = _identity(left, width)
-        column0, column1 = left, left + width
-    if resize_y:
-        v_start, v_length, v_taps = _coefficients(kind, support, in_height, out_height, top, height)
-        row0, row1 = v_start[0], v_start[height - 1] + v_length[height - 1]
-    else:
-        v_start, v_length, v_taps = _identity(top, height)
-        row0, row1 = top, top + height
+    h_start, h_length, h_taps, column0, column1 = _axis(kind, support, in_width, out_width, left, width)
+    v_start, v_length, v_taps, row0, row1 = _axis(kind, support, in_height, out_height, top, height)
     # Each pass computes only what the crop needs: the first pass the rows (or columns) the second
     # pass reads, the second only the crop's. A side that keeps its size is only cut, as in Pillow.
     if vertical_first:
@@ -199,10 +189,16 @@ def _resize_crop_kernel(
 
 
 @njit(nogil=True, cache=True)
-def _identity(
-    first: int, count: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    return np.arange(first, first + count), np.ones(count, np.int64), np.ones((count, 1), np.int32)
+def _axis(
+    kind: int, support: float, in_size: int, out_size: int, first: int, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:  # pragma: no cover - compiled
+    """One axis's taps for outputs ``first .. first + count`` and the span of inputs they read. A
+    side that keeps its size is not resampled (Pillow skips its pass), only cut."""
+    if out_size == in_size:
+        identity = np.ones((count, 1), np.int32)
+        return np.arange(first, first + count), np.ones(count, np.int64), identity, first, first + count
+    starts, lengths, taps = _coefficients(kind, support, in_size, out_size, first, count)
+    return starts, lengths, taps, starts[0], starts[count - 1] + lengths[count - 1]
 
 
 def resize_crop(

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         "Unset: a local run reads only the dataset CSV's folder, a distributed worker no local files at all.",
     )
     fetch_threads: int = Field(default=8, ge=1, description="Concurrent image downloads per worker.")
+    decode_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Images a worker decodes and resizes at once; the other fetch threads wait for a slot. "
+        "Unset: the cores the worker may run on (more threads than cores only contend for them).",
+    )
     upload_threads: int = Field(default=8, ge=1, description="Concurrent artifact uploads per worker.")
     storage_retry_seconds: float = Field(
         default=60.0,

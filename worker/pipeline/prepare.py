@@ -46,7 +46,8 @@ def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
     with runtime.clock.measure("fetch+decode"):
         data = runtime.fetcher.fetch(ticket.image_uri)
         sha256 = content_sha256(data)
-    decoded = decode_and_crop(data, loaded.preprocessor, runtime.settings.max_image_pixels)
+    with runtime.decode_slots:  # downloads overlap freely; decoding takes one of the cores
+        decoded = decode_and_crop(data, loaded.preprocessor, runtime.settings.max_image_pixels)
     runtime.clock.add(decoded.seconds)
     coverage = region_coverage(runtime, loaded, ticket, data)
     return Prepared(

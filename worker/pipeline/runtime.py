@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from common.fetch import DefaultFetcher, FetchPolicy, ImageFetcher
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
 from worker.attention import explain_in_batches
+from worker.cores import available_cores
 from worker.device import autocast_dtype, select_device
 from worker.keeper import LeaseKeeper
 from worker.models import ModelCache
@@ -51,6 +53,12 @@ class Runtime:
     record_pool: ThreadPoolExecutor
     explainer: Explainer = explain_in_batches
     clock: StageClock = field(default_factory=StageClock)
+    # Decoding is CPU-bound and releases the GIL: more images at once than cores only makes them
+    # contend (2 cores: 194 -> 224 images/s with two at once instead of eight, bench_pipeline.py),
+    # while downloads still run on every fetch thread.
+    decode_slots: threading.Semaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(available_cores())
+    )
     # How a CPU-pool process opens ``store`` itself and writes an image's artifacts there; None when
     # it cannot (an in-memory store, or one the caller passed in), and this process writes them.
     store_target: StoreTarget | None = None
@@ -99,6 +107,7 @@ class Runtime:
                 max(min(4, settings.upload_threads), workers), thread_name_prefix="vitscope-store"
             ),
             record_pool=ThreadPoolExecutor(1, thread_name_prefix="vitscope-record"),
+            decode_slots=threading.BoundedSemaphore(settings.decode_threads or available_cores()),
         )
 
     @property

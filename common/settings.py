@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         default=None,
         ge=1,
         description="Images a worker decodes and resizes at once; the other fetch threads wait for a slot. "
-        "Unset: the cores the worker may run on (more threads than cores only contend for them).",
+        "Unset: the cores the worker may run on less its CPU pool's processes (more only contend for them).",
     )
     upload_threads: int = Field(default=8, ge=1, description="Concurrent artifact uploads per worker.")
     storage_retry_seconds: float = Field(

@@ -23,7 +23,7 @@ import typer
 
 from common.celery_app import DEFAULT_QUEUE, QUEUE_PREFIX, known_queues
 from common.settings import get_settings
-from worker.cores import cpu_workers_per_gpu
+from worker.cores import available_cores, cpu_workers_per_gpu, decode_threads
 
 __all__ = ["app", "main", "resolve_gpus", "resolve_queues", "worker_commands"]
 
@@ -121,6 +121,7 @@ def worker_commands(
         env = {**env_queues, "VITSCOPE_DEVICE": "cpu", "VITSCOPE_WORKER_NODE": name.replace("%h", host)}
         return [([*base, *concurrency_args, "--hostname", name], env)]
     commands = []
+    pool_size = cpu_workers if cpu_workers is not None else cpu_workers_per_gpu(len(gpus))
     for gpu in gpus:
         name = (hostname or "gpu{gpu}@%h").replace("{gpu}", gpu)
         concurrency_args = [] if pool == "solo" else ["--concurrency", "1"]
@@ -129,10 +130,10 @@ def worker_commands(
             "CUDA_VISIBLE_DEVICES": gpu,
             "VITSCOPE_DEVICE": "cuda:0",
             "VITSCOPE_WORKER_NODE": name.replace("%h", host),
-            "VITSCOPE_CPU_WORKERS": str(
-                cpu_workers if cpu_workers is not None else cpu_workers_per_gpu(len(gpus))
-            ),
+            "VITSCOPE_CPU_WORKERS": str(pool_size),
         }
+        if "VITSCOPE_DECODE_THREADS" not in os.environ:  # the GPU's share of the cores, less its pool
+            env["VITSCOPE_DECODE_THREADS"] = str(decode_threads(pool_size, available_cores() // len(gpus)))
         commands.append(([*base, *concurrency_args, "--hostname", name], env))
     return commands
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from worker.cli import worker_commands
-from worker.cores import cpu_workers_per_gpu
+from worker.cores import available_cores, cpu_workers_per_gpu, decode_threads
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,51 @@ def test_gpu_workers_get_a_sized_pool_and_a_setting_overrides_it() -> None:
         "3",
         "3",
     ]
+
+
+@pytest.mark.parametrize(
+    ("pool", "cores", "threads"), [(0, 1, 1), (1, 2, 1), (0, 2, 2), (8, 16, 8), (4, 3, 1)]
+)
+def test_decoding_gets_the_cores_the_pool_leaves_and_at_least_one(
+    pool: int, cores: int, threads: int
+) -> None:
+    assert decode_threads(pool, cores) == threads
+
+
+def test_gpu_workers_decode_on_their_share_less_their_pool_unless_the_setting_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("VITSCOPE_DECODE_THREADS", raising=False)
+    share = available_cores() // 2
+    expected = str(decode_threads(cpu_workers_per_gpu(2), share))
+    assert [env["VITSCOPE_DECODE_THREADS"] for env in _environments(gpus=["0", "1"])] == [expected] * 2
+    monkeypatch.setenv("VITSCOPE_DECODE_THREADS", "5")
+    assert all("VITSCOPE_DECODE_THREADS" not in env for env in _environments(gpus=["0", "1"]))
+
+
+def test_the_runtime_sizes_its_decode_slots_from_the_setting(tmp_path: Path) -> None:
+    from common.settings import Settings
+    from worker.pipeline import Runtime
+
+    def slots(**overrides: object) -> int:
+        settings = Settings(
+            database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+            storage_url=(tmp_path / "results").as_uri(),
+            device="cpu",
+            **overrides,
+        )
+        runtime = Runtime.from_settings(settings)
+        try:
+            semaphore = runtime.decode_slots
+            taken = 0
+            while semaphore.acquire(blocking=False):
+                taken += 1
+            return taken
+        finally:
+            runtime.close()
+
+    assert slots(decode_threads=3) == 3
+    assert slots(cpu_workers=0) == decode_threads(0, available_cores())
 
 
 def test_a_cpu_worker_keeps_its_own_default() -> None:

@@ -15,7 +15,7 @@ from common.fetch import DefaultFetcher, FetchPolicy, ImageFetcher
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
 from worker.attention import explain_in_batches
-from worker.cores import available_cores
+from worker.cores import available_cores, decode_threads
 from worker.device import autocast_dtype, select_device
 from worker.keeper import LeaseKeeper
 from worker.models import ModelCache
@@ -53,9 +53,9 @@ class Runtime:
     record_pool: ThreadPoolExecutor
     explainer: Explainer = explain_in_batches
     clock: StageClock = field(default_factory=StageClock)
-    # Decoding is CPU-bound and releases the GIL: more images at once than cores only makes them
-    # contend (2 cores: 194 -> 224 images/s with two at once instead of eight, bench_pipeline.py),
-    # while downloads still run on every fetch thread.
+    # Decoding is CPU-bound and releases the GIL: more images at once than the cores the CPU pool
+    # leaves only makes them contend (``worker.cores.decode_threads``), while downloads still run on
+    # every fetch thread.
     decode_slots: threading.Semaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(available_cores())
     )
@@ -107,7 +107,9 @@ class Runtime:
                 max(min(4, settings.upload_threads), workers), thread_name_prefix="vitscope-store"
             ),
             record_pool=ThreadPoolExecutor(1, thread_name_prefix="vitscope-record"),
-            decode_slots=threading.BoundedSemaphore(settings.decode_threads or available_cores()),
+            decode_slots=threading.BoundedSemaphore(
+                settings.decode_threads or decode_threads(workers, available_cores())
+            ),
         )
 
     @property

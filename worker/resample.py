@@ -289,7 +289,7 @@ class PillowCrops:
         matches = [
             order
             for order, vertical in _ORDER_IS_VERTICAL.items()
-            if np.array_equal(resize_crop(source, size, box, interpolation, vertical), reference)
+            if _same(reference, source, size, box, interpolation, vertical)
         ]
         if len(matches) != 2:
             with self._lock:
@@ -299,3 +299,19 @@ class PillowCrops:
     def order(self, in_size: tuple[int, int], size: tuple[int, int], interpolation: str) -> str | None:
         """What is known of a geometry (for tests and logs)."""
         return self._orders.get((in_size, size, interpolation))
+
+
+def _same(
+    reference: np.ndarray,
+    pixels: np.ndarray,
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    interpolation: str,
+    vertical_first: bool,
+) -> bool:
+    """Whether ``resize_crop`` in that order gives ``reference``; a geometry it cannot handle (an
+    error of its own) does not, and stays with Pillow instead of failing the image."""
+    try:
+        return np.array_equal(resize_crop(pixels, size, box, interpolation, vertical_first), reference)
+    except Exception:
+        return False

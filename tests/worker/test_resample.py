@@ -164,6 +164,25 @@ def test_a_geometry_no_order_reproduces_stays_with_pillow() -> None:
     assert later.calls == 1
 
 
+def test_a_geometry_the_compiled_path_fails_on_stays_with_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure of the compiled loops (none is known; simulated) costs the image nothing."""
+    import worker.resample as resample
+
+    def broken(*_: object) -> np.ndarray:
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(resample, "resize_crop", broken)
+    crops = PillowCrops()
+    pixels = np.random.default_rng(6).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+    size, box = (330, 248), (53, 12, 277, 236)
+    expected = pillow(pixels, size, box, "bicubic")
+    for _ in range(3):
+        assert np.array_equal(
+            crops(lambda: pixels, Counted(expected), (500, 375), size, box, "bicubic"), expected
+        )
+    assert crops.order((500, 375), size, "bicubic") == "pillow"
+
+
 def test_a_flat_picture_leaves_the_order_to_the_next_image() -> None:
     crops = PillowCrops()
     size, box = (330, 248), (53, 12, 277, 236)

@@ -1,9 +1,10 @@
 """Prepare: fetch, hash, decode and crop one image in a fetch thread; resolve its target.
 
-Decoding runs here, not in the CPU pool: Pillow releases the GIL while it decodes and resizes, so
-the fetch threads already use every core for it, and sending the file to a pool process and the
-crop back cost the driving process more CPU than the GIL-held part of decoding (2 cores: 59.9 →
-63.7 images/s, ``bench/bench_pipeline.py``).
+Decoding runs here, not in the CPU pool: Pillow and the compiled resize release the GIL, so the
+fetch threads use the cores the pool leaves (``Runtime.decode_slots``: one image per such core at a
+time, while downloads overlap freely), and sending the file to a pool process and the crop back
+cost the driving process more CPU than the GIL-held part of decoding (2 cores: 59.9 → 63.7
+images/s, ``bench/bench_pipeline.py``).
 
 The crop is all that travels on: the model's input is made from it on the device, for a whole
 micro-batch at once (``Preprocessor.normalize_batch``), and the overlays are drawn on it.

@@ -179,15 +179,16 @@ class RssSampler:
         self.peak_kib = max(self.peak_kib, self._current_kib())
 
 
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU seconds of one process, from ``/proc/<pid>/stat`` (``OSError`` if it is gone)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def process_cpu_seconds() -> tuple[float, float]:
     """CPU seconds (user + system) of this process and, together, of its live child processes (the
     CPU pool, which lives as long as the runtime): read before and after the timed batch, they show
     where a core's time goes and whether the cores were busy at all. Zeros where ``/proc`` is missing."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def seconds(pid: int | str) -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
 
     def children_of(task: Path) -> list[str]:
         try:
@@ -197,13 +198,13 @@ def process_cpu_seconds() -> tuple[float, float]:
 
     try:
         tasks = list(Path("/proc/self/task").iterdir())
-        own = seconds("self")
+        own = cpu_seconds("self")
     except OSError:
         return 0.0, 0.0
     pool = 0.0
     for pid in {pid for task in tasks for pid in children_of(task)}:
         try:
-            pool += seconds(pid)
+            pool += cpu_seconds(pid)
         except OSError:  # exited since
             continue
     return own, pool
@@ -224,14 +225,10 @@ def server_processes() -> list[int]:
 def server_cpu_seconds() -> float:
     """CPU seconds of the live PostgreSQL server processes: the database's share of a run's work,
     which runs outside the cores ``taskset`` gives the worker unless ``--pin-database`` pins it."""
-    tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for pid in server_processes():
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
+        with contextlib.suppress(OSError):  # exited since
+            total += cpu_seconds(pid)
     return total
 
 
@@ -244,12 +241,10 @@ def database_pinned(cores: list[int] | None) -> Iterator[None]:
         yield
         return
     everything = sorted(os.sched_getaffinity(0))
-    pinned = []
     try:
         for pid in server_processes():
             try:
                 os.sched_setaffinity(pid, cores)
-                pinned.append(pid)
             except ProcessLookupError:
                 continue
             except PermissionError as exc:

@@ -180,11 +180,15 @@ class Preprocessor:
         left, top = self.crop_offset(resized)
         crop_height, crop_width = self.input_size
         box = (left, top, left + crop_width, top + crop_height)
-        if left < 0 or top < 0 or box[2] > resized[0] or box[3] > resized[1]:
+
+        def pillow() -> np.ndarray:
             return np.array(self.crop(image), dtype=np.uint8)
+
+        if left < 0 or top < 0 or box[2] > resized[0] or box[3] > resized[1]:
+            return pillow()
         return _CROPS(
             lambda: np.asarray(image),
-            lambda: np.array(self.crop(image), dtype=np.uint8),
+            pillow,
             image.size,
             resized,
             box,

@@ -25,7 +25,7 @@ from common.errors import ImageError, ImageTooLargeError, UnsupportedModelError
 from common.methods import Preprocess
 from worker.resample import PillowCrops
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessor", "build_preprocessor", "decode_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessor", "build_preprocessor", "decode_image", "to_rgb"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -112,6 +112,12 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
         raise ImageTooLargeError(
             f"image is {width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,}"
         )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A picture someone else decoded, made RGB as ``decode_image`` makes every file (``_to_rgb``)."""
+    image.load()
+    return _to_rgb(image)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

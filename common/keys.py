@@ -5,7 +5,7 @@ weights, classes, preprocessing), the method settings and the target class — s
 overwrites its own objects instead of leaving orphans, and an image already explained with the same
 configuration is recognised by a database lookup and reused instead of recomputed.
 
-Layout under the storage URL (documented in the README):
+Layout under the storage URL (documented in docs/architecture.md, "Storage layout"):
     <sha[:2]>/<sha>/<model>/<config>/<artifact>
 e.g. ``3f/3f9a…e1/deit_tiny_patch16_224/5d41402abc4b2a76/rollout.npy``.
 """

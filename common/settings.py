@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         "unset: the cores of this worker's share of the host on a GPU, 0 on the CPU (worker start sets it).",
     )
 
-    # Distributed delivery (see the README's "Crash recovery" section).
+    # Distributed delivery (see docs/architecture.md, "Delivery and recovery").
     chunk_size: int = Field(default=32, ge=1, description="Jobs of one model per queue message.")
     lease_seconds: float = Field(
         default=180.0, gt=0, description="A claimed job not renewed for this long is reclaimable."

@@ -1,8 +1,12 @@
-"""The README is part of the product: its queries, settings and options must be true."""
+"""The README and the docs are part of the product: their queries, settings, options, links and
+Python example must be true."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -15,11 +19,15 @@ from common.db.session import Database, upgrade
 from common.settings import Settings
 from producer.cli import app
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+SETTINGS = (DOCS / "settings.md").read_text()
+RESULTS = (DOCS / "results.md").read_text()
 
 
 def _sql_statements() -> list[str]:
-    blocks = re.findall(r"```sql\n(.*?)```", README, flags=re.S)
+    blocks = re.findall(r"```sql\n(.*?)```", RESULTS, flags=re.S)
     statements = [s.strip() for block in blocks for s in block.split(";")]
     return [s for s in statements if s and not all(line.startswith("--") for line in s.splitlines())]
 
@@ -95,7 +103,7 @@ def test_readme_queries_run_and_answer(database_url: str) -> None:
 
 def test_every_setting_is_documented() -> None:
     for name in Settings.model_fields:
-        assert f"`VITSCOPE_{name.upper()}`" in README, name
+        assert f"`VITSCOPE_{name.upper()}`" in SETTINGS, name
 
 
 def test_documented_submit_options_exist() -> None:
@@ -112,13 +120,67 @@ def _options(text: str) -> set[str]:
 
 
 def test_report_and_figures_options_are_documented_both_ways() -> None:
-    """Every option in `--help` is in the README's table, and every documented one exists."""
-    report = README.split("`producer report BATCH --out DIR` writes")[1]
-    figures = README.split("`producer figures BATCH --out DIR` draws")[1]
-    sections = {
-        "report": report.split("`producer figures BATCH")[0],
-        "figures": figures.split("A 10,000-job report")[0],
-    }
+    """Every option in `--help` is in the docs' table, and every documented one exists."""
+    report = RESULTS.split("`producer report BATCH --out DIR` writes")[1]
+    figures = RESULTS.split("`producer figures BATCH --out DIR` draws")[1]
+    sections = {"report": report.split("## Figures")[0], "figures": figures}
     for command, section in sections.items():
         help_text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
         assert _options(help_text) == _options(section), command
+
+
+# Pages the security (issue 20) and reliability (issue 21) changes add; the README links them already.
+ADDED_BY_OTHER_CHANGES = {DOCS / "security.md", DOCS / "reliability.md"}
+
+
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a page: each heading's slug, and explicit ``<a id="…">`` targets."""
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.M)
+    slugs = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+    return slugs | set(re.findall(r'<a id="([^"]+)"', markdown))
+
+
+def test_links_between_the_readme_and_the_docs_resolve() -> None:
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path_part, _, anchor = target.partition("#")
+            path = (page.parent / path_part).resolve() if path_part else page
+            if path in ADDED_BY_OTHER_CHANGES and not path.exists():
+                continue
+            assert path.exists(), f"{page.name}: {target} does not exist"
+            if anchor:
+                assert anchor in _anchors(path.read_text()), f"{page.name}: no anchor {target}"
+            checked += 1
+    assert checked > 20
+
+
+def test_the_readme_python_example_runs(tmp_path: Path) -> None:
+    """The README's Python block, run as written, in a folder holding the example image; the
+    "pretrained" weights it asks for are found in the weights folder (random ones, saved there)."""
+    import timm
+    from safetensors.torch import save_file
+
+    (block,) = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    save_file(
+        timm.create_model("deit_tiny_patch16_224").state_dict(), weights / "deit_tiny_patch16_224.safetensors"
+    )
+    images = tmp_path / "examples" / "images"
+    images.mkdir(parents=True)
+    (images / "coffee.jpg").write_bytes((ROOT / "examples" / "images" / "coffee.jpg").read_bytes())
+    env = {**os.environ, "VITSCOPE_WEIGHTS_DIR": str(weights), "VITSCOPE_DEVICE": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    top1, explained = result.stdout.splitlines()
+    assert top1.startswith("Prediction(index=")
+    assert explained == "espresso (14, 14)"
+    for name in ("coffee_grad_rollout.png", "coffee_layers.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name

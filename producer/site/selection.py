@@ -143,7 +143,7 @@ def model_summaries(session: Session, selection: Selection) -> list[ModelSummary
     """Per model: jobs, succeeded / reused / failed, and the mean time per stage of computed jobs.
 
     Reused jobs did no work (their timings are those of the job they point at), so the means are
-    over jobs that were computed, as in the README's "where is the time going" query.
+    over jobs that were computed, as in the "where is the time going" query of docs/results.md.
     """
     reused = Job.reused_from.is_not(None)
     computed = sa.and_(Job.state == JobState.SUCCEEDED, Job.reused_from.is_(None))

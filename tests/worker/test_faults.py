@@ -5,7 +5,7 @@ that kills its worker every time, and queue messages lost.
 Every test runs real ``worker start`` processes against its own ``redis-server`` (append-only file,
 as ``scripts/services`` and compose run it) and waits for states it can observe — a job running, a
 worker exited — never for a fixed time. Leases, heartbeats and the reaper are scaled to seconds.
-Each test prints its measured recovery time (``pytest -s`` shows them; the README quotes them).
+Each test prints its measured recovery time (``pytest -s`` shows them; docs/architecture.md quotes them).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def test_the_cpu_pool_stores_what_inline_work_stores(write_image, tmp_path) -> N
         for name, data in inline.items():
             if name.endswith(".npy"):
                 assert pooled[name] == data, (row, name)
-            else:  # see README "What a job produces": a colour-bin edge may fall either way
+            else:  # see docs/performance.md "How images become pixels": a colour-bin edge may fall either way
                 pooled_pixels, inline_pixels = _png_pixels(pooled[name]), _png_pixels(data)
                 differ = np.any(pooled_pixels != inline_pixels, axis=2)
                 assert differ.mean() < 1e-3, (row, name)

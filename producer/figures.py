@@ -2,7 +2,11 @@
 
     Fig. 4.1      the per-layer score grid: one panel per block, from ``layer_scores.npy``
     Figs. 4.2-4.3 one row per model, one panel per method: the input crop, rollout, gradient rollout
-                  and relevance overlays (the stored PNGs), titled with model, method and prediction
+                  and relevance overlays (the stored PNGs), titled with model, method and prediction;
+                  the gradient panels also name the class they explain when it is not the prediction
+
+Both carry a colour bar of the jet scale, and say so in their titles when a model ran with RANDOM
+(untrained) weights: such a figure must not pass for a trained model's attention.
 
 Nothing is recomputed: the figures show exactly what the workers stored. matplotlib, numpy and
 Pillow come with the ``report`` extra (``pip install 'vitscope[report]'``), not with the producer's
@@ -26,12 +30,15 @@ from common.db.batches import get_batch
 from common.db.models import JobState
 from common.errors import MissingDependencyError, NotFoundError
 from common.storage import read_uri
-from producer.site.present import PICTURES
+from producer.site.present import PICTURES, is_random
 from producer.site.selection import ImageEntry, Selection, iter_images
 
 __all__ = ["FigureOptions", "write_figures"]
 
 _DPI = 120
+# The panels whose map explains one class (the job's target), not the image as a whole.
+_GRADIENT_PICTURES = frozenset({"grad_rollout.png", "relevance.png"})
+_RANDOM_NOTE = "RANDOM weights (untrained): not what a trained model sees"
 
 
 @dataclass(frozen=True)
@@ -53,12 +60,15 @@ class _Plotting:
     figure: Any  # matplotlib.figure.Figure
     np: ModuleType
     image: ModuleType  # PIL.Image
+    jet: Any  # a matplotlib ScalarMappable of jet over [0, 1], for the colour bars
 
 
 def _plotting() -> _Plotting:
     """matplotlib, numpy and Pillow, or ``MissingDependencyError`` saying how to install them."""
     try:
         import numpy
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
         from matplotlib.figure import Figure
         from PIL import Image
     except ImportError as exc:
@@ -67,7 +77,7 @@ def _plotting() -> _Plotting:
             f"producer figures needs matplotlib, numpy and pillow ({missing} is missing): "
             "install them with pip install 'vitscope[report]'"
         ) from None
-    return _Plotting(Figure, numpy, Image)
+    return _Plotting(Figure, numpy, Image, ScalarMappable(Normalize(0.0, 1.0), "jet"))
 
 
 def _slug(text: str) -> str:
@@ -120,6 +130,34 @@ def _prediction(job: dict[str, Any], width: int = 60) -> str:
     return f"{label} ({100 * top['prob']:.1f} %)"
 
 
+def _explained(job: dict[str, Any]) -> str | None:
+    """The class the gradient maps explain when it is not the top-1 prediction (a CSV target), named
+    as the predictions name it, else as the CSV gave it, else by index; ``None`` when they explain
+    the prediction itself."""
+    index = job["target_index"]
+    predictions = job["predictions"]
+    if index is None or (predictions and predictions[0]["index"] == index):
+        return None
+    named = next((p for p in predictions if p["index"] == index and p["label"]), None)
+    asked = (job["target"] or "").strip()
+    if named is not None:
+        label = named["label"].split(",")[0].strip()
+    elif asked and not asked.lstrip("+-").isdigit():
+        label = asked
+    else:
+        label = f"class {index}"
+    return f"{label} (the target)"
+
+
+def _panel_title(job: dict[str, Any], picture: str, method: str) -> str:
+    """Model, method, and what the panel shows: the prediction, and for a gradient map of another
+    class than the predicted one, that class first."""
+    model = f"{job['model']} · RANDOM weights" if is_random(job) else job["model"]
+    explained = _explained(job) if picture in _GRADIENT_PICTURES else None
+    shows = f"explains: {explained}\n" if explained else ""
+    return f"{model}\n{method}\n{shows}predicted: {_prediction(job, 30)}"
+
+
 def _save(figure: Any, path: Path, pdf: bool) -> list[Path]:
     figure.savefig(path, dpi=_DPI, bbox_inches="tight")
     written = [path]
@@ -130,6 +168,10 @@ def _save(figure: Any, path: Path, pdf: bool) -> list[Path]:
 
 
 def _layer_grid(plot: _Plotting, entry: ImageEntry, job: dict[str, Any], path: Path, pdf: bool) -> list[Path]:
+    return _save(_layer_grid_figure(plot, entry, job), path, pdf)
+
+
+def _layer_grid_figure(plot: _Plotting, entry: ImageEntry, job: dict[str, Any]) -> Any:
     """Fig. 4.1: one jet panel per block, each min-max scaled on its own (as the worker's PNG)."""
     np = plot.np
     scores = np.load(io.BytesIO(read_uri(job["artifacts"]["layer_scores.npy"])), allow_pickle=False)
@@ -147,22 +189,29 @@ def _layer_grid(plot: _Plotting, entry: ImageEntry, job: dict[str, Any], path: P
         normalized = (panel - panel.min()) / spread if spread > 0 else np.zeros_like(panel)
         ax.imshow(normalized, cmap="jet", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(f"block {block}", fontsize=9)
+    figure.colorbar(plot.jet, ax=axes, shrink=0.6, label="score (each block scaled to its own range)")
+    random = f"\n{_RANDOM_NOTE}" if is_random(job) else ""
     figure.suptitle(
-        f"Per-layer scores · {job['model']} · {entry.name}\npredicted: {_prediction(job)}", fontsize=11
+        f"Per-layer scores · {job['model']} · {entry.name}\npredicted: {_prediction(job)}{random}",
+        fontsize=11,
     )
-    return _save(figure, path, pdf)
+    return figure
 
 
 def _panels(
     plot: _Plotting, entry: ImageEntry, jobs: list[dict[str, Any]], path: Path, pdf: bool
 ) -> list[Path]:
+    return _save(_panels_figure(plot, entry, jobs), path, pdf)
+
+
+def _panels_figure(plot: _Plotting, entry: ImageEntry, jobs: list[dict[str, Any]]) -> Any:
     """Figs. 4.2-4.3: a row per model; input, rollout, gradient rollout and relevance side by side."""
-    figure = plot.figure(figsize=(3.0 * len(PICTURES), 3.3 * len(jobs) + 0.5), layout="constrained")
+    figure = plot.figure(figsize=(3.0 * len(PICTURES) + 0.8, 3.5 * len(jobs) + 0.5), layout="constrained")
     axes = figure.subplots(len(jobs), len(PICTURES), squeeze=False)
     for row, job in zip(axes, jobs, strict=True):
         for ax, (name, method) in zip(row, PICTURES, strict=True):
             ax.set_axis_off()
-            ax.set_title(f"{job['model']}\n{method}\npredicted: {_prediction(job, 30)}", fontsize=8)
+            ax.set_title(_panel_title(job, name, method), fontsize=8)
             uri = job["artifacts"].get(name)
             if uri is None:  # batches from before input.png was stored
                 ax.text(0.5, 0.5, f"{method}\nnot stored", ha="center", va="center", transform=ax.transAxes)
@@ -170,8 +219,14 @@ def _panels(
             picture = plot.np.asarray(plot.image.open(io.BytesIO(read_uri(uri))).convert("RGB"))
             # Nearest: every figure pixel is a stored pixel, no smoothing of the maps.
             ax.imshow(picture, interpolation="nearest")
-    figure.suptitle(f"{entry.name}" + (f" (id {entry.row_id})" if entry.row_id else ""), fontsize=11)
-    return _save(figure, path, pdf)
+    # The input column has no scale; the bar spans the three map columns.
+    figure.colorbar(plot.jet, ax=axes[:, 1:], shrink=0.8, label="map value (0 = least, 1 = most)")
+    title = f"{entry.name}" + (f" (id {entry.row_id})" if entry.row_id else "")
+    random = sorted(job["model"] for job in jobs if is_random(job))
+    if random:
+        title += f"\n{_RANDOM_NOTE}: {', '.join(random)}"
+    figure.suptitle(title, fontsize=11)
+    return figure
 
 
 def write_figures(db: Database, batch_ref: str, out: Path, options: FigureOptions) -> list[Path]:

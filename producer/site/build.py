@@ -20,12 +20,21 @@ from typing import Any
 
 import jinja2
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from common.db import Database
 from common.db.batches import get_batch
-from common.db.models import Job, JobState
+from common.db.models import Batch, Job, JobState
+from common.modelspec import RANDOM
 from producer.site.links import MAX_PRESIGN_SECONDS, LinkMode, make_links
-from producer.site.present import STATE_FILTERS, ImageCard, hide_local_paths, image_card
+from producer.site.present import (
+    RANDOM_SOURCE,
+    STATE_FILTERS,
+    ImageCard,
+    hide_local_paths,
+    image_card,
+    settings_text,
+)
 from producer.site.sections import Section, summary_sections
 from producer.site.selection import Selection, count_images, iter_images
 
@@ -128,6 +137,7 @@ class _Context:
     """What every page shares: the batch, the selection, the summary and the filter choices."""
 
     batch: dict[str, str]
+    random_models: list[str]  # models of the batch that ran with RANDOM weights: a banner says so
     models: list[str]
     sections: list[Section]
     pages: int
@@ -135,18 +145,34 @@ class _Context:
     generated: str
 
 
-def _batch_info(db: Database, batch_ref: str) -> tuple[str, dict[str, str]]:
+def _random_models(session: Session, batch: Batch) -> list[str]:
+    """The batch's models whose weights were RANDOM: asked for (``--weights random``, a models file,
+    the offline fallback, all recorded in the batch's specs) or recorded so by a job that ran."""
+    specs = (batch.models or {}).get("specs") or {}
+    asked = {name for name, spec in specs.items() if spec.get("weights") == RANDOM}
+    ran = session.scalars(
+        sa.select(Job.model)
+        .where(Job.batch_id == batch.id, Job.weights_source.like(f"{RANDOM_SOURCE}%"))
+        .distinct()
+    )
+    return sorted(asked | set(ran))
+
+
+def _batch_info(db: Database, batch_ref: str) -> tuple[str, dict[str, str], list[str]]:
     with db.session() as session:
         batch = get_batch(session, batch_ref)
-        settings = ", ".join(f"{k} {v}" for k, v in sorted((batch.settings or {}).items()))
-        return batch.id, {
-            "id": batch.id,
-            "name": batch.name or "",
-            "created": batch.created_at.strftime("%Y-%m-%d %H:%M UTC"),
-            "mode": batch.mode,
-            "source": hide_local_paths(batch.source),
-            "settings": settings,
-        }
+        return (
+            batch.id,
+            _random_models(session, batch),
+            {
+                "id": batch.id,
+                "name": batch.name or "",
+                "created": batch.created_at.strftime("%Y-%m-%d %H:%M UTC"),
+                "mode": batch.mode,
+                "source": hide_local_paths(batch.source),
+                "settings": settings_text(batch.settings),
+            },
+        )
 
 
 def write_report(
@@ -163,7 +189,7 @@ def write_report(
     ``on_start`` gets the number of images before any page is written; ``on_image`` is called once
     each image's pictures are in place (its page is written when full).
     """
-    batch_id, batch = _batch_info(db, batch_ref)
+    batch_id, random_models, batch = _batch_info(db, batch_ref)
     selection = Selection(batch_id, options.models, options.states, options.limit)
     links = make_links(options.links, out, expires_seconds=options.expires_seconds)
     with db.session() as session:
@@ -177,6 +203,7 @@ def write_report(
     pages = max(1, math.ceil(images / options.per_page))
     context = _Context(
         batch=batch,
+        random_models=random_models,
         models=models,
         sections=sections,
         pages=pages,

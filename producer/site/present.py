@@ -12,21 +12,29 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from common.metrics import METHODS, Metric
 from common.storage.uri import uri_scheme
+from producer.compare import BETTER
 from producer.site.links import ArtifactLinks
 from producer.site.selection import ImageEntry, image_name
 
 __all__ = [
     "LAYER_GRID",
     "PICTURES",
+    "RANDOM_SOURCE",
     "STATE_FILTERS",
     "ImageCard",
     "JobCard",
+    "MetricRow",
+    "MetricTable",
     "Picture",
     "PredictionLine",
     "hide_local_paths",
     "image_card",
+    "is_random",
     "job_card",
+    "metric_table",
+    "settings_text",
 ]
 
 # The pictures of one job, in the order of the paper's Figs. 4.2-4.3, then the layer grid (Fig. 4.1).
@@ -37,6 +45,8 @@ PICTURES: tuple[tuple[str, str], ...] = (
     ("relevance.png", "relevance"),
 )
 LAYER_GRID = "layer_scores.png"
+# How a job's weights_source starts when it ran with random weights (``worker.weights.build_model``).
+RANDOM_SOURCE = "RANDOM"
 REUSED = "reused"
 # What the state filter offers: a reused job is a succeeded one whose results were computed before.
 STATE_FILTERS = ("succeeded", REUSED, "failed", "queued", "running")
@@ -69,6 +79,21 @@ class PredictionLine:
 
 
 @dataclass(frozen=True)
+class MetricRow:
+    metric: str
+    better: str  # how to read it ("lower is better"), shown on hover
+    values: list[str]  # one per method of the table, "" where the job has none
+
+
+@dataclass(frozen=True)
+class MetricTable:
+    """A job's faithfulness scores (``--metrics``): a row per metric, a column per method."""
+
+    methods: list[str]
+    rows: list[MetricRow]
+
+
+@dataclass(frozen=True)
 class JobCard:
     model: str
     state: str  # succeeded, reused, failed, queued or running: what the filter and the badge show
@@ -81,6 +106,7 @@ class JobCard:
     weights: str
     timings: str
     note: str  # what the artifacts leave out (e.g. a headless backbone has no gradient maps)
+    metrics: MetricTable | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +143,65 @@ def _timings(job: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def is_random(job: dict[str, Any]) -> bool:
+    """Whether the job ran with untrained weights: its maps show no trained model's attention."""
+    return (job.get("weights_source") or "").startswith(RANDOM_SOURCE)
+
+
+def metric_table(values: dict[str, dict[str, float]] | None) -> MetricTable | None:
+    """``{method: {metric: value}}`` as a table in the order of ``docs/metrics.md``: the methods as
+    ``producer compare`` lists them (the random baseline last), the metrics as ``Metric`` does."""
+    if not values:
+        return None
+    methods = [m for m in METHODS if m in values] + sorted(set(values) - set(METHODS))
+    present = {metric for by_metric in values.values() for metric in by_metric}
+    metrics = [m.value for m in Metric if m.value in present] + sorted(present - {m.value for m in Metric})
+
+    def cell(method: str, metric: str) -> str:
+        value = values[method].get(metric)
+        return "" if value is None else f"{value:.3f}"
+
+    rows = [
+        MetricRow(metric, BETTER.get(metric, ""), [cell(m, metric) for m in methods]) for metric in metrics
+    ]
+    return MetricTable(methods, rows)
+
+
+# Settings whose field name reads badly as words.
+_SETTING_NAMES = {"top_k": "top-k", "layer_score_reduction": "layer scores"}
+
+
+def _setting_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(_setting_value(item) for item in value) or "none"
+    return str(value)
+
+
+def _settings_words(settings: dict[str, Any]) -> list[str]:
+    """``name value`` per setting, sorted by name; unset ones (``None``: the default) left out."""
+    return [
+        f"{_SETTING_NAMES.get(key, key.replace('_', ' '))} {_setting_value(value)}"
+        for key, value in sorted(settings.items())
+        if value is not None and not isinstance(value, dict)
+    ]
+
+
+def settings_text(settings: dict[str, Any] | None) -> str:
+    """A batch's stored settings as a reader says them: ``discard ratio 0.9 · head fusion mean · …``;
+    a group (the metric settings) as ``metrics deletion, insertion (deletion baseline mean · …)``."""
+    settings = settings or {}
+    parts = _settings_words(settings)
+    for key, group in sorted((k, v) for k, v in settings.items() if isinstance(v, dict)):
+        group = dict(group)
+        families = group.pop("families", None)
+        head = f"{key.replace('_', ' ')} {_setting_value(families)}" if families is not None else key
+        details = " · ".join(_settings_words(group))
+        parts.append(f"{head} ({details})" if details else head)
+    return " · ".join(parts)
+
+
 def job_card(job: dict[str, Any], links: ArtifactLinks) -> JobCard:
     artifacts: dict[str, str] = job["artifacts"]
 
@@ -141,6 +226,7 @@ def job_card(job: dict[str, Any], links: ArtifactLinks) -> JobCard:
         weights=hide_local_paths(job["weights_source"]),
         timings=_timings(job),
         note=hide_local_paths(job.get("note")),
+        metrics=metric_table(job.get("metrics")),
     )
 
 

@@ -16,7 +16,8 @@ from urllib.parse import unquote
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
-from common.db.models import Job, JobState, Prediction
+from common.db._sql import chunks
+from common.db.models import Job, JobMetric, JobState, Prediction
 from common.db.reports import iter_job_results
 from common.storage.uri import uri_scheme
 
@@ -103,7 +104,34 @@ def count_images(session: Session, selection: Selection) -> int:
 
 
 def iter_images(session: Session, selection: Selection, *, page_size: int = 500) -> Iterator[ImageEntry]:
-    """The selected images in CSV order, each with its jobs in model order, streamed from the DB."""
+    """The selected images in CSV order, each with its jobs in model order, streamed from the DB.
+
+    Each job dict also gets ``"metrics"``: its faithfulness scores as ``{method: {metric: value}}``
+    (empty without ``--metrics``), read with one query per ``page_size`` images.
+    """
+    entries: list[ImageEntry] = []
+    for entry in _iter_entries(session, selection, page_size):
+        entries.append(entry)
+        if len(entries) == page_size:
+            yield from _with_metrics(session, entries)
+            entries = []
+    yield from _with_metrics(session, entries)
+
+
+def _with_metrics(session: Session, entries: list[ImageEntry]) -> list[ImageEntry]:
+    jobs = {job["job_id"]: job for entry in entries for job in entry.jobs}
+    for job in jobs.values():
+        job["metrics"] = {}
+    for ids in chunks(list(jobs)):
+        rows = sa.select(JobMetric.job_id, JobMetric.method, JobMetric.metric, JobMetric.value).where(
+            JobMetric.job_id.in_(ids)
+        )
+        for job_id, method, metric, value in session.execute(rows):
+            jobs[job_id]["metrics"].setdefault(method, {})[metric] = value
+    return entries
+
+
+def _iter_entries(session: Session, selection: Selection, page_size: int) -> Iterator[ImageEntry]:
     jobs = iter_job_results(
         session,
         selection.batch_id,

@@ -36,6 +36,7 @@ from common.errors import InvalidTargetError
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
 from common.modelspec import ModelSpec, resolve_model
 from common.settings import Settings
+from common.storage.uri import file_uri_path
 from worker.attention import Explanation, Readout, check_supported, explain
 from worker.device import autocast_dtype, select_device
 from worker.labels import class_labels, resolve_target
@@ -162,6 +163,9 @@ def explain_image(
     ``method_options``: ``head_fusion`` (``"mean"``, ``"max"``, ``"min"``), ``discard_ratio``
     (0.9), ``layer_score_reduction`` (``"query_max"``, ``"key_max"``, ``"head_max"``), ``top_k`` (5),
     ``raw_attention`` (``False``): the options of ``producer submit``, defined in ``docs/methods.md``.
+
+    Not for concurrent calls on one model from several threads: the capture hooks are per model
+    instance (``worker.attention.capture``).
     """
     settings = _method_settings(method_options)
     environment = Settings()
@@ -200,12 +204,13 @@ def _loaded(
 ) -> LoadedModel:
     """``model`` ready to explain. Names and specs go through one warm cache per device and weights
     folder, as in a worker; a loaded model is used as it is; a module is wrapped where it lives."""
-    if isinstance(model, LoadedModel):
-        return model
-    if isinstance(model, nn.Module):
+    if isinstance(model, LoadedModel | nn.Module):
         if weights is not None or device is not None:
-            raise ValueError("weights and device apply to models given by name; move your module yourself")
-        return _wrap_module(model)
+            raise ValueError(
+                "weights and device apply to models given by name; a model object is used with its own "
+                "weights, on its own device (move it with .to(device))"
+            )
+        return model if isinstance(model, LoadedModel) else _wrap_module(model)
     if isinstance(model, str):
         spec = resolve_model(model, weights=weights)
     elif isinstance(model, ModelSpec):
@@ -281,8 +286,6 @@ def _read(location: str | Path) -> bytes:
     applies the network policy, retries and size limits)."""
     text = str(location)
     if text.startswith("file://"):
-        from common.storage.uri import file_uri_path
-
         return Path(file_uri_path(text)).read_bytes()
     if "://" in text:
         raise ValueError(

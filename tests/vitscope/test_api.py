@@ -179,12 +179,29 @@ def test_the_overlay_is_the_picture_a_batch_stores() -> None:
         (lambda: explain_image(ARCH, b"not an image", weights="random"), Exception, "not an image"),
         (lambda: explain_image(42, CAT), TypeError, "model must be a timm name"),
         (
+            lambda: explain_image(timm.create_model(ARCH), CAT, weights="random"),
+            ValueError,
+            "weights and device apply to models given by name",
+        ),
+        (
             lambda: draw_overlay(np.zeros((4, 4, 3), np.uint8), np.zeros((2, 2, 2))),
             ValueError,
             r"grid_map must be \[gh, gw\]",
         ),
     ],
-    ids=["option", "choice", "range", "model", "label", "url", "array", "bytes", "model-type", "overlay"],
+    ids=[
+        "option",
+        "choice",
+        "range",
+        "model",
+        "label",
+        "url",
+        "array",
+        "bytes",
+        "model-type",
+        "module-weights",
+        "overlay",
+    ],
 )
 def test_bad_input_is_answered_with_what_is_accepted(call, error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from common.methods import MethodSettings
 from common.modelspec import ModelSpec
 
-__all__ = ["artifact_key", "config_fingerprint", "new_batch_id", "new_job_id"]
+__all__ = ["artifact_key", "config_fingerprint", "new_batch_id", "new_job_id", "sample_key"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Bump when an artifact's definition changes, so old objects are never reused for new math.
@@ -44,6 +44,16 @@ def config_fingerprint(spec: ModelSpec, settings: MethodSettings, target: str | 
 def artifact_key(image_sha256: str, model_name: str, config: str, artifact: str) -> str:
     model = _UNSAFE.sub("_", model_name).strip("._") or "model"
     return f"{image_sha256[:2]}/{image_sha256}/{model}/{config}/{artifact}"
+
+
+def sample_key(image_sha256: str, model_name: str, config: str) -> str:
+    """The WebDataset sample key of a job's artifacts in a shard (``common.storage.shards``), e.g.
+    ``3f9a2c…(24 hex)_5d41402abc4b2a76_deit_tiny_patch16_224``: the image digest's first 96 bits, the
+    configuration (which already digests the model) and the model's name cut to 32 characters for
+    people listing a shard. No "." (WebDataset splits a member name at its first dot) and no "/";
+    short enough that every member name fits a plain ustar header (100 bytes)."""
+    model = _UNSAFE.sub("_", model_name).replace(".", "_").strip("_")[:32] or "model"
+    return f"{image_sha256[:24]}_{config}_{model}"
 
 
 def new_batch_id(now: datetime | None = None) -> str:

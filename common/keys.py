@@ -46,14 +46,12 @@ def artifact_key(image_sha256: str, model_name: str, config: str, artifact: str)
     return f"{image_sha256[:2]}/{image_sha256}/{model}/{config}/{artifact}"
 
 
-def sample_key(image_sha256: str, model_name: str, config: str) -> str:
-    """The WebDataset sample key of a job's artifacts in a shard (``common.storage.shards``), e.g.
-    ``3f9a2c…(24 hex)_5d41402abc4b2a76_deit_tiny_patch16_224``: the image digest's first 96 bits, the
-    configuration (which already digests the model) and the model's name cut to 32 characters for
-    people listing a shard. No "." (WebDataset splits a member name at its first dot) and no "/";
-    short enough that every member name fits a plain ustar header (100 bytes)."""
-    model = _UNSAFE.sub("_", model_name).replace(".", "_").strip("_")[:32] or "model"
-    return f"{image_sha256[:24]}_{config}_{model}"
+def sample_key(image_sha256: str, config: str) -> str:
+    """The WebDataset sample key of a job's artifacts in a shard (``common.storage.shards``):
+    ``<image sha256>_<config>``, the parts of ``artifact_key`` that determine the content (the
+    configuration digests the model). No "." (WebDataset splits a member name at its first dot) and
+    no "/"; 81 characters, so every member name fits a plain ustar header (100 bytes)."""
+    return f"{image_sha256}_{config}"
 
 
 def new_batch_id(now: datetime | None = None) -> str:

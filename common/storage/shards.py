@@ -5,7 +5,7 @@ Writing each artifact as its own object costs one request per artifact (ten per 
 tar follows the WebDataset convention, so ``tar``, Python's ``tarfile`` and the ``webdataset``
 library read a shard as it is:
 
-    <sample key>.<artifact name>      e.g.  3f9a2c…_5d41402abc4b2a76_deit_tiny_patch16_224.rollout.npy
+    <sample key>.<artifact name>      e.g.  3f9a…e1_5d41402abc4b2a76.rollout.npy  (image sha256, config)
 
 A sample key has no "." (WebDataset splits the member name at its first dot) and all of one job's
 members are next to each other. Each member's data sits at a 512-byte-aligned offset; the database

@@ -116,7 +116,7 @@ class ImageArtifacts:
     @property
     def sample_key(self) -> str:
         """This image's sample key in a shard: its members are ``<sample key>.<artifact name>``."""
-        return sample_key(self.image_sha256, self.model, self.config)
+        return sample_key(self.image_sha256, self.config)
 
 
 @dataclass(frozen=True)

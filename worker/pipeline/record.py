@@ -146,13 +146,25 @@ class Recorder:
         assert rules is not None
         self._shard += jobs
         self._shard_bytes += sum(job.size for _, job in jobs)
-        while len(self._shard) >= rules.max_jobs or (self._shard and self._shard_bytes >= rules.max_bytes):
-            self._write_shard(rules.max_jobs)
+        while (count := self._full_prefix(rules.max_jobs, rules.max_bytes)) > 0:
+            self._write_shard(count)
         with self._lock:
             if self._shard and self._timer is None:
                 self._timer = threading.Timer(rules.max_seconds, self._flush_on_time)
                 self._timer.daemon = True
                 self._timer.start()
+
+    def _full_prefix(self, max_jobs: int, max_bytes: int) -> int:
+        """How many of the open shard's first jobs make a full shard (``max_jobs`` of them, or the
+        fewest that reach ``max_bytes``); 0 while the shard is not full."""
+        if self._shard_bytes < max_bytes:
+            return max_jobs if len(self._shard) >= max_jobs else 0
+        total = 0
+        for count, (_, job) in enumerate(self._shard[:max_jobs], 1):
+            total += job.size
+            if total >= max_bytes:
+                return count
+        return max_jobs
 
     def _flush_on_time(self) -> None:
         """The time rule (timer thread): the oldest job of the open shard has waited ``max_seconds``."""

@@ -380,3 +380,25 @@ def test_the_layout_setting(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="unknown artifact layout 'tar'"):
         Settings(artifact_layout="tar")
+
+
+def test_the_cpu_pool_encodes_and_the_driving_process_writes_one_shard(
+    write_image, tmp_path, sqlite_url
+) -> None:
+    """With a CPU pool the pool processes draw and encode; nothing is written per image, so even a
+    store no other process can open (memory) gets its shard."""
+    csv = _dataset(tmp_path, write_image, 3)
+    store_url = f"memory://pooled-shards-{tmp_path.name}"
+    settings = _settings(sqlite_url, store_url, artifact_layout="shards", cpu_workers=2)
+    runtime, batch_id, run = _run(settings, csv)
+    try:
+        assert run.succeeded == 3
+        assert runtime.cpu.workers == 2
+        (shard,) = _shard_keys(store_url)
+        assert open_store(store_url).list() == [shard]
+        for artifacts in _rows(runtime, batch_id).values():
+            assert len(artifacts) == ARTIFACTS_PER_JOB
+            for a in artifacts:
+                assert hashlib.sha256(read_uri(a.uri)).hexdigest() == a.checksum
+    finally:
+        runtime.close()

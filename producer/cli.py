@@ -327,7 +327,7 @@ def results(
     ] = None,
     limit: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 50,
 ) -> None:
-    """Every job's status, prediction and artifact URIs."""
+    """Every job's status, prediction and artifact URIs (member URIs for shards: docs/storage.md)."""
     writers = {"csv": write_csv, "json": write_json, "jsonl": write_jsonl}
     if fmt not in (*writers, "table"):
         raise _fail(f"unknown --format {fmt!r}: use table, csv, json or jsonl")

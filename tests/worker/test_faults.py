@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import signal
 import socket
 import threading
@@ -372,7 +373,9 @@ def test_an_image_that_kills_its_worker_fails_alone_with_the_reason(
     (hooks / "sitecustomize.py").write_text(POISON_HOOK)
     cluster = cluster_factory(broker=private_redis.url, database=postgres_url)
     csv = _dataset(tmp_path, cluster.bucket, write_image, 8, poison=2)  # chunks [0 1 P 3] [4 5 6 7]
-    cluster.start_worker("w", env={"PYTHONPATH": str(hooks)})
+    # Before, not instead of, an inherited PYTHONPATH (a checkout that is not the installed one).
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    cluster.start_worker("w", env={"PYTHONPATH": os.pathsep.join([str(hooks), *inherited])})
     cluster.wait_for_workers(1)
     cluster.submit(csv)
     jobs = cluster.wait_done()

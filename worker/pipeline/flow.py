@@ -160,6 +160,10 @@ class _Chunk:
         for group in self.groups:
             self.runtime.keeper.current_model = group.loaded.spec.name
             self._compute_group(group)
+        if self.runtime.shard_rules is not None:
+            # The chunk's last shard is written now, behind the next chunk's claim and compute
+            # (``process_chunks`` finishes this chunk only after computing the next one).
+            self.records.append(self.runtime.record_pool.submit(self.recorder.flush))
 
     def _compute_group(self, group: _Group) -> None:
         """Images in arrival order; each micro-batch's worth is looked up for reuse in one query,

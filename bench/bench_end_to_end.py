@@ -7,6 +7,9 @@
 3. distributed: ``producer submit`` → Redis → one CPU Celery worker (``worker start``) → S3 +
    PostgreSQL, timed from submit to the last job finished (the worker is warmed up first).
 
+Artifacts on S3 are written in the shards layout (one tar per chunk, ``docs/storage.md``), the
+default there; ``--layout objects`` runs the S3 rows with one object per artifact instead.
+
 Each way gets its own images (so nothing is reused). Random weights (``deit_tiny_patch16_224``
 computes the same with trained ones).
 
@@ -80,6 +83,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--model", default="deit_tiny_patch16_224")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--layout", default="shards", choices=("shards", "objects"), help="artifact layout of the S3 rows"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -104,6 +110,7 @@ def main() -> None:
             storage_url=f"s3://{bucket}/artifacts",
             batch_size=args.batch_size,
             device="cpu",
+            artifact_layout=args.layout,
         )
         options = SubmitOptions(models=[args.model], weights="random")
         runtime = Runtime.from_settings(settings, db=open_database(settings))
@@ -135,6 +142,7 @@ def main() -> None:
             "VITSCOPE_BROKER_URL": broker,
             "VITSCOPE_STORAGE_URL": f"s3://{bucket}/artifacts",
             "VITSCOPE_BATCH_SIZE": str(args.batch_size),
+            "VITSCOPE_ARTIFACT_LAYOUT": args.layout,
         }
         engine = sa.create_engine(db_url)
         worker = start_worker(env, work / "worker.log")

@@ -24,6 +24,15 @@ stage includes the disk's writeback (``syncfs``), which alone can swing a run by
     .venv/bin/python bench/bench_pipeline.py                               # after only, 1 and 2 cores
     .venv/bin/python bench/bench_pipeline.py --before-ref 3b91896 --database sqlite,postgresql
     .venv/bin/python bench/bench_pipeline.py --rss 500,5000 --modes null   # peak RSS over long batches
+
+``--store s3`` also writes the artifacts to an S3-compatible server (moto's, started here as a
+process of its own and pinned to the cores the pipeline does not get) in both layouts: one object
+per artifact and shards (``docs/storage.md``). Each row then says the pipeline's CPU per image (the
+driving process and its pool), the S3 server's CPU separately, and the PUT requests and bytes
+stored per image, counted from the bucket's listing (every object below the multipart threshold is
+one PUT). ``--store local,s3`` puts the local folder's row beside them in the same run:
+
+    .venv/bin/python bench/bench_pipeline.py --modes null --cores 1 --store local,s3
 """
 
 from __future__ import annotations
@@ -297,6 +306,52 @@ def database(kind: str, folder: Path) -> Iterator[str]:
         yield url
 
 
+def bucket_objects(bucket: str, prefix: str) -> tuple[int, int, int]:
+    """(objects, bytes, largest object's bytes) under ``prefix`` in ``bucket``, from its listing."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    sizes = [item["Size"] for page in pages for item in page.get("Contents", ())]
+    return len(sizes), sum(sizes), max(sizes, default=0)
+
+
+@contextmanager
+def s3_server(cores: list[int]) -> Iterator[tuple[str, int]]:
+    """moto's S3 server as a process of its own, pinned to ``cores``; yields (endpoint, pid), with the
+    ``AWS_*`` variables that point boto3 (here and in the runs) at it."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = Path(sys.executable).parent / "moto_server"
+    command = ["taskset", "-c", ",".join(map(str, cores)), str(server), "-H", "127.0.0.1", "-p", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        import boto3
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="vitscope-bench")
+                break
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit(f"the S3 server did not start: {' '.join(command)}") from None
+                time.sleep(0.2)
+        yield endpoint, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in this (pinned) process; returns its row."""
     import worker  # noqa: F401  (before torch, as the CLIs import it: its OpenMP wait policy)
@@ -318,9 +373,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         # The images live outside the CSV's folder: name theirs as a root where the code has the
         # local-files policy (the code of --before-ref may predate it).
         roots = {"file_roots": [Path(args.images_dir)]} if "file_roots" in Settings.model_fields else {}
+        if "artifact_layout" in Settings.model_fields:
+            roots["artifact_layout"] = args.layout
+        prefix = f"run-{os.getpid()}-{time.time_ns()}"
+        storage = f"s3://vitscope-bench/{prefix}" if args.store == "s3" else (work / "results").as_uri()
         settings = Settings(
             database_url=url,
-            storage_url=(work / "results").as_uri(),
+            storage_url=storage,
             batch_size=args.batch_size,
             device=args.device,
             **roots,
@@ -352,10 +411,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             run(write_csv(work / "warmup.csv", warmup))
             busy = reported if reported is not None else timer.seconds
             busy.clear()
+            s3_pid = args.s3_server_pid
+            stored_before = bucket_objects("vitscope-bench", prefix) if args.store == "s3" else (0, 0, 0)
             cpu_before, server_before = process_cpu_seconds(), server_cpu_seconds()
+            s3_before = cpu_seconds(s3_pid) if s3_pid else 0.0
             with RssSampler() as rss:
                 seconds = run(write_csv(work / "batch.csv", images))
             cpu_after, server_after = process_cpu_seconds(), server_cpu_seconds()
+            s3_after = cpu_seconds(s3_pid) if s3_pid else 0.0
+            stored_after = bucket_objects("vitscope-bench", prefix) if args.store == "s3" else (0, 0, 0)
             stages = {s: round(1000 * busy.get(s, 0.0) / len(images), 2) for s in STAGES}
         finally:
             runtime.close()
@@ -375,6 +439,12 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         if args.database == "postgresql"
         else 0.0,
         "peak_rss_mib": round(rss.peak_kib / 1024, 1),
+        # S3 only: the server's CPU, and what the batch stored (every object one PUT: none is near the
+        # multipart threshold, which the largest object's size shows)
+        "s3_server_cpu_ms_per_image": round(1000 * (s3_after - s3_before) / len(images), 2),
+        "puts_per_image": round((stored_after[0] - stored_before[0]) / len(images), 4),
+        "kib_per_image": round((stored_after[1] - stored_before[1]) / 1024 / len(images), 1),
+        "largest_object_mib": round(stored_after[2] / 2**20, 2),
     }
 
 
@@ -409,6 +479,9 @@ def run_child(
     args: argparse.Namespace,
     *,
     png_level: int,
+    store: str = "local",
+    layout: str = "objects",
+    s3_pid: int | None = None,
 ) -> dict:
     command = [
         sys.executable,
@@ -422,6 +495,9 @@ def run_child(
         f"--batch-size={args.batch_size}",
         f"--images-dir={args.images_dir}",
         f"--device={args.device}",
+        f"--store={store}",
+        f"--layout={layout}",
+        *([f"--s3-server-pid={s3_pid}"] if s3_pid else []),
         *([f"--work-dir={args.work_dir}"] if args.work_dir else []),
     ]
     available = sorted(os.sched_getaffinity(0))
@@ -439,7 +515,7 @@ def run_child(
     with database_pinned(server_cores):
         out = subprocess.run([*pinned, *command], env=env, cwd=code, capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"run failed ({code}, {cores} cores, {mode}, {db}):\n{out.stderr[-4000:]}")
+        raise SystemExit(f"run failed ({code}, {cores} cores, {mode}, {db}, {store}):\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -453,22 +529,31 @@ def median_row(found: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'code':<7}{'db':<11}{'mode':<8}{'cores':>5}{'pool':>5}{'png':>4}{'img/s':>8}{'range':>13}"
+        f"{'code':<7}{'db':<11}{'store':<16}{'mode':<8}{'cores':>5}{'pool':>5}{'png':>4}{'img/s':>8}{'range':>13}"
         + "".join(f"{s:>13}" for s in STAGES)
-        + f"{'cpu main':>9}{'cpu pool':>9}{'busy':>6}{'cpu db':>8}"
+        + f"{'cpu main':>9}{'cpu pool':>9}{'cpu all':>8}{'busy':>6}{'cpu db':>8}{'cpu s3':>8}{'PUT/img':>9}"
+        + f"{'KiB/img':>9}"
     )
     lines = [
-        head + "   (stage and cpu columns: ms per image; busy: cores in use; cpu db: PostgreSQL's server)"
+        head + "   (stage and cpu columns: ms per image; cpu all: main + pool; busy: cores in use; cpu db: "
+        "PostgreSQL's server; cpu s3: the S3 server's)"
     ]
     for r in rows:
         stages = "".join(f"{r['ms_per_image'][s]:>13.2f}" for s in STAGES)
         cpu = r.get("cpu_ms_per_image", {})
         stages += f"{cpu.get('main', 0.0):>9.1f}{cpu.get('pool', 0.0):>9.1f}{r.get('busy_cores', 0.0):>6.2f}"
-        stages += f"{r.get('server_cpu_ms_per_image', 0.0):>8.1f}"
+        stages = stages.replace(
+            f"{r.get('busy_cores', 0.0):>6.2f}",
+            f"{cpu.get('main', 0.0) + cpu.get('pool', 0.0):>8.1f}{r.get('busy_cores', 0.0):>6.2f}",
+        )
+        stages += (
+            f"{r.get('server_cpu_ms_per_image', 0.0):>8.1f}{r.get('s3_server_cpu_ms_per_image', 0.0):>8.1f}"
+        )
+        stages += f"{r.get('puts_per_image', 0.0):>9.3f}{r.get('kib_per_image', 0.0):>9.1f}"
         rates = r["runs_images_per_second"]
         spread = f"{rates[0]:.1f}-{rates[-1]:.1f}" if len(rates) > 1 else "-"
         lines.append(
-            f"{r['code']:<7}{r['database']:<11}{r['mode']:<8}{r['cores']:>5}{r['pool']:>5}"
+            f"{r['code']:<7}{r['database']:<11}{r.get('store', 'local:objects'):<16}{r['mode']:<8}{r['cores']:>5}{r['pool']:>5}"
             f"{'-' if r['png_level'] is None else r['png_level']:>4}"
             f"{r['images_per_second']:>8.1f}{spread:>13}{stages}"
         )
@@ -482,6 +567,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     by: dict[tuple[str, str, str, int], float] = {}
     for r in rows:
         code = r["code"] if r.get("png_level") is None else f"{r['code']} (png {r['png_level']})"
+        if r.get("store", "local:objects") != "local:objects":
+            code += f" {r['store']}"
         key = (code, r["database"], r["mode"], r["cores"])
         by[key] = max(by.get(key, 0.0), r["images_per_second"])
     lines = []
@@ -495,6 +582,30 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(
                 f"{cores} cores/1 core {code} {db:<10} {mode:<7}: {rate / by[code, db, mode, 1]:.2f}x"
             )
+    return lines
+
+
+def store_costs(rows: list[dict[str, Any]]) -> list[str]:
+    """What each store and layout costs over a local folder with one file per artifact, in the same
+    run and configuration: pipeline CPU (main + pool) per image, and PUTs and bytes per image."""
+    local: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("store") == "local:objects":
+            local[r["code"], r["database"], r["mode"], r["cores"], r["pool"], r["png_level"]] = r
+    lines = []
+    for r in rows:
+        base = local.get((r["code"], r["database"], r["mode"], r["cores"], r["pool"], r["png_level"]))
+        if base is None or r is base:
+            continue
+        extra = sum(r["cpu_ms_per_image"].values()) - sum(base["cpu_ms_per_image"].values())
+        lines.append(
+            f"{r['store']} vs local:objects ({r['code']} {r['database']} {r['mode']} {r['cores']} core(s), "
+            f"pool {r['pool']}): {extra:+.1f} core-ms per image in the pipeline, S3 server "
+            f"{r.get('s3_server_cpu_ms_per_image', 0.0):.1f} core-ms, {r.get('puts_per_image', 0.0):.3f} PUT "
+            f"and {r.get('kib_per_image', 0.0):.0f} KiB per image (largest object "
+            f"{r.get('largest_object_mib', 0.0)} MiB), {r['images_per_second'] / base['images_per_second']:.2f}x "
+            "the local folder's images/s"
+        )
     return lines
 
 
@@ -540,21 +651,55 @@ def main() -> None:
         help="pin the PostgreSQL server to the same cores as each run (root only): otherwise a 1-core "
         "run gets the server's work done on another core for free",
     )
+    parser.add_argument(
+        "--store",
+        default="local",
+        help="where artifacts go, comma-separated: local (a folder, one file per artifact), s3 (an "
+        "S3-compatible server in its own process, pinned apart: both layouts), or store:layout pairs "
+        "such as local:shards,s3:objects",
+    )
     parser.add_argument("--json", help="also write the rows and ratios to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="null", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", default="objects", help=argparse.SUPPRESS)
+    parser.add_argument("--s3-server-pid", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         args.cores = int(args.cores)
         print(json.dumps(child(args)))
         return
+    targets = store_targets(args.store)
+    if any(store == "s3" for store, _ in targets):
+        available = sorted(os.sched_getaffinity(0))
+        apart = available[max(int(c) for c in args.cores.split(",")) :]
+        if not apart:
+            raise SystemExit("--store s3: no core is left for the S3 server; run with fewer --cores")
+        with s3_server(apart) as (_, pid):
+            run_all(args, targets, pid)
+    else:
+        run_all(args, targets, None)
 
+
+def store_targets(option: str) -> list[tuple[str, str]]:
+    """(store, layout) pairs from ``--store``: local is one file per artifact, s3 both layouts."""
+    targets: list[tuple[str, str]] = []
+    for part in option.split(","):
+        store, _, layout = part.strip().partition(":")
+        if store not in ("local", "s3") or layout not in ("", "objects", "shards"):
+            raise SystemExit(f"--store {part!r}: use local, s3, or store:layout (layout objects or shards)")
+        layouts = [layout] if layout else (["objects", "shards"] if store == "s3" else ["objects"])
+        targets += [(store, each) for each in layouts if (store, each) not in targets]
+    return targets
+
+
+def run_all(args: argparse.Namespace, targets: list[tuple[str, str]], s3_pid: int | None) -> None:
+    """Every configuration, ``--repeat`` times interleaved; prints the table (and writes ``--json``)."""
     cores = [int(c) for c in args.cores.split(",")]
     modes = args.modes.split(",")
     databases = args.database.split(",")
     load = {"start": load_average()}
-    runs: dict[tuple[str, str, str, int, int, int, int | None], list[dict[str, Any]]] = defaultdict(list)
+    runs: dict[tuple[str, str, str, str, int, int, int, int | None], list[dict[str, Any]]] = defaultdict(list)
     png_levels = [int(level) for level in args.png_levels.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         codes = {"after": REPO}
@@ -574,26 +719,51 @@ def main() -> None:
                                 after = name == "after"
                                 for pool in pools if after else pools[:1]:
                                     for level in png_levels if after else png_levels[:1]:
-                                        row = run_child(code, k, pool, mode, db, n, args, png_level=level)
-                                        runs[name, db, mode, n, k, pool, level if after else None].append(row)
-                                        print(
-                                            f"  [{repeat + 1}/{args.repeat}] {name} {db} {mode} {n} images "
-                                            f"{k} core(s), pool {pool}, PNG level {level}: "
-                                            f"{row['images_per_second']} img/s, "
-                                            f"peak RSS {row['peak_rss_mib']} MiB",
-                                            file=sys.stderr,
-                                        )
+                                        for store, layout in targets:
+                                            row = run_child(
+                                                code,
+                                                k,
+                                                pool,
+                                                mode,
+                                                db,
+                                                n,
+                                                args,
+                                                png_level=level,
+                                                store=store,
+                                                layout=layout,
+                                                s3_pid=s3_pid,
+                                            )
+                                            target = f"{store}:{layout}"
+                                            key = (
+                                                name,
+                                                db,
+                                                target,
+                                                mode,
+                                                n,
+                                                k,
+                                                pool,
+                                                level if after else None,
+                                            )
+                                            runs[key].append(row)
+                                            print(
+                                                f"  [{repeat + 1}/{args.repeat}] {name} {db} {target} {mode} {n} images "
+                                                f"{k} core(s), pool {pool}, PNG level {level}: "
+                                                f"{row['images_per_second']} img/s, "
+                                                f"peak RSS {row['peak_rss_mib']} MiB",
+                                                file=sys.stderr,
+                                            )
     rows = [
         {
             "code": name,
             "database": db,
+            "store": target,
             "mode": mode,
             "cores": k,
             "pool": pool,
             "png_level": level,
             **median_row(found),
         }
-        for (name, db, mode, _n, k, pool, level), found in runs.items()
+        for (name, db, target, mode, _n, k, pool, level), found in runs.items()
     ]
     load["end"] = load_average()
     print(
@@ -601,11 +771,14 @@ def main() -> None:
     )
     print(f"batch {args.batch_size}, load average at start {load['start']}, at end {load['end']}")
     print(table(rows))
-    for line in ratios(rows):
+    for line in [*ratios(rows), *store_costs(rows)]:
         print(line)
     if args.json:
         Path(args.json).write_text(
-            json.dumps({"load_average": load, "rows": rows, "ratios": ratios(rows)}, indent=1)
+            json.dumps(
+                {"load_average": load, "rows": rows, "ratios": ratios(rows), "stores": store_costs(rows)},
+                indent=1,
+            )
         )
 
 

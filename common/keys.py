@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from common.methods import MethodSettings
 from common.modelspec import ModelSpec
 
-__all__ = ["artifact_key", "config_fingerprint", "new_batch_id", "new_job_id"]
+__all__ = ["artifact_key", "config_fingerprint", "new_batch_id", "new_job_id", "sample_key"]
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Bump when an artifact's definition changes, so old objects are never reused for new math.
@@ -44,6 +44,14 @@ def config_fingerprint(spec: ModelSpec, settings: MethodSettings, target: str | 
 def artifact_key(image_sha256: str, model_name: str, config: str, artifact: str) -> str:
     model = _UNSAFE.sub("_", model_name).strip("._") or "model"
     return f"{image_sha256[:2]}/{image_sha256}/{model}/{config}/{artifact}"
+
+
+def sample_key(image_sha256: str, config: str) -> str:
+    """The WebDataset sample key of a job's artifacts in a shard (``common.storage.shards``):
+    ``<image sha256>_<config>``, the parts of ``artifact_key`` that determine the content (the
+    configuration digests the model). No "." (WebDataset splits a member name at its first dot) and
+    no "/"; 81 characters, so every member name fits a plain ustar header (100 bytes)."""
+    return f"{image_sha256}_{config}"
 
 
 def new_batch_id(now: datetime | None = None) -> str:

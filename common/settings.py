@@ -15,7 +15,9 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["ARTIFACT_LAYOUTS", "Settings", "get_settings"]
+
+ARTIFACT_LAYOUTS = ("auto", "objects", "shards")
 
 
 class Settings(BaseSettings):
@@ -74,6 +76,26 @@ class Settings(BaseSettings):
         description="How long one object-store request keeps retrying an unreachable or failing endpoint "
         "(with backoff) before the job's attempt fails; rides out restarts and short outages.",
     )
+    artifact_layout: str = Field(
+        default="auto",
+        description="How artifacts are stored (docs/storage.md): objects (one file or object per artifact), "
+        "shards (one uncompressed tar per few dozen jobs, WebDataset member names; one PUT instead of ten per "
+        "job), or auto: shards on s3://, objects in a local folder (where people browse the files) and in memory.",
+    )
+    shard_max_jobs: int = Field(
+        default=64,
+        ge=1,
+        description="A shard is closed and written after this many jobs (also at the end of every chunk).",
+    )
+    shard_max_mib: float = Field(
+        default=64.0, gt=0, description="… or once its artifacts reach this many MiB, whichever comes first."
+    )
+    shard_max_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="… or this many seconds after its first job finished, so a slow micro-batch never holds "
+        "finished jobs back from the database for longer.",
+    )
     png_level: int = Field(
         default=1,
         ge=0,
@@ -113,6 +135,14 @@ class Settings(BaseSettings):
         "reaper: its message was lost (broker restarted without persistence, queue purged).",
     )
 
+    @field_validator("artifact_layout")
+    @classmethod
+    def _known_layout(cls, value: str) -> str:
+        layout = value.strip().lower()
+        if layout not in ARTIFACT_LAYOUTS:
+            raise ValueError(f"unknown artifact layout {value!r}: use one of {', '.join(ARTIFACT_LAYOUTS)}")
+        return layout
+
     @field_validator("file_roots", mode="before")
     @classmethod
     def _split_file_roots(cls, value: Any) -> Any:
@@ -126,6 +156,15 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(Path.cwd() / 'vitscope.db').resolve()}"
+
+    def resolved_artifact_layout(self, storage_url: str | None = None) -> str:
+        """``objects`` or ``shards`` for artifacts written to ``storage_url`` (default: the configured
+        one); ``auto`` is shards on S3 only (measured in docs/storage.md: ten PUTs per job cost more CPU
+        than the rest of the pipeline, while a local folder's files cost little and stay browsable)."""
+        if self.artifact_layout != "auto":
+            return self.artifact_layout
+        url = storage_url or self.resolved_storage_url()
+        return "shards" if url.lower().startswith("s3://") else "objects"
 
     def resolved_storage_url(self) -> str:
         if self.storage_url:

@@ -50,6 +50,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+shards_app = typer.Typer(help="Artifact shards (docs/storage.md).", no_args_is_help=True)
+app.add_typer(shards_app, name="shards")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -325,7 +327,7 @@ def results(
     ] = None,
     limit: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 50,
 ) -> None:
-    """Every job's status, prediction and artifact URIs."""
+    """Every job's status, prediction and artifact URIs (member URIs for shards: docs/storage.md)."""
     writers = {"csv": write_csv, "json": write_json, "jsonl": write_jsonl}
     if fmt not in (*writers, "table"):
         raise _fail(f"unknown --format {fmt!r}: use table, csv, json or jsonl")
@@ -533,6 +535,60 @@ def figures(
         raise _fail(str(exc)) from None
     for path in written:
         out.print(str(path))
+
+
+@app.command()
+def artifacts(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the files into (created).")],
+    job: Annotated[str | None, typer.Option(help="Only these jobs (ids, comma-separated).")] = None,
+    models: Annotated[str | None, typer.Option(help="Only these models (comma-separated).")] = None,
+) -> None:
+    """One file per artifact, DIR/<job id>/<name>, from either layout: shards are extracted, objects copied."""
+    from producer.artifacts import materialize_artifacts
+
+    try:
+        db = open_database(get_settings())
+        with db.session() as session:
+            found = get_batch(session, batch)
+            written = materialize_artifacts(
+                session, found.id, out_dir, job_ids=_names(job), models=_names(models)
+            )
+    except (VitscopeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    err.print(f"{written.files} file(s), {written.bytes:,} bytes in {written.requests} read(s)")
+    out.print(str(out_dir))
+
+
+@shards_app.command("orphans")
+def shards_orphans(
+    older_than: Annotated[
+        float, typer.Option(help="Only shards written more than this many hours ago (their commit is over).")
+    ] = 24.0,
+    delete: Annotated[bool, typer.Option("--delete", help="Delete them (default: only list them).")] = False,
+) -> None:
+    """List (or delete) the shards under the storage URL that no artifact row points into."""
+    from datetime import timedelta
+
+    from common.storage import open_store
+    from producer.artifacts import delete_orphan_shards, orphan_shards
+
+    if older_than < 0:
+        raise _fail("--older-than must be zero or more hours")
+    try:
+        settings = get_settings()
+        store = open_store(settings.resolved_storage_url())
+        db = open_database(settings)
+        with db.session() as session:
+            keys = orphan_shards(session, store, older_than=timedelta(hours=older_than))
+        for key in keys:
+            sys.stdout.write(store.uri(key) + "\n")  # not rich: a long URI must stay on one line
+        if delete:
+            err.print(f"deleted {delete_orphan_shards(store, keys)} orphan shard(s)")
+        else:
+            err.print(f"{len(keys)} orphan shard(s); --delete removes them")
+    except (VitscopeError, ValueError) as exc:
+        raise _fail(str(exc)) from None
 
 
 @db_app.command("upgrade")

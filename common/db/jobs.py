@@ -594,6 +594,9 @@ def record_reuse(
                 checksum=a.checksum,
                 shape=a.shape,
                 dtype=a.dtype,
+                shard_uri=a.shard_uri,
+                shard_offset=a.shard_offset,
+                shard_length=a.shard_length,
             )
             for a in session.scalars(sa.select(Artifact).where(Artifact.job_id == source.id))
         ]

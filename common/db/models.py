@@ -168,7 +168,13 @@ class Job(Base):
 
 
 class Artifact(Base):
-    """One stored object of a job: where it is and what it holds."""
+    """One stored artifact of a job: where it is and what it holds.
+
+    In the ``objects`` layout ``uri`` is the artifact's own object. In the ``shards`` layout it is a
+    member URI (``<shard>#member=…&offset=…&length=…``, see ``common.storage.shards``) and the shard
+    columns say the same in SQL: the tar's URI and the offset and length of the member's data, so
+    one ranged GET reads it. A reused job's rows point at its original's members.
+    """
 
     __tablename__ = "artifacts"
     __table_args__ = (sa.UniqueConstraint("job_id", "name", name="uq_artifacts_job_name"),)
@@ -182,6 +188,9 @@ class Artifact(Base):
     dtype: Mapped[str | None] = mapped_column(sa.String(16))
     bytes: Mapped[int] = mapped_column(sa.BigInteger)
     checksum: Mapped[str] = mapped_column(sa.String(64))  # sha256 of the stored bytes
+    shard_uri: Mapped[str | None] = mapped_column(sa.Text)  # None: an object of its own
+    shard_offset: Mapped[int | None] = mapped_column(sa.BigInteger)  # of the member's data in the tar
+    shard_length: Mapped[int | None] = mapped_column(sa.BigInteger)  # = bytes
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
 

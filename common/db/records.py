@@ -67,6 +67,9 @@ class ArtifactRecord:
     checksum: str
     shape: str | None = None
     dtype: str | None = None
+    shard_uri: str | None = None  # in the shards layout: the tar, and where in it the data lies
+    shard_offset: int | None = None
+    shard_length: int | None = None
 
 
 @dataclass(frozen=True)

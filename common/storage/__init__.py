@@ -1,7 +1,8 @@
 """Object storage behind one small interface, chosen by URL (see ``uri.py`` for the schemes).
 
-The worker writes artifacts through ``ObjectStore``; the producer and the worker read single objects
-(images, weights) by URI with ``read_uri``. boto3 is imported here but never torch, so the producer
+The worker writes artifacts through ``ObjectStore``, one object each or many jobs' in one tar shard
+(``shards.py``); the producer and the worker read single objects (images, weights, one member of a
+shard) by URI with ``read_uri``. boto3 is imported here but never torch, so the producer
 can use this package.
 """
 

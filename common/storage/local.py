@@ -27,7 +27,7 @@ from pathlib import Path
 from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError, StorageUnavailableError
 from common.storage.base import DEFAULT_CONTENT_TYPE, PutItem, check_key, check_prefix, put_each
 
-__all__ = ["LocalStore", "list_files", "read_file"]
+__all__ = ["LocalStore", "list_files", "read_file", "read_file_range"]
 
 # Prefix of the temporary files of writes in progress; ``list`` never reports them.
 _TEMP_PREFIX = ".vitscope-tmp-"
@@ -228,6 +228,27 @@ def read_file(path: Path, *, max_bytes: int | None = None) -> bytes:
             data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ObjectTooLargeError(f"{path} is over the limit of {max_bytes} bytes")
+    return data
+
+
+def read_file_range(path: Path, offset: int, length: int) -> bytes:
+    """``length`` bytes of the file at ``path`` from ``offset`` (one member of a shard): one seek.
+
+    A file too short to hold them is reported as unavailable, not silently cut: a row that points
+    past the end of its shard means the shard is not the one that was written.
+    """
+    with _os_errors("read", path):
+        try:
+            handle = path.open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise NotFoundError(f"no such file: {path}") from exc
+        with handle:
+            handle.seek(offset)
+            data = handle.read(length)
+    if len(data) != length:
+        raise StorageUnavailableError(
+            f"{path} holds {len(data)} bytes at offset {offset}, not the {length} its row names"
+        )
     return data
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 
-from common.errors import NotFoundError, ObjectTooLargeError
+from common.errors import NotFoundError, ObjectTooLargeError, StorageUnavailableError
 from common.storage.base import DEFAULT_CONTENT_TYPE, PutItem, check_key, check_prefix, put_each
 
-__all__ = ["MemoryStore", "read_memory_object"]
+__all__ = ["MemoryStore", "read_memory_object", "read_memory_range"]
 
 _registry_lock = threading.Lock()
 # name -> key -> bytes. Guarded by _registry_lock: a worker uploads from several threads.
@@ -83,5 +83,15 @@ def read_memory_object(name: str, key: str, *, max_bytes: int | None = None) -> 
     if max_bytes is not None and len(data) > max_bytes:
         raise ObjectTooLargeError(
             f"memory://{name}/{key} is {len(data)} bytes, over the limit of {max_bytes}"
+        )
+    return data
+
+
+def read_memory_range(name: str, key: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of ``memory://name/key`` from ``offset`` (one member of a shard)."""
+    data = MemoryStore(name).get(key)[offset : offset + length]
+    if len(data) != length:
+        raise StorageUnavailableError(
+            f"memory://{name}/{key} holds {len(data)} bytes at offset {offset}, not the {length} its row names"
         )
     return data

@@ -37,6 +37,12 @@ __all__ = ["S3ClientOptions", "S3Store"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Objects of at least this size go up as a multipart upload of parts this size (S3's parts are 5 MiB
+# to 5 GiB): a failed part is retried alone instead of the whole object, and no single request
+# carries more than one part. Only shards get this large; an artifact object is far below it.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+MULTIPART_PART_SIZE = 32 * 1024 * 1024
+
 # Backoff between whole-request retries while the endpoint is unavailable: 0.5 s doubling to 8 s.
 _FIRST_DELAY_SECONDS = 0.5
 _MAX_DELAY_SECONDS = 8.0
@@ -117,9 +123,9 @@ _clients = _ProcessClients()
 class S3Store:
     """Objects in ``bucket`` under an optional ``prefix``: key "a/b" is object "prefix/a/b".
 
-    ``upload_threads`` bounds ``put_many``'s concurrency. ``put`` is a single PUT request, fine for
-    artifacts up to a few hundred MB (S3's single-PUT limit is 5 GB, but one retry then resends
-    everything); larger objects would want a multipart upload.
+    ``upload_threads`` bounds ``put_many``'s concurrency. ``put`` is a single PUT request below
+    ``multipart_threshold`` bytes (64 MiB) and a multipart upload from there, so that a large shard's
+    failed part is sent again alone and no part is ever visible before the whole object is.
 
     ``retry_seconds`` (default: ``VITSCOPE_STORAGE_RETRY_SECONDS``, 60 s) is how long a request that
     fails with ``StorageUnavailableError`` — endpoint down, connection refused or reset, 5xx,
@@ -140,6 +146,8 @@ class S3Store:
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         retry_seconds: float | None = None,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+        multipart_part_size: int = MULTIPART_PART_SIZE,
     ) -> None:
         if not bucket or "/" in bucket:
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
@@ -150,6 +158,8 @@ class S3Store:
         self.prefix = check_key(prefix) if prefix else ""
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._upload_threads = upload_threads
+        self._multipart_threshold = multipart_threshold
+        self._multipart_part_size = multipart_part_size
         self._retry_seconds = (
             get_settings().storage_retry_seconds if retry_seconds is None else max(0.0, retry_seconds)
         )
@@ -173,6 +183,9 @@ class S3Store:
 
     def put(self, key: str, data: bytes, *, content_type: str = DEFAULT_CONTENT_TYPE) -> str:
         object_key = self._object_key(key)
+        if len(data) >= self._multipart_threshold:
+            self._put_multipart(object_key, data, content_type)
+            return self.uri(key)
         self._retrying(
             object_key,
             lambda: self.client.put_object(
@@ -180,6 +193,41 @@ class S3Store:
             ),
         )
         return self.uri(key)
+
+    def _put_multipart(self, object_key: str, data: bytes, content_type: str) -> None:
+        """One object in parts of ``multipart_part_size``: the object appears only when the upload is
+        completed, whole. A failed upload is aborted (its parts would otherwise be billed until a
+        bucket lifecycle rule removes them); one cut short by a killed process is not, which is why
+        the docs ask for an ``AbortIncompleteMultipartUpload`` rule on the bucket."""
+        client = self.client
+        upload = self._retrying(
+            object_key,
+            lambda: client.create_multipart_upload(
+                Bucket=self.bucket, Key=object_key, ContentType=content_type
+            ),
+        )["UploadId"]
+        try:
+            view = memoryview(data)
+            parts = []
+            for number, start in enumerate(range(0, len(data), self._multipart_part_size), 1):
+                body = view[start : start + self._multipart_part_size].tobytes()
+                answer = self._retrying(
+                    object_key,
+                    lambda body=body, number=number: client.upload_part(
+                        Bucket=self.bucket, Key=object_key, UploadId=upload, PartNumber=number, Body=body
+                    ),
+                )
+                parts.append({"ETag": answer["ETag"], "PartNumber": number})
+            self._retrying(
+                object_key,
+                lambda: client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=object_key, UploadId=upload, MultipartUpload={"Parts": parts}
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.abort_multipart_upload(Bucket=self.bucket, Key=object_key, UploadId=upload)
+            raise
 
     def sync(self) -> None:
         """Nothing to do: S3 (and MinIO) answer a PUT only once the object is durable."""
@@ -240,13 +288,18 @@ class S3Store:
         base = f"{self.prefix}/" if self.prefix else ""
         return [key[len(base) :] for key in self.list_objects(base + check_prefix(prefix))]
 
-    def read_object(self, object_key: str, *, max_bytes: int | None = None) -> bytes:
+    def read_object(
+        self, object_key: str, *, max_bytes: int | None = None, byte_range: tuple[int, int] | None = None
+    ) -> bytes:
         """The bytes of ``object_key`` (a full key in the bucket, not under the store's prefix).
 
         No key rules apply, since the key may come from a user's URI. With ``max_bytes``, a HEAD
         request checks the size before the download, and the download is capped too in case the
-        object was replaced in between.
+        object was replaced in between. With ``byte_range`` = (offset, length), only those bytes, in
+        one ranged GET (a member of a shard); fewer bytes than asked is an error, not a short read.
         """
+        if byte_range is not None:
+            return self._read_range(object_key, *byte_range)
 
         def download() -> bytes:
             if max_bytes is not None:
@@ -264,6 +317,27 @@ class S3Store:
         data = self._retrying(object_key, download)
         if max_bytes is not None and len(data) > max_bytes:
             raise ObjectTooLargeError(f"s3://{self.bucket}/{object_key} is over the limit of {max_bytes}")
+        return data
+
+    def _read_range(self, object_key: str, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+
+        def download() -> bytes:
+            answer = self.client.get_object(
+                Bucket=self.bucket, Key=object_key, Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            body = answer["Body"]
+            try:
+                return body.read(length + 1)
+            finally:
+                body.close()
+
+        data = self._retrying(object_key, download)
+        if len(data) != length:
+            raise StorageUnavailableError(
+                f"s3://{self.bucket}/{object_key} gave {len(data)} bytes at offset {offset}, not the {length} asked"
+            )
         return data
 
     def list_objects(self, object_prefix: str = "") -> list[str]:

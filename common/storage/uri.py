@@ -17,10 +17,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
+from common.errors import ObjectTooLargeError
 from common.storage.base import ObjectStore
-from common.storage.local import LocalStore, list_files, read_file
-from common.storage.memory import MemoryStore, read_memory_object
+from common.storage.local import LocalStore, list_files, read_file, read_file_range
+from common.storage.memory import MemoryStore, read_memory_object, read_memory_range
 from common.storage.s3 import S3Store
+from common.storage.shards import MemberRef, parse_member_uri
 
 __all__ = ["file_uri_path", "list_uri", "open_store", "read_uri", "uri_scheme"]
 
@@ -65,8 +67,15 @@ def read_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
 
     ``NotFoundError`` when it does not exist, ``ObjectTooLargeError`` when ``max_bytes`` is given and
     the object is larger (checked before downloading, and the read is capped as well).
+
+    A member URI of an artifact shard (``…/shards/….tar#member=…&offset=…&length=…``, see
+    ``common.storage.shards``) reads that member's bytes alone: one ranged GET on S3, one seek on disk.
     """
     scheme = uri_scheme(uri)
+    if scheme in ("file", "s3", "memory"):
+        member = parse_member_uri(uri)
+        if member is not None:
+            return _read_member(member, max_bytes=max_bytes)
     if scheme == "" and uri:
         return read_file(Path(uri), max_bytes=max_bytes)
     if scheme == "file":
@@ -79,6 +88,21 @@ def read_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
             return S3Store(container).read_object(key, max_bytes=max_bytes)
         return read_memory_object(container, key, max_bytes=max_bytes)
     raise ValueError(f"cannot read {uri!r}: use an s3://, file:// or memory:// URI or a local path")
+
+
+def _read_member(member: MemberRef, *, max_bytes: int | None) -> bytes:
+    """The ``length`` bytes at ``offset`` of the shard, and nothing else of it."""
+    if max_bytes is not None and member.length > max_bytes:
+        raise ObjectTooLargeError(f"{member.uri} is {member.length} bytes, over the limit of {max_bytes}")
+    shard, scheme = member.shard_uri, uri_scheme(member.shard_uri)
+    if scheme == "file":
+        return read_file_range(file_uri_path(shard), member.offset, member.length)
+    container, _, key = _after_scheme(shard).partition("/")
+    if not container or not key:
+        raise ValueError(f"{member.uri!r} does not name a shard: use {scheme}://<name>/<key>#member=…")
+    if scheme == "s3":
+        return S3Store(container).read_object(key, byte_range=(member.offset, member.length))
+    return read_memory_range(container, key, member.offset, member.length)
 
 
 def list_uri(prefix_uri: str) -> list[str]:

@@ -7,6 +7,11 @@ folder can be moved, zipped or uploaded next to the artifacts:
                shared by reused jobs is copied once, and a second run copies only what is new)
     relative   local storage only: a path relative to ``DIR`` (nothing copied; keep both together)
     presigned  s3:// storage only: a presigned GET URL valid for ``expires`` seconds (nothing copied)
+
+Artifacts stored in shards (``VITSCOPE_ARTIFACT_LAYOUT=shards``, the default on S3) are members of a
+tar: copy mode extracts each picture with one ranged read; relative and presigned mode refuse them,
+since a browser's ``<img>`` cannot send the ``Range`` header that picks a member out of its shard.
+Run ``producer artifacts BATCH --out DIR`` to get one file per artifact instead.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from botocore.exceptions import BotoCoreError
 
 from common.errors import StorageConfigError
 from common.storage import read_uri
+from common.storage.shards import parse_member_uri
 from common.storage.uri import file_uri_path, uri_scheme
 
 __all__ = ["ArtifactLinks", "CopyLinks", "LinkMode", "PresignedLinks", "RelativeLinks", "make_links"]
@@ -54,13 +60,14 @@ class CopyLinks:
 
     def href(self, uri: str) -> str:
         digest = hashlib.sha256(uri.encode()).hexdigest()
-        suffix = PurePosixPath(uri).suffix.lower() or ".bin"
+        member = parse_member_uri(uri)  # a member of a shard: its own name, and only its bytes
+        suffix = PurePosixPath(member.member if member else uri).suffix.lower() or ".bin"
         relative = f"{COPY_FOLDER}/{digest[:2]}/{digest[2:24]}{suffix}"
         target = self.out / relative
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.partial")
-            if uri_scheme(uri) == "file":
+            if uri_scheme(uri) == "file" and member is None:
                 shutil.copyfile(file_uri_path(uri), partial)
             else:
                 partial.write_bytes(read_uri(uri))
@@ -79,6 +86,7 @@ class RelativeLinks:
     def href(self, uri: str) -> str:
         if uri_scheme(uri) != "file":
             raise ValueError(f"--links relative needs local (file://) storage; {uri!r} is not local")
+        _refuse_member(uri, "relative")
         relative = os.path.relpath(file_uri_path(uri), self.out)
         return quote(Path(relative).as_posix())
 
@@ -100,6 +108,7 @@ class PresignedLinks:
     def href(self, uri: str) -> str:
         if uri_scheme(uri) != "s3":
             raise ValueError(f"--links presigned needs s3:// storage; {uri!r} is not in S3")
+        _refuse_member(uri, "presigned")
         bucket, _, key = uri.split("://", 1)[1].partition("/")
         if self._client is None:
             try:
@@ -110,6 +119,17 @@ class PresignedLinks:
                 ) from exc
         return self._client.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=self.expires_seconds
+        )
+
+
+def _refuse_member(uri: str, mode: str) -> None:
+    """A link cannot name a member of a shard: only a ranged read gets its bytes out of the tar."""
+    if parse_member_uri(uri) is not None:
+        raise ValueError(
+            f"--links {mode} cannot point at {uri!r}: it is a member of an artifact shard "
+            "(VITSCOPE_ARTIFACT_LAYOUT=shards), and a browser <img> cannot send the Range header that "
+            "reads one member. Use --links copy (it extracts each picture into the report folder), or "
+            "`producer artifacts BATCH --out DIR` for one file per artifact."
         )
 
 

@@ -8,6 +8,7 @@ them: a test that needs a lease to run out sets a short one itself.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -25,6 +26,8 @@ import sqlalchemy as sa
 from common.db.models import Artifact, Job, JobState, WorkerHeartbeat
 from common.db.session import upgrade
 from common.settings import Settings
+from common.storage import read_uri
+from common.storage.shards import parse_member_uri
 from tests.conftest import ImageServer
 
 T = TypeVar("T")
@@ -66,6 +69,12 @@ def http_dataset(tmp_path: Path, image_server: ImageServer, write_image, count: 
     csv = tmp_path / "data.csv"
     csv.write_text("\n".join(lines) + "\n")
     return csv
+
+
+def bucket_key(uri: str) -> str:
+    """The key in the bucket that an artifact row's URI reads from: its own object's, or its shard's."""
+    member = parse_member_uri(uri)
+    return (member.shard_uri if member is not None else uri).split("/", 3)[3]
 
 
 @dataclass
@@ -231,6 +240,32 @@ class Cluster:
         s3 = boto3.client("s3")
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    @property
+    def layout(self) -> str:
+        """``objects`` or ``shards``: how the workers store artifacts (``VITSCOPE_ARTIFACT_LAYOUT``)."""
+        settings = Settings(artifact_layout=self.env.get("VITSCOPE_ARTIFACT_LAYOUT", "auto"))
+        return settings.resolved_artifact_layout(self.env["VITSCOPE_STORAGE_URL"])
+
+    def check_stored(self, jobs: list[Job], per_job: int, *, orphans_allowed: bool = False) -> None:
+        """Each job has ``per_job`` artifact rows, each reads back the bytes its checksum names, and
+        the bucket holds what the layout says: one object per artifact of each distinct image
+        (deterministic keys: nothing written twice, however often retried), or shards only, every
+        row's among them, and no other (orphan) shard unless an attempt failed after writing one."""
+        artifacts = self.artifacts()
+        assert {job.id: len(artifacts.get(job.id, [])) for job in jobs} == {job.id: per_job for job in jobs}
+        rows = [a for job in jobs for a in artifacts[job.id]]
+        for artifact in rows:
+            assert hashlib.sha256(read_uri(artifact.uri)).hexdigest() == artifact.checksum, artifact.uri
+        stored = set(self.objects("artifacts/"))
+        if self.layout == "objects":
+            assert len(stored) == per_job * len({job.image_sha256 for job in jobs})
+            return
+        assert all(key.startswith("artifacts/shards/") for key in stored), "an artifact outside a shard"
+        referenced = {bucket_key(a.uri) for a in rows}
+        assert referenced <= stored
+        if not orphans_allowed:
+            assert stored == referenced
 
     def artifacts(self) -> dict[str, list[Artifact]]:
         """Every artifact row, by job id."""

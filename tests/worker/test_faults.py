@@ -2,6 +2,9 @@
 PostgreSQL restarted mid-batch, the S3 endpoint cut off for 20 s, a worker sent SIGTERM, an image
 that kills its worker every time, and queue messages lost.
 
+The storage faults (S3 outage, PostgreSQL restart) run on both artifact layouts: one object per
+artifact, and shards (one tar per few jobs, written whole before any row points into it).
+
 Every test runs real ``worker start`` processes against its own ``redis-server`` (append-only file,
 as ``scripts/services`` and compose run it) and waits for states it can observe — a job running, a
 worker exited — never for a fixed time. Leases, heartbeats and the reaper are scaled to seconds.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import signal
 import socket
 import threading
@@ -25,7 +29,7 @@ from PIL import Image, PngImagePlugin
 
 from common.db.models import Job, JobState, utcnow
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
-from tests.worker.conftest import DONE, QUEUE, Cluster, wait_until
+from tests.worker.conftest import DONE, QUEUE, Cluster, bucket_key, wait_until
 
 ARTIFACTS_PER_JOB = len(ARRAY_ARTIFACTS) - 1 + len(IMAGE_ARTIFACTS)  # attention.npy is opt-in
 
@@ -34,7 +38,9 @@ ARTIFACTS_PER_JOB = len(ARRAY_ARTIFACTS) - 1 + len(IMAGE_ARTIFACTS)  # attention
 def cluster_factory(tmp_path: Path, s3_bucket: str) -> Iterator[Callable[..., Cluster]]:
     made: list[Cluster] = []
 
-    def make(*, broker: str, database: str, extra: dict[str, str] | None = None) -> Cluster:
+    def make(
+        *, broker: str, database: str, extra: dict[str, str] | None = None, layout: str = "auto"
+    ) -> Cluster:
         cluster = Cluster.create(
             tmp_path,
             broker=broker,
@@ -45,6 +51,7 @@ def cluster_factory(tmp_path: Path, s3_bucket: str) -> Iterator[Callable[..., Cl
                 "VITSCOPE_LEASE_SECONDS": "10",
                 "VITSCOPE_VISIBILITY_TIMEOUT_SECONDS": "120",
                 "VITSCOPE_TASK_TIME_LIMIT_SECONDS": "90",
+                "VITSCOPE_ARTIFACT_LAYOUT": layout,
                 **(extra or {}),
             },
             pre_ping=True,  # a test restarts PostgreSQL under the engine
@@ -79,17 +86,11 @@ def _dataset(tmp_path: Path, bucket: str, write_image, count: int, *, poison: in
 
 
 def _assert_each_job_computed_once(cluster: Cluster, jobs: list[Job]) -> None:
-    """One attempt per job, a full set of artifact rows each, and every one of them stored."""
+    """One attempt per job, a full set of artifact rows each, every one of them stored and read back,
+    nothing written twice (and, in the shards layout, no orphan shard)."""
     assert [job.state for job in jobs] == [JobState.SUCCEEDED] * len(jobs), [j.error_message for j in jobs]
     assert [job.attempts for job in jobs] == [1] * len(jobs), "a job was claimed twice"
-    artifacts = cluster.artifacts()
-    assert {job.id: len(artifacts.get(job.id, [])) for job in jobs} == {
-        job.id: ARTIFACTS_PER_JOB for job in jobs
-    }
-    stored = set(cluster.objects("artifacts/"))
-    expected = {a.uri.split("/", 3)[3] for job in jobs for a in artifacts[job.id]}
-    assert expected <= stored
-    assert len(stored) == ARTIFACTS_PER_JOB * len(jobs)  # deterministic keys: nothing written twice
+    cluster.check_stored(jobs, ARTIFACTS_PER_JOB)
 
 
 def test_the_broker_is_run_with_an_append_only_file() -> None:
@@ -137,10 +138,11 @@ def test_redis_restarted_mid_batch_loses_and_repeats_nothing(
 # --- 2. PostgreSQL restarted mid-batch -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("layout", ["objects", "shards"])
 def test_postgres_restarted_mid_batch_every_job_ends_succeeded(
-    cluster_factory, private_redis, private_postgres, tmp_path, write_image
+    cluster_factory, private_redis, private_postgres, tmp_path, write_image, layout: str
 ) -> None:
-    cluster = cluster_factory(broker=private_redis.url, database=private_postgres.url)
+    cluster = cluster_factory(broker=private_redis.url, database=private_postgres.url, layout=layout)
     csv = _dataset(tmp_path, cluster.bucket, write_image, 12)
     cluster.start_worker("w")
     cluster.wait_for_workers(1)
@@ -168,8 +170,8 @@ def test_postgres_restarted_mid_batch_every_job_ends_succeeded(
     assert submit.returncode == 0, f"{err}\n{cluster.log_tail()}"
     jobs = cluster.jobs(out.strip().splitlines()[-1])
     assert [job.state for job in jobs] == [JobState.SUCCEEDED] * len(jobs), cluster.log_tail()
-    artifacts = cluster.artifacts()
-    assert all(len(artifacts[job.id]) == ARTIFACTS_PER_JOB for job in jobs)
+    # A shard written before the restart whose commit failed stays behind, unreferenced.
+    cluster.check_stored(jobs, ARTIFACTS_PER_JOB, orphans_allowed=True)
     assert not [j for j in jobs if j.state == JobState.RUNNING]
     assert "hit a transient error, retrying" in log.read_text()
     print(
@@ -250,8 +252,9 @@ class CuttableProxy:
 OUTAGE_SECONDS = 20.0  # the issue's outage, under the default VITSCOPE_STORAGE_RETRY_SECONDS (60 s)
 
 
+@pytest.mark.parametrize("layout", ["objects", "shards"])
 def test_s3_unreachable_for_20_seconds_uploads_wait_and_the_batch_completes(
-    cluster_factory, private_redis, postgres_url, s3_endpoint, tmp_path, write_image
+    cluster_factory, private_redis, postgres_url, s3_endpoint, tmp_path, write_image, layout: str
 ) -> None:
     host, port = s3_endpoint.removeprefix("http://").split(":")
     proxy = CuttableProxy((host, int(port)))
@@ -260,6 +263,7 @@ def test_s3_unreachable_for_20_seconds_uploads_wait_and_the_batch_completes(
         broker=private_redis.url,
         database=postgres_url,
         extra={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.port}"},  # workers reach S3 only through it
+        layout=layout,
     )
     csv = _dataset(tmp_path, cluster.bucket, write_image, 12)
     cluster.start_worker("w")
@@ -284,8 +288,9 @@ def test_s3_unreachable_for_20_seconds_uploads_wait_and_the_batch_completes(
             stored = set(cluster.objects("artifacts/"))
             for job in jobs:
                 if job.state == JobState.SUCCEEDED:
-                    keys = {a.uri.split("/", 3)[3] for a in artifacts.get(job.id, [])}
-                    assert len(keys) == ARTIFACTS_PER_JOB
+                    rows = artifacts.get(job.id, [])
+                    assert len(rows) == ARTIFACTS_PER_JOB
+                    keys = {bucket_key(a.uri) for a in rows}
                     assert keys <= stored, f"job {job.id} recorded succeeded before its objects existed"
                     succeeded_during.add(job.id)
             time.sleep(0.5)
@@ -368,7 +373,9 @@ def test_an_image_that_kills_its_worker_fails_alone_with_the_reason(
     (hooks / "sitecustomize.py").write_text(POISON_HOOK)
     cluster = cluster_factory(broker=private_redis.url, database=postgres_url)
     csv = _dataset(tmp_path, cluster.bucket, write_image, 8, poison=2)  # chunks [0 1 P 3] [4 5 6 7]
-    cluster.start_worker("w", env={"PYTHONPATH": str(hooks)})
+    # Before, not instead of, an inherited PYTHONPATH (a checkout that is not the installed one).
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    cluster.start_worker("w", env={"PYTHONPATH": os.pathsep.join([str(hooks), *inherited])})
     cluster.wait_for_workers(1)
     cluster.submit(csv)
     jobs = cluster.wait_done()

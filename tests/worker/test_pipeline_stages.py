@@ -146,7 +146,11 @@ def test_pool_processes_write_the_artifacts_where_they_can_open_the_store(
 
     monkeypatch.setattr(local, "_SYNCFS", None)
     monkeypatch.setattr(local.os, "fsync", fsync)
-    settings = embedded_settings(tmp_path, storage_url=url, batch_size=2, cpu_workers=2)
+    # One object per artifact, written by the pool (in the shards layout, S3's default, the pool only
+    # encodes and the driving process writes one shard per few dozen jobs: tests/worker/test_shards.py).
+    settings = embedded_settings(
+        tmp_path, storage_url=url, batch_size=2, cpu_workers=2, artifact_layout="objects"
+    )
     options = SubmitOptions(models=[MODEL], weights="random")
     db = open_database(settings, migrate=True)
     runtime = Runtime.from_settings(settings, db=db)

@@ -138,4 +138,5 @@ def test_the_database_lost_mid_chunk_retries_the_chunk_and_every_job_ends_once(
     assert "whose lease expired" not in log
     assert len({job.worker_id for job in jobs}) == 1
     assert _artifact_counts(cluster, [job.id for job in jobs]) == {job.id: ARTIFACTS_PER_JOB for job in jobs}
-    assert len(cluster.objects("artifacts/")) == ARTIFACTS_PER_JOB * 4
+    # The first attempt's shard (written, never recorded) may stay behind as an orphan.
+    cluster.check_stored(jobs, ARTIFACTS_PER_JOB, orphans_allowed=True)

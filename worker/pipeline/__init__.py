@@ -2,7 +2,7 @@
 
 Each stage is a module of its own; ``flow`` reads the whole path top to bottom; ``cpu`` holds the
 CPU-bound work a pool of processes runs, ``artifacts`` the writing of an image's artifacts by that
-pool, ``clock`` the CPU time per stage. The public surface is
+pool, ``shard`` the shards layout's one write per few dozen jobs, ``clock`` the CPU time per stage. The public surface is
 what the shells (``worker.tasks``, ``worker.local``, the producer's ``--local``) use.
 """
 

@@ -8,6 +8,10 @@ or S3; ``StoreTarget``), a pool process opens it once and writes the whole image
 itself; only their descriptions (``ArtifactRecord``) travel back. A store that cannot be shared (an
 in-memory store, or one a caller built and passed in) is written by the driving process as before.
 
+In the shards layout (``common.storage.shards``) nothing is written per image: the pool (or a store
+thread) draws and encodes, and ``encode_artifacts`` returns the files with their descriptions; the
+record stage writes a whole shard of jobs at once and only then fills in each artifact's URI.
+
 Durability stays with the driving process: a pool process hands the keys it wrote over
 (``ObjectStore.hand_over``) and the driving process takes them over (``take_over``), so its one
 ``sync`` per micro-batch, before the jobs are recorded, covers files written by any process.
@@ -25,17 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.db.records import ArtifactRecord
-from common.keys import artifact_key
+from common.keys import artifact_key, sample_key
 from common.storage import ObjectStore, open_store
 from common.storage.uri import uri_scheme
 from worker.pipeline.cpu import Pictures, draw_pictures
 from worker.render import npy_bytes
 
 __all__ = [
+    "Encoded",
     "ImageArtifacts",
     "StoreTarget",
     "Written",
     "draw",
+    "encode_artifacts",
+    "encode_artifacts_many",
     "put_artifacts",
     "write_artifacts",
     "write_artifacts_many",
@@ -106,6 +113,11 @@ class ImageArtifacts:
         """The deterministic object key of the artifact ``name`` of this image."""
         return artifact_key(self.image_sha256, self.model, self.config, name)
 
+    @property
+    def sample_key(self) -> str:
+        """This image's sample key in a shard: its members are ``<sample key>.<artifact name>``."""
+        return sample_key(self.image_sha256, self.config)
+
 
 @dataclass(frozen=True)
 class Written:
@@ -150,6 +162,52 @@ def put_artifacts(store: ObjectStore, image: ImageArtifacts, pictures: Pictures)
     ]
     seconds = {**pictures.seconds, "store": time.thread_time() - start}
     return Written(artifacts, list(keys.values()), seconds)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An image's artifact files, encoded and described but not written (the shards layout): the
+    files in member order, their rows with ``uri`` still empty, and the CPU seconds they cost."""
+
+    sample_key: str
+    files: list[tuple[str, bytes]]
+    artifacts: list[ArtifactRecord]
+    seconds: dict[str, float]
+
+
+def encode_artifacts(image: ImageArtifacts, pictures: Pictures) -> Encoded:
+    """The arrays as ``.npy`` bytes beside the encoded ``pictures``, sorted by name, each described
+    (size, SHA-256, shape, dtype) as ``put_artifacts`` does, for a shard to hold."""
+    start = time.thread_time()
+    arrays = image.arrays
+    files = sorted({**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures.files}.items())
+    artifacts = [
+        ArtifactRecord(
+            name=name,
+            uri="",
+            content_type=_content_type(name),
+            bytes=len(data),
+            checksum=hashlib.sha256(data).hexdigest(),
+            shape="x".join(str(d) for d in (arrays[name].shape if name in arrays else pictures.shapes[name])),
+            dtype=str(arrays[name].dtype) if name in arrays else "uint8",
+        )
+        for name, data in files
+    ]
+    return Encoded(
+        image.sample_key, files, artifacts, {**pictures.seconds, "store": time.thread_time() - start}
+    )
+
+
+def encode_artifacts_many(images: list[ImageArtifacts]) -> list[Encoded | Exception]:
+    """Draw and encode several images' artifacts in one pool call, writing nothing; an image that
+    fails returns its error in its place. Runs in the CPU pool."""
+    results: list[Encoded | Exception] = []
+    for image in images:
+        try:
+            results.append(encode_artifacts(image, draw(image)))
+        except Exception as exc:
+            results.append(exc)
+    return results
 
 
 def write_artifacts(target: StoreTarget, image: ImageArtifacts) -> Written:

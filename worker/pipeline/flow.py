@@ -22,7 +22,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from common.db.records import JobOutcome
 from common.errors import PermanentError, TransientError
 from common.methods import MethodSettings
 from common.metrics import MetricSettings
@@ -32,7 +31,7 @@ from worker.pipeline.compute import compute
 from worker.pipeline.prepare import Prepared, prepare
 from worker.pipeline.record import ChunkReport, JobCallback, Recorder
 from worker.pipeline.runtime import Runtime
-from worker.pipeline.store import store_all
+from worker.pipeline.store import Stored, store_all
 
 __all__ = ["process_chunks", "process_jobs"]
 
@@ -161,6 +160,10 @@ class _Chunk:
         for group in self.groups:
             self.runtime.keeper.current_model = group.loaded.spec.name
             self._compute_group(group)
+        if self.runtime.shard_rules is not None:
+            # The chunk's last shard is written now, behind the next chunk's claim and compute
+            # (``process_chunks`` finishes this chunk only after computing the next one).
+            self.records.append(self.runtime.record_pool.submit(self.recorder.flush))
 
     def _compute_group(self, group: _Group) -> None:
         """Images in arrival order; each micro-batch's worth is looked up for reuse in one query,
@@ -200,7 +203,7 @@ class _Chunk:
         runtime = self.runtime
         self.computing.update((p.sha256, p.ticket.config) for p in batch)
         computed = compute(self.recorder, loaded, batch)
-        stored: list[tuple[Ticket, Future[JobOutcome]]] = [
+        stored: list[tuple[Ticket, Future[Stored]]] = [
             (c.prepared.ticket, future)
             for c, future in zip(computed, store_all(runtime, loaded, computed), strict=True)
         ]
@@ -228,14 +231,20 @@ class _Chunk:
         chunk's retry takes them back at once (``claim_jobs(reclaim_own=...)`` asks that this process
         holds no job) instead of waiting out their lease."""
         records, self.records = self.records, []
-        for record in records:
+        for record in [*records, *self.recorder.take_timed_flushes()]:
             with contextlib.suppress(BaseException):  # the error that matters is already going up
                 record.result()
+        self.recorder.discard_shard()
         self.runtime.keeper.release(self.claimed, done=False)
         self.runtime.keeper.current_model = None
 
     def _wait_for_records(self) -> None:
+        """Wait for every micro-batch's record and, in the shards layout, write the open shard: a
+        chunk's jobs are all recorded (or failed) before it ends and lets go of their leases."""
+        if self.runtime.shard_rules is not None:
+            self.records.append(self.runtime.record_pool.submit(self.recorder.flush))
         records, self.records = self.records, []
+        records += self.recorder.take_timed_flushes()
         first_error: BaseException | None = None
         for record in records:
             try:

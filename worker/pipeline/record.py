@@ -2,10 +2,14 @@
 
 Every failure is recorded on its own job (permanent → failed, transient → back to the queue for a
 retry); one bad image never fails the rest of its chunk.
+
+In the shards layout a finished micro-batch joins the chunk's open shard instead; the shard is
+written and its jobs recorded when a flush rule closes it (``shard.ShardRules``) or the chunk ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +24,7 @@ from worker.keeper import current_identity
 from worker.pipeline.claim import Ticket
 from worker.pipeline.prepare import Prepared
 from worker.pipeline.runtime import Runtime
+from worker.pipeline.shard import Unwritten, write_shard
 
 __all__ = ["ChunkReport", "JobCallback", "Recorder"]
 
@@ -53,6 +58,12 @@ class Recorder:
         self.on_job = on_job
         self.worker_id = current_identity().worker_id
         self._lock = threading.RLock()
+        # The open shard (shards layout): touched only on the record thread, except that the
+        # flush timer (``max_seconds``) submits a flush to that thread.
+        self._shard: list[tuple[Ticket, Unwritten]] = []
+        self._shard_bytes = 0
+        self._timer: threading.Timer | None = None
+        self._timed_flushes: list[Future[None]] = []
 
     def _done(self, job_id: str, state: JobState) -> None:
         self.runtime.keeper.release([job_id], done=state != JobState.QUEUED)
@@ -89,17 +100,26 @@ class Recorder:
             if state is not None:
                 self._done(ticket.job_id, state)
 
-    def succeed_all(self, stored: Sequence[tuple[Ticket, Future[JobOutcome]]]) -> None:
+    def succeed_all(self, stored: Sequence[tuple[Ticket, Future[JobOutcome | Unwritten]]]) -> None:
         """Wait for a micro-batch's uploads, make them durable, then record its successes in one
-        transaction; a job whose rendering or upload failed is recorded as failed with the reason."""
+        transaction; a job whose rendering or upload failed is recorded as failed with the reason.
+        In the shards layout the jobs join the open shard instead (``flush`` records them)."""
         outcomes: list[tuple[str, JobOutcome]] = []
+        unwritten: list[tuple[Ticket, Unwritten]] = []
         uploaded: list[Ticket] = []
         for ticket, future in stored:
             try:
-                outcomes.append((ticket.job_id, future.result()))
-                uploaded.append(ticket)
+                result = future.result()
             except Exception as exc:
                 self.fail(ticket, exc)
+                continue
+            if isinstance(result, Unwritten):
+                unwritten.append((ticket, result))
+            else:
+                outcomes.append((ticket.job_id, result))
+                uploaded.append(ticket)
+        if unwritten:
+            self._add_to_shard(unwritten)
         if not outcomes:
             return
         try:  # no job is recorded before its artifacts would survive a power loss
@@ -109,12 +129,91 @@ class Recorder:
             for ticket in uploaded:
                 self.fail(ticket, exc)
             return
+        self._record_successes(outcomes)
+
+    def _record_successes(self, outcomes: list[tuple[str, JobOutcome]]) -> None:
         with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
             won = record_successes(session, outcomes, worker_id=self.worker_id)
         with self._lock:
             for job_id in won:
                 self.report.succeeded.append(job_id)
                 self._done(job_id, JobState.SUCCEEDED)
+
+    def _add_to_shard(self, jobs: list[tuple[Ticket, Unwritten]]) -> None:
+        """Put finished jobs in the open shard; write it if a size rule says so, else make sure the
+        time rule will (on the record thread)."""
+        rules = self.runtime.shard_rules
+        assert rules is not None
+        self._shard += jobs
+        self._shard_bytes += sum(job.size for _, job in jobs)
+        while (count := self._full_prefix(rules.max_jobs, rules.max_bytes)) > 0:
+            self._write_shard(count)
+        with self._lock:
+            if self._shard and self._timer is None:
+                self._timer = threading.Timer(rules.max_seconds, self._flush_on_time)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _full_prefix(self, max_jobs: int, max_bytes: int) -> int:
+        """How many of the open shard's first jobs make a full shard (``max_jobs`` of them, or the
+        fewest that reach ``max_bytes``); 0 while the shard is not full."""
+        if self._shard_bytes < max_bytes:
+            return max_jobs if len(self._shard) >= max_jobs else 0
+        total = 0
+        for count, (_, job) in enumerate(self._shard[:max_jobs], 1):
+            total += job.size
+            if total >= max_bytes:
+                return count
+        return max_jobs
+
+    def _flush_on_time(self) -> None:
+        """The time rule (timer thread): the oldest job of the open shard has waited ``max_seconds``."""
+        with self._lock:
+            self._timer = None
+            # RuntimeError: the runtime is closing; the chunk's own end flushes or abandons the shard.
+            with contextlib.suppress(RuntimeError):
+                self._timed_flushes.append(self.runtime.record_pool.submit(self.flush))
+
+    def flush(self) -> None:
+        """Write the open shard, if any, and record its jobs (on the record thread)."""
+        while self._shard:
+            self._write_shard(len(self._shard))
+
+    def take_timed_flushes(self) -> list[Future[None]]:
+        """The flushes the time rule started, for the chunk to wait on (and raise their errors)."""
+        with self._lock:
+            flushes, self._timed_flushes = self._timed_flushes, []
+        return flushes
+
+    def discard_shard(self) -> None:
+        """Forget the open shard (the chunk failed as a whole): its jobs stay running under this
+        process, and the chunk's retry takes them back and computes them again."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self._shard, self._shard_bytes = [], 0
+
+    def _write_shard(self, count: int) -> None:
+        """Write the first ``count`` jobs of the open shard as one shard, then record them; if the
+        write fails, each of them fails (a transient error puts it back in the queue)."""
+        jobs, self._shard = self._shard[:count], self._shard[count:]
+        self._shard_bytes = sum(job.size for _, job in self._shard)
+        if not self._shard:
+            with self._lock:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+        try:  # no row points into a shard before the whole shard would survive a power loss
+            with self.runtime.clock.measure("store"):
+                outcomes = write_shard(self.runtime.store, [job for _, job in jobs])
+        except Exception as exc:
+            for ticket, _ in jobs:
+                self.fail(ticket, exc)
+            return
+        self._record_successes(
+            [(ticket.job_id, outcome) for (ticket, _), outcome in zip(jobs, outcomes, strict=True)]
+        )
 
     def reuse_all(self, candidates: Sequence[Prepared]) -> list[Prepared]:
         """Point each job that has an earlier identical job at its artifacts, all in one lookup and

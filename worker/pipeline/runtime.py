@@ -22,6 +22,7 @@ from worker.models import ModelCache
 from worker.pipeline.artifacts import StoreTarget
 from worker.pipeline.clock import StageClock
 from worker.pipeline.cpu import CpuPool, auto_cpu_workers
+from worker.pipeline.shard import ShardRules
 
 __all__ = ["Explainer", "Runtime"]
 
@@ -62,6 +63,8 @@ class Runtime:
     # How a CPU-pool process opens ``store`` itself and writes an image's artifacts there; None when
     # it cannot (an in-memory store, or one the caller passed in), and this process writes them.
     store_target: StoreTarget | None = None
+    # The shards layout's flush rules; None in the objects layout (one object per artifact).
+    shard_rules: ShardRules | None = None
 
     @classmethod
     def from_settings(
@@ -85,11 +88,13 @@ class Runtime:
             # By the opened store's URL, absolute: a relative folder would be another folder in a
             # process started from another working directory.
             target = StoreTarget.of(store.url, upload_threads=threads, retry_seconds=retry)
+        sharded = settings.resolved_artifact_layout(store.url) == "shards"
         return cls(
             settings=settings,
             db=db,
             store=store,
             store_target=target,
+            shard_rules=ShardRules.from_settings(settings) if sharded else None,
             fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings)),
             models=ModelCache(device=device, weights_dir=settings.weights_dir),
             device=device,

@@ -4,6 +4,9 @@ key, and the job described for the database.
 With a CPU pool and a store other processes can open, a pool process does all of it and sends back
 only the descriptions (``artifacts.write_artifacts``); otherwise the pool (or this thread) draws
 and encodes and this thread writes.
+
+In the shards layout nothing is written here: the pool (or this thread) draws and encodes, and each
+image's future holds an ``Unwritten`` job, which the record stage gathers into a shard.
 """
 
 from __future__ import annotations
@@ -12,23 +15,31 @@ import functools
 import time
 from concurrent.futures import CancelledError, Future
 
-from common.db.records import JobOutcome, PredictionRecord
+from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord
 from worker.attention import Explanation
 from worker.models import LoadedModel
 from worker.pipeline.artifacts import (
+    Encoded,
     ImageArtifacts,
     Written,
     draw,
+    encode_artifacts,
+    encode_artifacts_many,
     put_artifacts,
     write_artifacts_many,
 )
 from worker.pipeline.compute import Computed
 from worker.pipeline.runtime import Runtime
+from worker.pipeline.shard import Unwritten
 
-__all__ = ["store", "store_all"]
+__all__ = ["Stored", "store", "store_all"]
+
+# What the store stage hands the record stage for one image: the job's row with its artifacts
+# written (objects layout), or the job and its encoded files for the open shard (shards layout).
+Stored = JobOutcome | Unwritten
 
 
-def store_all(runtime: Runtime, loaded: LoadedModel, batch: list[Computed]) -> list[Future[JobOutcome]]:
+def store_all(runtime: Runtime, loaded: LoadedModel, batch: list[Computed]) -> list[Future[Stored]]:
     """Start storing a computed micro-batch; one future per image, in order, each failing on its own.
 
     With a CPU pool that can open the store, the batch goes to the pool in one call per pool process
@@ -47,7 +58,7 @@ def store_all(runtime: Runtime, loaded: LoadedModel, batch: list[Computed]) -> l
     return futures
 
 
-def _end_unfinished(futures: list[Future[JobOutcome]], task: Future[None]) -> None:
+def _end_unfinished(futures: list[Future[Stored]], task: Future[None]) -> None:
     """A store task cancelled before it ran (the runtime closing) still ends its images' futures."""
     for future in futures:
         if not future.done():
@@ -56,15 +67,18 @@ def _end_unfinished(futures: list[Future[JobOutcome]], task: Future[None]) -> No
 
 
 def _store_in_pool(
-    runtime: Runtime, loaded: LoadedModel, batch: list[Computed], futures: list[Future[JobOutcome]]
+    runtime: Runtime, loaded: LoadedModel, batch: list[Computed], futures: list[Future[Stored]]
 ) -> None:
     """One pool call for ``batch``; each image's outcome or error goes to its own future."""
     start = time.perf_counter()
     try:
-        assert runtime.store_target is not None
-        results = runtime.cpu.run(
-            write_artifacts_many, runtime.store_target, [_artifacts(runtime, c) for c in batch]
-        )
+        images = [_artifacts(runtime, c) for c in batch]
+        results: list[Written | Encoded | Exception]
+        if runtime.shard_rules is not None:
+            results = list(runtime.cpu.run(encode_artifacts_many, images))
+        else:
+            assert runtime.store_target is not None
+            results = list(runtime.cpu.run(write_artifacts_many, runtime.store_target, images))
     except BaseException as exc:  # the pool process died (or worse): every image of the call failed
         for future in futures:
             future.set_exception(exc)
@@ -75,21 +89,32 @@ def _store_in_pool(
             future.set_exception(result)
             continue
         try:
-            runtime.store.take_over(result.keys)  # synced with the micro-batch, before it is recorded
             runtime.clock.add(result.seconds)
-            future.set_result(_outcome(runtime, loaded, computed, result, share))
+            outcome = _outcome(runtime, loaded, computed, result.artifacts, share)
+            if isinstance(result, Encoded):
+                future.set_result(Unwritten(outcome, result))
+            else:
+                runtime.store.take_over(result.keys)  # synced with the micro-batch, before it is recorded
+                future.set_result(outcome)
         except BaseException as exc:  # every future must end, or its micro-batch's record waits forever
             future.set_exception(exc)
 
 
-def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> JobOutcome:
+def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> Stored:
     """Render every artifact (in the CPU pool if there is one), write them here under deterministic
-    keys, describe them for the database: for stores a pool process cannot open (``store_all``)."""
+    keys, describe them for the database: for stores a pool process cannot open (``store_all``).
+    In the shards layout, encode them for the open shard instead of writing them."""
     start = time.perf_counter()
     image = _artifacts(runtime, computed)
-    written = put_artifacts(runtime.store, image, runtime.cpu.run(draw, image))
+    pictures = runtime.cpu.run(draw, image)
+    if runtime.shard_rules is not None:
+        encoded = encode_artifacts(image, pictures)
+        runtime.clock.add(encoded.seconds)
+        outcome = _outcome(runtime, loaded, computed, encoded.artifacts, time.perf_counter() - start)
+        return Unwritten(outcome, encoded)
+    written = put_artifacts(runtime.store, image, pictures)
     runtime.clock.add(written.seconds)
-    return _outcome(runtime, loaded, computed, written, time.perf_counter() - start)
+    return _outcome(runtime, loaded, computed, written.artifacts, time.perf_counter() - start)
 
 
 def _artifacts(runtime: Runtime, computed: Computed) -> ImageArtifacts:
@@ -107,7 +132,11 @@ def _artifacts(runtime: Runtime, computed: Computed) -> ImageArtifacts:
 
 
 def _outcome(
-    runtime: Runtime, loaded: LoadedModel, computed: Computed, written: Written, seconds: float
+    runtime: Runtime,
+    loaded: LoadedModel,
+    computed: Computed,
+    artifacts: list[ArtifactRecord],
+    seconds: float,
 ) -> JobOutcome:
     """The job's row: its image, prediction, artifacts and timings."""
     prepared, explanation = computed.prepared, computed.explanation
@@ -118,7 +147,7 @@ def _outcome(
         note=_note(explanation),
         device=str(runtime.device),
         weights_source=loaded.weights_source,
-        artifacts=written.artifacts,
+        artifacts=artifacts,
         predictions=_predictions(explanation, loaded.labels),
         fetch_seconds=prepared.fetch_seconds,
         compute_seconds=computed.seconds,

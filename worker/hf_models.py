@@ -72,6 +72,9 @@ class _Family:
 
     prefix_tokens: Callable[[Any], int]
     readout: Callable[[Any, str], Readout]  # (config, loaded class name) -> readout
+    # Not yet ported to transformers' attention interface (Data2Vec-Vision in 5.x): its eager
+    # self-attention applies an ``nn.Dropout`` module to the post-softmax map, hooked as timm's is.
+    dropout_hook: bool = False
 
 
 def _class_token(config: Any, loaded: str) -> Readout:
@@ -93,7 +96,7 @@ SUPPORTED_TYPES: dict[str, _Family] = {
     "vit": _Family(lambda config: 1, _class_token),
     "deit": _Family(lambda config: 2, _class_token),
     "beit": _Family(lambda config: 1, _beit_pooling),
-    "data2vec-vision": _Family(lambda config: 1, _beit_pooling),
+    "data2vec-vision": _Family(lambda config: 1, _beit_pooling, dropout_hook=True),
     "dinov2": _Family(lambda config: 1, _class_token),
     "dinov2_with_registers": _Family(lambda config: 1 + int(config.num_register_tokens), _class_token),
     "clip_vision_model": _Family(lambda config: 1, _clip_pooling),
@@ -156,10 +159,12 @@ class TransformersModel(nn.Module):
         self.num_prefix_tokens = family.prefix_tokens(hf.config)
         self.readout = family.readout(hf.config, type(hf).__name__)
         self._interpolate = interpolate
+        self._dropout_hook = family.dropout_hook
+        # The modules transformers itself records ``hidden_states`` and ``attentions`` from.
         recorded = getattr(hf, "_can_record_outputs", None) or {}
-        self._attention_class = _recorded_class(recorded.get("attentions"))
         self._layer_class = _recorded_class(recorded.get("hidden_states"))
-        if self._attention_class is None or self._layer_class is None:
+        self._attention_class = _recorded_class(recorded.get("attentions"))
+        if not self._dropout_hook and (self._attention_class is None or self._layer_class is None):
             raise UnsupportedModelError(
                 f"{type(hf).__name__} does not declare its attention modules (_can_record_outputs)"
             )
@@ -167,11 +172,19 @@ class TransformersModel(nn.Module):
     @property
     def blocks(self) -> tuple[nn.Module, ...]:
         """The encoder layers in order (computed, so a deep copy has its own)."""
+        if self._dropout_hook:
+            return tuple(self.hf.base_model.encoder.layer)
         return tuple(module for module in self.hf.modules() if isinstance(module, self._layer_class))
 
     def attention_layout(self) -> ModelLayout:
-        """Where the core finds block ``l``'s map: the ``l``-th attention module's ``output[1]``."""
-        modules = tuple(module for module in self.hf.modules() if isinstance(module, self._attention_class))
+        """Where the core finds block ``l``'s map: the ``l``-th attention module's ``output[1]``, or
+        (``dropout_hook``) the output of its self-attention's dropout."""
+        if self._dropout_hook:
+            modules = tuple(block.attention.attention.dropout for block in self.blocks)
+        else:
+            modules = tuple(
+                module for module in self.hf.modules() if isinstance(module, self._attention_class)
+            )
         return ModelLayout(
             attn_drops=modules,
             num_prefix_tokens=self.num_prefix_tokens,
@@ -179,7 +192,7 @@ class TransformersModel(nn.Module):
             readout=self.readout,
             has_class_token=True,
             has_head=self.num_classes > 0,
-            output_index=1,
+            output_index=None if self._dropout_hook else 1,
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -512,3 +512,26 @@ def test_a_folder_without_a_saved_model_says_so(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsUnavailableError, match=r"no config\.json"):
         load_model(resolve_model(f"hf:{tmp_path / 'empty'}"), device=CPU)
+
+
+# --- queues ---------------------------------------------------------------------------------------
+
+
+def test_a_worker_serves_the_transformers_queue_only_where_transformers_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    from common.celery_app import TRANSFORMERS_QUEUE
+    from worker.cli import resolve_queues
+
+    assert TRANSFORMERS_QUEUE in resolve_queues("all")
+    assert resolve_queues("transformers") == [TRANSFORMERS_QUEUE]
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(  # an install without the hf extra, which this environment cannot be
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "transformers" else real_find_spec(name, *a),
+    )
+    assert TRANSFORMERS_QUEUE not in resolve_queues("all")
+    assert resolve_queues("transformers") == [TRANSFORMERS_QUEUE]  # asked for by name: the user decides

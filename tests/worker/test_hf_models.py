@@ -371,6 +371,42 @@ def test_a_batch_equals_single_image_runs(batch: Batch, family: Family) -> None:
             np.testing.assert_allclose(array, explanation.arrays()[name], rtol=0, atol=1e-5, err_msg=name)
 
 
+def test_metrics_report_and_figures_work_as_for_timm(batch: Batch, tmp_path: Path) -> None:
+    """The faithfulness metrics (the sanity check re-initializes the model's own encoder layers), the
+    HTML report and the paper's figures, on a classifier and a headless backbone."""
+    import sqlalchemy as sa
+
+    root = tmp_path
+    for image in batch.images[:2]:
+        (root / image.name).write_bytes(image.read_bytes())
+    (root / "data.csv").write_text("image_uri\n" + "".join(f"{image.name}\n" for image in batch.images[:2]))
+    env = {
+        "VITSCOPE_DATABASE_URL": f"sqlite:///{root / 'v.db'}",
+        "VITSCOPE_STORAGE_URL": (root / "results").as_uri(),
+        "COLUMNS": "200",
+    }
+    models = f"hf:{batch.folders['vit']},hf:{batch.folders['dinov2-headless']}"
+    submitted = _invoke(
+        env, "submit", str(root / "data.csv"), "--local", "--models", models, "--metrics", "all"
+    )
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = submitted.stdout.strip().splitlines()[-1]
+    engine = sa.create_engine(env["VITSCOPE_DATABASE_URL"])
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text("select model, metric from job_metrics")).all()
+    engine.dispose()
+    metrics = {(model.rsplit("/", 1)[-1], metric) for model, metric in rows}
+    for metric in ("deletion_auc", "insertion_auc", "entropy", "sanity_spearman"):
+        assert ("vit", metric) in metrics
+    assert ("dinov2-headless", "entropy") in metrics  # class-agnostic: no class to delete evidence of
+    report = _invoke(env, "report", batch_id, "--out", str(root / "site"))
+    assert report.exit_code == 0, report.output
+    assert (root / "site" / "index.html").is_file()
+    figures = _invoke(env, "figures", batch_id, "--out", str(root / "figures"), "--no-pdf")
+    assert figures.exit_code == 0, figures.output
+    assert len(list((root / "figures").glob("fig4_1-*.png"))) == 4  # one per image and model
+
+
 # --- preprocessing --------------------------------------------------------------------------------
 
 

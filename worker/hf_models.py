@@ -289,7 +289,7 @@ def _check_available(spec: ModelSpec, source: str) -> bool:
     host = urllib.parse.urlparse(endpoint).netloc
     raise WeightsUnavailableError(
         f"cannot get the transformers model {source}: {host} is not reachable (this machine looks offline) "
-        f"and it is not in the local Hugging Face cache. Options: save it where the hub is reachable "
+        f"and its files are not in the local Hugging Face cache. Options: save it where the hub is reachable "
         "(model.save_pretrained(folder) and its image processor's) and name the folder as hf:<folder>; "
         "or, with --local, --random-if-offline for a smoke run with RANDOM weights (meaningless maps; "
         "needs its config.json in the cache)."

@@ -544,6 +544,46 @@ def test_the_cli_reports_the_offline_hub_id_and_what_to_do(tmp_path: Path) -> No
     assert "--random-if-offline" in " ".join(result.output.split())
 
 
+def _cache_repo(folder: Path, files: tuple[str, ...]) -> None:
+    """``acme/tiny-vit`` in the (monkeypatched, empty) hub cache, in the cache's own layout, by hand."""
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--acme--tiny-vit"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in files:
+        (snapshot / name).write_bytes((folder / name).read_bytes())
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_an_offline_hub_id_in_the_cache_loads_from_it(batch: Batch) -> None:
+    _cache_repo(batch.folders["vit"], ("config.json", "preprocessor_config.json", "model.safetensors"))
+    loaded = load_model(ModelSpec(name="hf:acme/tiny-vit", arch="hf:acme/tiny-vit"), device=CPU)
+    assert "ViTForImageClassification: acme/tiny-vit;" in loaded.weights_source
+    assert loaded.labels == tuple(LABELS.values())
+
+
+@pytest.mark.usefixtures("unreachable_hub")
+def test_random_if_offline_builds_the_cached_config_with_random_weights(batch: Batch, tmp_path: Path) -> None:
+    _cache_repo(batch.folders["vit"], ("config.json", "preprocessor_config.json"))
+    _photo(tmp_path / "a.png", (40, 40), seed=1)
+    (tmp_path / "data.csv").write_text("image_uri\na.png\n")
+    env = {
+        "VITSCOPE_DATABASE_URL": f"sqlite:///{tmp_path / 'v.db'}",
+        "VITSCOPE_STORAGE_URL": (tmp_path / "r").as_uri(),
+    }
+    data = str(tmp_path / "data.csv")
+    refused = _invoke(env, "submit", data, "--local", "--models", "hf:acme/tiny-vit")
+    assert refused.exit_code == 2, refused.output
+    submitted = _invoke(env, "submit", data, "--local", "--models", "hf:acme/tiny-vit", "--random-if-offline")
+    assert submitted.exit_code == 0, submitted.output
+    assert "RANDOM" in " ".join(submitted.output.split())
+    results = _invoke(env, "results", submitted.stdout.strip().splitlines()[-1], "--format", "json")
+    (job,) = json.loads(results.stdout)
+    assert "ViTForImageClassification: RANDOM" in job["weights_source"]
+
+
 def test_a_folder_without_a_saved_model_says_so(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(WeightsUnavailableError, match=r"no config\.json"):

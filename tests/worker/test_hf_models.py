@@ -95,6 +95,15 @@ def _families() -> list[Family]:
             has_head=True,
         ),
         Family(
+            "deit-with-teacher",
+            "DeiTForImageClassificationWithTeacher",
+            t.DeiTConfig(**TINY, image_size=32, patch_size=8, **head),
+            t.DeiTImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False),
+            prefix=2,
+            readout="token",  # its logits average the class and distillation heads; as timm's, row 0
+            has_head=True,
+        ),
+        Family(
             "beit",
             "BeitForImageClassification",
             t.BeitConfig(
@@ -129,6 +138,15 @@ def _families() -> list[Family]:
             prefix=1,
             readout="avg",
             has_head=True,
+        ),
+        Family(
+            "vit-headless",
+            "ViTModel",
+            t.ViTConfig(**TINY, image_size=32, patch_size=8),
+            t.ViTImageProcessor(**squash_32),
+            prefix=1,
+            readout="token",  # ViTPooler: the class token
+            has_head=False,
         ),
         Family(
             "dinov2-headless",
@@ -189,7 +207,7 @@ def _like_trained(model: nn.Module) -> nn.Module:
                 "k_proj",
             ):
                 module.weight.mul_(ATTENTION_SHARPENING)
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] == "classifier":
+            if isinstance(module, nn.Linear) and name.endswith("classifier"):
                 module.weight.normal_(std=module.in_features**-0.5)
         for name, parameter in model.named_parameters():
             if "relative_position_bias_table" in name:

@@ -52,9 +52,9 @@ from common.modelspec import HF_PREFIX, ModelSpec
 from worker.attention.readout import Readout
 from worker.attention.support import ModelLayout
 from worker.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessor
-from worker.weights import _reachable
+from worker.weights import _reachable  # the same bounded TCP probe as for timm's hub weights
 
-__all__ = ["SUPPORTED_TYPES", "TransformersModel", "load_transformers"]
+__all__ = ["REFUSED_TYPES", "SUPPORTED_TYPES", "LoadedTransformers", "TransformersModel", "load_transformers"]
 
 # What a classification head's class is called in ``config.architectures``.
 _HEAD_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")

@@ -425,6 +425,38 @@ def test_metrics_report_and_figures_work_as_for_timm(batch: Batch, tmp_path: Pat
     assert len(list((root / "figures").glob("fig4_1-*.png"))) == 4  # one per image and model
 
 
+def test_a_frozen_model_gets_the_same_gradients(batch: Batch) -> None:
+    """transformers' attention hooks fire after the block used the map, so a frozen model's maps are
+    put on the graph through the input instead; the gradients must not change."""
+    from worker.attention import capture
+
+    loaded = load_model(resolve_model(f"hf:{batch.folders['beit']}"), device=CPU)
+    images = torch.stack(
+        [loaded.preprocessor(decode_image(image.read_bytes(), max_pixels=10**7)) for image in batch.images]
+    )
+    trainable = capture(loaded.model, images, [None, 1, 2])
+    loaded.model.requires_grad_(False)
+    frozen = capture(loaded.model, images, [None, 1, 2])
+    assert frozen.gradients is not None
+    assert trainable.gradients is not None
+    assert frozen.gradients.abs().sum() > 0
+    torch.testing.assert_close(frozen.gradients, trainable.gradients, rtol=0, atol=1e-7)
+
+
+def test_paper_preprocessing_is_the_papers_recipe_at_the_processors_crop(batch: Batch) -> None:
+    loaded = load_model(
+        ModelSpec(name="d", arch=f"hf:{batch.folders['dinov2-headless']}", preprocess="paper"), device=CPU
+    )
+    preprocessor = loaded.preprocessor
+    assert (preprocessor.input_size, preprocessor.resize_size, preprocessor.crop_mode) == (
+        (28, 28),
+        32,
+        "center",
+    )
+    assert preprocessor.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert "paper: resize shortest edge 32 bicubic, crop 28×28" in loaded.weights_source
+
+
 # --- preprocessing --------------------------------------------------------------------------------
 
 

@@ -64,6 +64,8 @@ _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 
 # The paper's recipe (``worker.preprocess``): shorter side 256, centre crop 224, scaled with the input.
 _PAPER_RESIZE, _PAPER_CROP = 256, 224
 _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# ``preprocess = "timm"`` means "the model's own recipe": for these models, their image processor's.
+_PIPELINE_NAMES = {Preprocess.TIMM: "image processor", Preprocess.PAPER: "paper"}
 
 
 @dataclass(frozen=True)
@@ -489,6 +491,7 @@ def describe(preprocessor: Preprocessor) -> str:
     )
     height, width = preprocessor.input_size
     return (
-        f"{preprocessor.pipeline.value}: resize {resize} {preprocessor.interpolation}, crop {height}×{width}, "
+        f"{_PIPELINE_NAMES[preprocessor.pipeline]}: resize {resize} {preprocessor.interpolation}, "
+        f"crop {height}×{width}, "
         f"mean {preprocessor.mean}, std {preprocessor.std}"
     )

@@ -356,6 +356,7 @@ def test_each_job_records_the_image_processors_recipe(batch: Batch, family: Fami
     processor = family.processor
     crop = processor.crop_size if processor.do_center_crop else processor.size
     assert f"{family.model_class}: {batch.folders[family.name]}" in source
+    assert "; preprocessing: image processor: resize " in source
     assert f"crop {crop['height']}×{crop['width']}" in source
     assert f"mean {tuple(float(m) for m in processor.image_mean)}" in source
 

@@ -45,6 +45,7 @@ __all__ = [
     "resolve_models_option",
     "timm_model_names",
     "transformers_arch",
+    "transformers_spec_extra",
 ]
 
 # The four models the paper studies (§3.1); ``--models paper`` expands to them.
@@ -65,6 +66,9 @@ HF_PREFIX = "hf:"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 # Sources that are paths even when no such folder exists here (the worker then says it is missing).
 _PATH_STARTS = ("/", "./", "../", "~")
+# What makes a saved transformers folder the model it is (``transformers_spec_extra``).
+_FOLDER_CONFIGS = frozenset({"config.json", "preprocessor_config.json"})
+_FOLDER_WEIGHTS = frozenset({".safetensors", ".bin", ".json"})
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,24 @@ def transformers_arch(source: str, base_dir: Path) -> str:
     return HF_PREFIX + source
 
 
+def transformers_spec_extra(arch: str) -> dict[str, str]:
+    """``{"folder_version": digest}`` of an ``hf:`` folder readable here: its configurations' bytes and
+    its weight files' names, sizes and modification times. It enters the spec's fingerprint, so a
+    model saved again into the same folder is not answered with the previous model's artifacts.
+    Empty for hub ids and for folders only the workers can see."""
+    folder = Path(arch.removeprefix(HF_PREFIX))
+    if not folder.is_absolute() or not folder.is_dir():
+        return {}
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.name in _FOLDER_CONFIGS and path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        elif path.suffix in _FOLDER_WEIGHTS and path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return {"folder_version": digest.hexdigest()[:16]}
+
+
 @functools.cache
 def timm_model_names() -> frozenset[str]:
     """timm's architecture names, as listed when the list was last generated."""
@@ -256,7 +278,11 @@ def _spec_from_entry(name: str, entry: Mapping[str, Any], base_dir: Path, where:
             labels=tuple(labels) if labels is not None else None,
             preprocess=preprocess,
             img_size=img_size,
-            extra={"model_args": model_args} if model_args else {},
+            extra=(
+                {"model_args": model_args}
+                if model_args
+                else (transformers_spec_extra(arch) if is_transformers_model(arch) else {})
+            ),
         )
     except InvalidModelSpecError as exc:
         raise InvalidModelSpecError(f"{where}: {exc}") from None
@@ -332,7 +358,8 @@ def resolve_model(
     name = name.strip()
     spec = (models or {}).get(name)
     if spec is None and name.startswith(HF_PREFIX):
-        spec = ModelSpec(name=name, arch=transformers_arch(name, Path.cwd()))
+        arch = transformers_arch(name, Path.cwd())
+        spec = ModelSpec(name=name, arch=arch, extra=transformers_spec_extra(arch))
     if spec is None:
         if not is_timm_model(name):
             known = f"; models file entries: {', '.join(sorted(models))}" if models else ""

@@ -221,3 +221,21 @@ def test_transformers_models_go_to_their_own_queue() -> None:
     assert queue_for(resolve_model("hf:facebook/dinov2-small")) == TRANSFORMERS_QUEUE
     assert queue_for(resolve_model("deit_tiny_patch16_224")) == "vitscope.deit_tiny"
     assert TRANSFORMERS_QUEUE in known_queues()
+
+
+def test_a_model_saved_again_into_the_same_folder_is_a_different_model(tmp_path: Path, monkeypatch) -> None:
+    """The folder's contents enter the fingerprint, so its artifacts are not reused for the new model."""
+    folder = tmp_path / "my-vit"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    (folder / "model.safetensors").write_bytes(b"first")
+    monkeypatch.chdir(tmp_path)
+    first = resolve_model("hf:my-vit")
+    assert resolve_model("hf:my-vit").fingerprint() == first.fingerprint()
+    (folder / "model.safetensors").write_bytes(b"second, longer")
+    assert resolve_model("hf:my-vit").fingerprint() != first.fingerprint()
+    (folder / "model.safetensors").write_bytes(b"first")
+    (folder / "config.json").write_text('{"model_type": "vit", "num_labels": 3}')
+    assert resolve_model("hf:my-vit").fingerprint() != first.fingerprint()
+    # A hub id has no folder to read: its fingerprint is its name's.
+    assert resolve_model("hf:facebook/dinov2-small").extra == {}

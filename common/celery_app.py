@@ -14,13 +14,14 @@ import re
 from celery import Celery
 
 from common.errors import PermanentError
-from common.modelspec import ModelSpec, timm_model_names
+from common.modelspec import ModelSpec, is_transformers_model, timm_model_names
 from common.settings import Settings
 
 __all__ = [
     "DEFAULT_QUEUE",
     "QUEUE_PREFIX",
     "TASK_PROCESS_JOBS",
+    "TRANSFORMERS_QUEUE",
     "family_of",
     "known_queues",
     "make_celery",
@@ -30,6 +31,8 @@ __all__ = [
 TASK_PROCESS_JOBS = "vitscope.process_jobs"
 QUEUE_PREFIX = "vitscope."
 DEFAULT_QUEUE = QUEUE_PREFIX + "default"
+# Jobs of Hugging Face ``transformers`` models: a worker without the ``hf`` extra leaves it alone.
+TRANSFORMERS_QUEUE = QUEUE_PREFIX + "transformers"
 
 _FAMILY = re.compile(r"^(?P<family>[a-z0-9]+(?:_[a-z0-9]+)*?)_patch\d+")
 
@@ -44,15 +47,19 @@ def family_of(arch: str) -> str | None:
 
 
 def queue_for(spec: ModelSpec) -> str:
-    """One queue per model family, so a worker can be pinned to the models it keeps warm."""
+    """One queue per model family, so a worker can be pinned to the models it keeps warm; every
+    ``transformers`` model (``hf:``) goes to ``TRANSFORMERS_QUEUE``, served by workers that have it."""
+    if is_transformers_model(spec.arch):
+        return TRANSFORMERS_QUEUE
     family = family_of(spec.arch)
     return QUEUE_PREFIX + family if family else DEFAULT_QUEUE
 
 
 def known_queues() -> list[str]:
-    """Every queue a job can be routed to: the families of timm's architecture names, plus the default."""
+    """Every queue a job can be routed to: the families of timm's architecture names, the
+    ``transformers`` queue, and the default."""
     families = {family_of(name) for name in timm_model_names()}
-    return [DEFAULT_QUEUE, *sorted(QUEUE_PREFIX + f for f in families if f)]
+    return [DEFAULT_QUEUE, TRANSFORMERS_QUEUE, *sorted(QUEUE_PREFIX + f for f in families if f)]
 
 
 def make_celery(settings: Settings) -> Celery:

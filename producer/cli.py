@@ -87,7 +87,7 @@ def submit(
     models: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated timm ViT names or models-file entries; 'paper' = the paper's four."
+            help="Comma-separated timm ViT names, hf:<hub id or folder> (transformers) or models-file entries; 'paper' = the paper's four."
         ),
     ] = None,
     models_file: Annotated[

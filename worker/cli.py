@@ -11,6 +11,7 @@ expires (``bench/bench_crash_recovery.py`` measures both).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from typing import Annotated
 
 import typer
 
-from common.celery_app import DEFAULT_QUEUE, QUEUE_PREFIX, known_queues
+from common.celery_app import DEFAULT_QUEUE, QUEUE_PREFIX, TRANSFORMERS_QUEUE, known_queues
 from common.settings import get_settings
 from worker.cores import available_cores, cpu_workers_per_gpu, decode_threads
 
@@ -36,8 +37,14 @@ def _root() -> None:
 
 
 def resolve_queues(option: str | None) -> list[str]:
-    """``None``/``all`` → every family queue; ``deit_tiny,vit_base`` → ``vitscope.deit_tiny,…``."""
+    """``None``/``all`` → every family queue; ``deit_tiny,vit_base`` → ``vitscope.deit_tiny,…``.
+
+    ``all`` leaves out the ``transformers`` queue where ``transformers`` is not installed (the ``hf``
+    extra), so its jobs wait for a worker that can load them instead of failing here.
+    """
     if option is None or option.strip() in ("", "all"):
+        if importlib.util.find_spec("transformers") is None:
+            return [queue for queue in known_queues() if queue != TRANSFORMERS_QUEUE]
         return known_queues()
     queues = []
     for name in option.split(","):

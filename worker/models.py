@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from common.modelspec import ModelSpec
+from common.errors import UnsupportedModelError
+from common.modelspec import ModelSpec, is_transformers_model
 from worker.attention import ModelLayout, check_supported
 from worker.labels import class_labels
 from worker.preprocess import Preprocessor, build_preprocessor
@@ -54,6 +55,8 @@ def load_model(
     attention, SigLIP's attention pooling, …) raises ``UnsupportedModelError`` here, naming what it
     lacks: a permanent failure of its jobs before any image is fetched.
     """
+    if is_transformers_model(spec.arch):
+        return _load_transformers(spec, device=device)
     check_arch(spec.arch)
     model, weights_source = build_model(spec, weights_dir=weights_dir, cache_dir=cache_dir)
     model.eval()
@@ -66,6 +69,30 @@ def load_model(
         preprocessor=build_preprocessor(model, spec.preprocess),
         device=torch.device(device),
         weights_source=weights_source,
+        layout=layout,
+    )
+
+
+def _load_transformers(spec: ModelSpec, *, device: torch.device) -> LoadedModel:
+    """An ``hf:`` model (``worker.hf_models``), imported only when one is asked for: ``transformers``
+    is the optional ``hf`` extra, and a worker without it fails these jobs saying so."""
+    try:
+        from worker.hf_models import load_transformers
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            f"model {spec.name!r} is a transformers model, but this worker cannot import transformers "
+            f"({exc}); install the hf extra: pip install 'vitscope[worker,hf]'"
+        ) from None
+    loaded = load_transformers(spec)
+    loaded.model.to(device)
+    layout = check_supported(loaded.model, spec.name)
+    return LoadedModel(
+        spec=spec,
+        model=loaded.model,
+        labels=loaded.labels,
+        preprocessor=loaded.preprocessor,
+        device=torch.device(device),
+        weights_source=loaded.weights_source,
         layout=layout,
     )
 

@@ -32,6 +32,9 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # timm's eval crop modes reproduced here; "border" (letterboxing) is used by no ViT in timm.
 _CROP_MODES = ("center", "squash")
+# Where a centre crop starts: torchvision rounds half the margin (half to even), transformers' image
+# processors floor it; the two differ by a pixel whenever the margin is odd.
+_CROP_OFFSETS = ("torchvision", "transformers")
 
 # The paper's recipe at its native size: shorter side to 256, centre crop 224.
 _PAPER_RESIZE, _PAPER_CROP = 256, 224
@@ -149,7 +152,8 @@ class Preprocessor:
 
     ``resize_size`` is the shorter side after resizing (``crop_mode="center"``, aspect ratio kept),
     or both sides (``crop_mode="squash"``, as timm does for some CLIP/EVA fine-tunes); the centre
-    crop to ``input_size`` follows either way.
+    crop to ``input_size`` follows either way. ``crop_offsets`` says where that crop starts:
+    torchvision's rule (timm) or ``transformers``' image processors' (``worker.hf_models``).
     """
 
     pipeline: Preprocess
@@ -159,10 +163,20 @@ class Preprocessor:
     resize_size: int
     interpolation: str = "bicubic"
     crop_mode: str = "center"
+    crop_offsets: str = "torchvision"
 
     def __post_init__(self) -> None:
         if self.crop_mode not in _CROP_MODES:
             raise ValueError(f"crop_mode must be 'center' or 'squash', got {self.crop_mode!r}")
+        if self.crop_offsets not in _CROP_OFFSETS:
+            raise ValueError(f"crop_offsets must be one of {_CROP_OFFSETS}, got {self.crop_offsets!r}")
+
+    def _center_crop(self, resized: Image.Image) -> Image.Image:
+        """The crop of an already resized picture, starting where ``crop_offset`` says."""
+        if self.crop_offsets == "torchvision":
+            return TF.center_crop(resized, list(self.input_size))
+        left, top = self.crop_offset(resized.size)
+        return TF.crop(resized, top, left, *self.input_size)
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The resized, centre-cropped RGB picture: exactly the pixels the model sees.
@@ -174,7 +188,7 @@ class Preprocessor:
             _check_resized_pixels(image.size, self.resize_size)
         size = self.resize_size if self.crop_mode == "center" else [self.resize_size, self.resize_size]
         resized = TF.resize(image, size, interpolation=InterpolationMode(self.interpolation))
-        return TF.center_crop(resized, list(self.input_size))
+        return self._center_crop(resized)
 
     def crop_pixels(self, image: Image.Image) -> np.ndarray:
         """``crop`` as ``uint8 [H, W, 3]``, the same pixels, computed only where the crop keeps them
@@ -234,10 +248,14 @@ class Preprocessor:
 
         torchvision's ``center_crop``: ``round((side - crop) / 2)`` (half to even); a picture smaller
         than the crop is first padded by ``(crop - side) // 2`` before it, so the offset is negative.
+        ``transformers``' image processors: ``(side - crop) // 2`` (their recipes never crop more than
+        they resized to, ``worker.hf_models``).
         """
         crop_height, crop_width = self.input_size
 
         def offset(side: int, crop: int) -> int:
+            if self.crop_offsets == "transformers":
+                return (side - crop) // 2
             return -((crop - side) // 2) if crop > side else round((side - crop) / 2.0)
 
         return offset(resized[0], crop_width), offset(resized[1], crop_height)
@@ -264,7 +282,7 @@ class Preprocessor:
         grey = mask.convert("L")
         size = self.resize_size if self.crop_mode == "center" else [self.resize_size, self.resize_size]
         resized = TF.resize(grey, size, interpolation=InterpolationMode.NEAREST)
-        return np.asarray(TF.center_crop(resized, list(self.input_size))) > 0
+        return np.asarray(self._center_crop(resized)) > 0
 
     def normalize_batch(self, crops: torch.Tensor) -> torch.Tensor:
         """Crops ``uint8 [B, H, W, 3]`` (on any device) -> model inputs ``float32 [B, 3, H, W]``.

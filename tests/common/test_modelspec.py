@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from common.celery_app import TRANSFORMERS_QUEUE, known_queues, queue_for
 from common.errors import InvalidModelSpecError, UnknownModelError
 from common.methods import Preprocess
 from common.modelspec import (
     PAPER_MODELS,
     ModelSpec,
     is_timm_model,
+    is_transformers_model,
     load_models_file,
     resolve_model,
     resolve_models_option,
@@ -134,3 +136,106 @@ def test_models_file_errors(tmp_path: Path, toml: str, message: str) -> None:
     path.write_text(toml)
     with pytest.raises(InvalidModelSpecError, match=message):
         load_models_file(path)
+
+
+# --- transformers models (hf:) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "arch"),
+    [
+        ("hf:facebook/dinov2-small", "hf:facebook/dinov2-small"),
+        ("hf:google/vit-base-patch16-224", "hf:google/vit-base-patch16-224"),
+        ("hf:openai/clip-vit-base-patch32", "hf:openai/clip-vit-base-patch32"),
+    ],
+)
+def test_hf_hub_ids_resolve_to_transformers_specs(name: str, arch: str) -> None:
+    spec = resolve_model(name)
+    assert (spec.name, spec.arch, spec.weights) == (name, arch, "pretrained")
+    assert is_transformers_model(spec.arch)
+    assert not is_timm_model(spec.arch)
+
+
+def test_hf_folders_become_absolute_from_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "my-vit").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("hf:my-vit").arch == f"hf:{tmp_path / 'my-vit'}"
+    assert resolve_model("hf:./my-vit").arch == f"hf:{tmp_path / 'my-vit'}"
+    # Written as a path, it stays one even where it does not exist (the worker then says so).
+    assert resolve_model("hf:./missing").arch == f"hf:{tmp_path / 'missing'}"
+
+
+@pytest.mark.parametrize("name", ["hf:", "hf:not a hub id", "hf:a/b/c"])
+def test_hf_names_that_are_neither_a_folder_nor_a_hub_id_are_refused(name: str) -> None:
+    with pytest.raises(UnknownModelError, match="hf:"):
+        resolve_model(name)
+
+
+def test_models_file_transformers_entries(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints" / "fine-tuned").mkdir(parents=True)
+    (tmp_path / "models.toml").write_text(
+        """
+[models.dino]
+transformers = "facebook/dinov2-small"
+
+[models.mine]
+transformers = "checkpoints/fine-tuned"
+labels = ["healthy", "lesion"]
+
+[models.clip]
+arch = "hf:openai/clip-vit-base-patch32"
+weights = "random"
+"""
+    )
+    models = load_models_file(tmp_path / "models.toml")
+    assert models["dino"].arch == "hf:facebook/dinov2-small"
+    assert models["mine"].arch == f"hf:{tmp_path / 'checkpoints' / 'fine-tuned'}"
+    assert (models["mine"].labels, models["mine"].num_classes) == (("healthy", "lesion"), 2)
+    assert (models["clip"].arch, models["clip"].weights) == ("hf:openai/clip-vit-base-patch32", "random")
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[models.x]\narch = 'vit_tiny_patch16_224'\ntransformers = 'a/b'\n", "both arch and transformers"),
+        ("[models.x]\ntransformers = ''\n", "transformers must be a hub id or folder"),
+        ("[models.x]\ntransformers = 'a/b'\nweights = 's3://bucket/w.safetensors'\n", "holds the weights"),
+        ("[models.x]\ntransformers = 'a/b'\nimg_size = 384\n", "config.json and image-processor"),
+        ("[models.x]\ntransformers = 'a/b'\nmodel_args = { depth = 2 }\n", "config.json and image-processor"),
+    ],
+)
+def test_models_file_transformers_errors(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(toml)
+    with pytest.raises(InvalidModelSpecError, match=message):
+        load_models_file(path)
+
+
+def test_a_weights_override_that_a_transformers_model_cannot_use_is_refused() -> None:
+    assert resolve_model("hf:facebook/dinov2-small", weights="random").is_random
+    with pytest.raises(InvalidModelSpecError, match="holds the weights"):
+        resolve_model("hf:facebook/dinov2-small", weights="/tmp/w.safetensors")
+
+
+def test_transformers_models_go_to_their_own_queue() -> None:
+    assert queue_for(resolve_model("hf:facebook/dinov2-small")) == TRANSFORMERS_QUEUE
+    assert queue_for(resolve_model("deit_tiny_patch16_224")) == "vitscope.deit_tiny"
+    assert TRANSFORMERS_QUEUE in known_queues()
+
+
+def test_a_model_saved_again_into_the_same_folder_is_a_different_model(tmp_path: Path, monkeypatch) -> None:
+    """The folder's contents enter the fingerprint, so its artifacts are not reused for the new model."""
+    folder = tmp_path / "my-vit"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "vit"}')
+    (folder / "model.safetensors").write_bytes(b"first")
+    monkeypatch.chdir(tmp_path)
+    first = resolve_model("hf:my-vit")
+    assert resolve_model("hf:my-vit").fingerprint() == first.fingerprint()
+    (folder / "model.safetensors").write_bytes(b"second, longer")
+    assert resolve_model("hf:my-vit").fingerprint() != first.fingerprint()
+    (folder / "model.safetensors").write_bytes(b"first")
+    (folder / "config.json").write_text('{"model_type": "vit", "num_labels": 3}')
+    assert resolve_model("hf:my-vit").fingerprint() != first.fingerprint()
+    # A hub id has no folder to read: its fingerprint is its name's.
+    assert resolve_model("hf:facebook/dinov2-small").extra == {}

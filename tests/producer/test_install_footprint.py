@@ -1,4 +1,5 @@
-"""The producer runs where torch is not installed: it must never import torch, timm or worker code."""
+"""The producer runs where torch is not installed: it must never import torch, timm, transformers or
+worker code (also for ``hf:`` names, which it routes to the transformers queue)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ SCRIPT = textwrap.dedent(
     import sys
     from producer.cli import app
     try:
-        app(["submit", sys.argv[1], "--models", "deit_tiny_patch16_224,vit_base_patch16_224"])
+        app(["submit", sys.argv[1], "--models", "deit_tiny_patch16_224,vit_base_patch16_224,hf:facebook/dinov2-small"])
     except SystemExit as exit:
         assert exit.code == 0, exit.code
-    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision", "worker"))
+    heavy = sorted(
+        m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision", "transformers", "worker")
+    )
     print("HEAVY:", heavy)
     """
 )
@@ -42,6 +45,7 @@ def test_distributed_submit_imports_no_torch(tmp_path: Path, broker_url: str) ->
         assert "HEAVY: []" in result.stdout
         assert client.llen("vitscope.deit_tiny") == 1
         assert client.llen("vitscope.vit_base") == 1
+        assert client.llen("vitscope.transformers") == 1
     finally:
         client.close()
 

@@ -120,7 +120,12 @@ class Cluster:
         return cls(env=env, engine=engine, bucket=bucket, logs=logs)
 
     def start_worker(
-        self, name: str, *, pool: str = "prefork", env: dict[str, str] | None = None
+        self,
+        name: str,
+        *,
+        pool: str = "prefork",
+        env: dict[str, str] | None = None,
+        queues: str = "deit_tiny",
     ) -> subprocess.Popen:
         log = (self.logs / f"{name}.log").open("w")
         process = subprocess.Popen(
@@ -130,7 +135,7 @@ class Cluster:
                 "--gpus",
                 "none",
                 "--queues",
-                "deit_tiny",
+                queues,
                 "--pool",
                 pool,
                 "--loglevel",

@@ -206,3 +206,33 @@ def test_pickle_messages_are_refused(cluster, tmp_path, write_image) -> None:
     while time.monotonic() < deadline and "pickle" not in cluster.log_tail():
         time.sleep(0.5)
     assert "refusing to deserialize" in cluster.log_tail().lower()
+
+
+def test_a_transformers_model_is_routed_to_its_queue_and_explained_there(
+    cluster, tmp_path, write_image
+) -> None:
+    """``hf:<folder>`` jobs go to ``vitscope.transformers``; a real worker on that queue loads the
+    saved model and stores its maps (the folder is on this machine, shared with the worker)."""
+    import transformers
+
+    folder = tmp_path / "tiny-vit"
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    transformers.ViTForImageClassification(config).save_pretrained(folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    csv = _dataset(tmp_path, cluster.bucket, write_image, 2)
+    cluster.start_worker("hf", queues="transformers")
+    cluster.wait_for_workers(1)
+    batch_id = (
+        cluster.producer("submit", str(csv), "--models", f"hf:{folder}").stdout.strip().splitlines()[-1]
+    )
+    jobs = cluster.wait_done(batch_id)
+    assert [job.state for job in jobs] == [JobState.SUCCEEDED] * 2, cluster.log_tail()
+    assert all(job.queue == "vitscope.transformers" for job in jobs)
+    assert all(f"ViTForImageClassification: {folder}" in (job.weights_source or "") for job in jobs)

@@ -7,6 +7,11 @@ mode). ``G_l = ∂ Σ_b y[b, t_b] / ∂ A_l`` comes from ``torch.autograd.grad``
 which returns them in layer order and never touches parameter ``.grad``. Module backward hooks are
 avoided on purpose: they fire in reverse order and the deprecated one returns the wrong gradient.
 
+A model that describes its own layout (``worker.hf_models``' ``transformers`` adapter) is hooked on
+the modules it names, whose output tuple holds the attention (``ModelLayout.output_index``): those
+hooks fire after the block has used the map, too late to make it a graph leaf, so for a frozen model
+the input is made to require grad instead, which puts every map on the graph.
+
 A backbone without a head (``num_classes = 0``, e.g. DINOv2 or a CLIP image tower) has no class
 logit: it is captured without gradients, and ``logits``/``targets`` are ``None``.
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,10 +81,13 @@ def _attention_hooks(layout: ModelLayout, maps: list[list[torch.Tensor]], track:
     """
 
     def hook_for(layer: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            if track and not output.requires_grad:
-                output.requires_grad_(True)
-            maps[layer].append(output)
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            attention = output if layout.output_index is None else output[layout.output_index]
+            if attention is None:  # a transformers model not in eager attention returns no weights
+                return
+            if track and not attention.requires_grad and layout.output_index is None:
+                attention.requires_grad_(True)
+            maps[layer].append(attention)
 
         return hook
 
@@ -117,7 +126,8 @@ def _stack_maps(maps: list[list[torch.Tensor]], layout: ModelLayout, batch: int)
     if counts != [1] * layout.num_layers:
         raise UnsupportedModelError(
             f"expected one attention map from each of {layout.num_layers} blocks, got {counts}: "
-            "the model's attention does not go through `attn.attn_drop`"
+            "the model's attention does not go through `attn.attn_drop` (or, for a transformers model, its "
+            "attention modules return no attention weights: load it with attn_implementation='eager')"
         )
     gh, gw = layout.grid_size
     N = layout.num_prefix_tokens + gh * gw
@@ -180,6 +190,8 @@ def capture(
         # Inference tensors (made under a caller's inference_mode) cannot enter an autograd graph.
         inputs = images.clone() if images.is_inference() else images
         inputs = inputs.to(device=parameter.device, dtype=parameter.dtype)
+        if gradients and layout.output_index is not None and not inputs.requires_grad:
+            inputs = inputs.detach().requires_grad_(True)
         output = model(inputs)
         if not isinstance(output, torch.Tensor) or output.ndim != 2:
             raise UnsupportedModelError("the model's forward must return [B, C] logits (or [B, D] features)")

@@ -15,6 +15,10 @@ that each block gives one token-to-token ``N × N`` map with ``N = p + gh · gw`
 passes the name check but is not over tokens (XCiT's cross-covariance attention is channel to
 channel) is refused there, at load time, with the shape it did produce.
 
+A model that is not a timm module can describe itself: ``model.attention_layout()`` returning a
+``ModelLayout`` (the ``transformers`` adapter, ``worker.hf_models``, does). Its hook points are then
+modules whose output *contains* the attention (``output[output_index]``), seen after the block used it.
+
 Refusals are ``UnsupportedModelError`` (permanent: the job fails with the message), naming the model
 and what is missing.
 """
@@ -36,7 +40,9 @@ __all__ = ["ModelLayout", "check_supported", "model_layout"]
 class ModelLayout:
     """Where a supported model keeps what the core needs, read once per capture.
 
-    ``attn_drops[l]`` is block ``l``'s attention dropout, whose output in eval mode is the softmax.
+    ``attn_drops[l]`` is block ``l``'s hook point: timm's attention dropout, whose output in eval mode
+    is the softmax (``output_index`` ``None``), or a module returning a tuple whose ``output_index``-th
+    entry is that block's post-softmax attention (``transformers``' attention modules: ``1``).
     ``readout`` follows the model's pooling; ``has_class_token`` says whether token 0 is a class
     token (``cls_attention`` exists only then); ``has_head`` is False for backbones built with
     ``num_classes = 0``, which have no class logit to differentiate.
@@ -48,6 +54,7 @@ class ModelLayout:
     readout: Readout = Readout.TOKEN
     has_class_token: bool = True
     has_head: bool = True
+    output_index: int | None = None
 
     @property
     def num_layers(self) -> int:
@@ -119,6 +126,9 @@ def model_layout(model: nn.Module, name: str | None = None) -> ModelLayout:
     Structural only (no forward pass): cheap enough to run on every capture. ``name`` is used in the
     message (default: timm's architecture name, else the class name).
     """
+    describe = getattr(model, "attention_layout", None)
+    if callable(describe):
+        return describe()
     label = _model_label(model, name)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:

@@ -25,6 +25,7 @@ from common.errors import InvalidModelSpecError
 from common.modelspec import read_models_toml
 
 __all__ = [
+    "BINARY_METRICS",
     "METHODS",
     "RANDOM_METHOD",
     "Baseline",
@@ -52,6 +53,10 @@ class Metric(enum.StrEnum):
     SANITY_SPEARMAN = (
         "sanity_spearman"  # rank correlation with a partly re-initialized model; lower = more faithful
     )
+
+
+# Scores that are 0 or 1 per job: their mean is a hit rate, whose interval is Wilson's, not t's.
+BINARY_METRICS: frozenset[str] = frozenset({Metric.POINTING_GAME})
 
 
 class MetricFamily(enum.StrEnum):

@@ -9,6 +9,9 @@ The producer installs without numpy or scipy, so everything here is computed fro
 - the Wilson score interval of a proportion (Wilson, 1927), for 0/1 scores such as the pointing
   game: it stays inside [0, 1] and keeps a width at 0 or ``n`` successes, where a t interval runs
   past 1 or collapses to a point;
+- Newcombe's hybrid score interval for the difference of two paired proportions (Newcombe, 1998,
+  method 10), built from the two Wilson intervals, for the paired difference of 0/1 scores: it
+  stays inside [−1, 1], where a t interval of the ±1/0 differences runs past the bounds;
 - the two-sided p value of Wilcoxon's signed-rank test of paired differences, from ``n`` (non-zero
   differences), the sum of the positive differences' ranks ``W⁺`` and the tie term ``Σ (t³ − t)``,
   all three SQL aggregates: the exact null distribution for ``n ≤ 50`` without ties or zeros,
@@ -29,6 +32,7 @@ __all__ = [
     "SignedRank",
     "interval_from_moments",
     "mean_interval",
+    "paired_proportions_interval",
     "signed_rank",
     "signed_rank_p",
     "student_t_cdf_two_sided",
@@ -134,9 +138,15 @@ def wilson_interval(n: int, successes: float, confidence: float = 0.95) -> MeanI
     k = round(successes)
     if not 0 <= k <= n:
         raise ValueError(f"{successes} successes out of {n} is not a proportion")
-    p = k / n
     if n < 2:
-        return MeanInterval(n=n, mean=p, low=None, high=None)
+        return MeanInterval(n=n, mean=k / n, low=None, high=None)
+    p, low, high = _wilson(n, k, confidence)
+    return MeanInterval(n=n, mean=p, low=low, high=high)
+
+
+def _wilson(n: int, k: int, confidence: float) -> tuple[float, float, float]:
+    """``k / n`` and its Wilson bounds, for ``n ≥ 1`` and ``0 ≤ k ≤ n``."""
+    p = k / n
     z = _normal_quantile((1 + confidence) / 2)
     scale = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / scale
@@ -144,7 +154,49 @@ def wilson_interval(n: int, successes: float, confidence: float = 0.95) -> MeanI
     # At 0 or n successes the bound on that side is exactly 0 or 1; rounding would leave ±1e-17.
     low = 0.0 if k == 0 else max(0.0, centre - half)
     high = 1.0 if k == n else min(1.0, centre + half)
-    return MeanInterval(n=n, mean=p, low=low, high=high)
+    return p, low, high
+
+
+def paired_proportions_interval(
+    both: int, first_only: int, second_only: int, neither: int, confidence: float = 0.95
+) -> MeanInterval:
+    """Newcombe's interval (1998, method 10) for ``p₁ − p₂`` of paired 0/1 scores (``None`` bounds for ``n < 2``).
+
+    The counts are the paired 2 × 2 table: ``both`` (1, 1), ``first_only`` (1, 0), ``second_only``
+    (0, 1), ``neither`` (0, 0). With ``(l₁, u₁)``, ``(l₂, u₂)`` the Wilson intervals of
+    ``p₁ = (both + first_only)/n`` and ``p₂ = (both + second_only)/n`` and ``φ`` Newcombe's estimate
+    of their correlation (``A = both · neither − first_only · second_only`` over the square root of the
+    margins' product, with ``A − n/2`` for ``A > n/2``, 0 for ``0 ≤ A ≤ n/2`` and where a margin is
+    empty), the bounds are ``Δ − √((p₁−l₁)² − 2φ(p₁−l₁)(u₂−p₂) + (u₂−p₂)²)``
+    and ``Δ + √((u₁−p₁)² − 2φ(u₁−p₁)(p₂−l₂) + (p₂−l₂)²)``, ``Δ = p₁ − p₂``.
+    """
+    counts = (both, first_only, second_only, neither)
+    if min(counts) < 0:
+        raise ValueError(f"a paired table has no negative counts, got {counts}")
+    n = sum(counts)
+    if n < 1:
+        raise ValueError("a paired table needs at least one pair")
+    p1, low1, high1 = _wilson(n, both + first_only, confidence)
+    p2, low2, high2 = _wilson(n, both + second_only, confidence)
+    difference = p1 - p2
+    if n < 2:
+        return MeanInterval(n=n, mean=difference, low=None, high=None)
+    margins = (both + first_only) * (second_only + neither) * (both + second_only) * (first_only + neither)
+    association = both * neither - first_only * second_only
+    phi = 0.0
+    if margins and association > n / 2:
+        phi = (association - n / 2) / math.sqrt(margins)
+    elif margins and association < 0:
+        phi = association / math.sqrt(margins)
+    below_first, above_first = p1 - low1, high1 - p1
+    below_second, above_second = p2 - low2, high2 - p2
+    low = difference - math.sqrt(
+        max(below_first**2 - 2 * phi * below_first * above_second + above_second**2, 0.0)
+    )
+    high = difference + math.sqrt(
+        max(above_first**2 - 2 * phi * above_first * below_second + below_second**2, 0.0)
+    )
+    return MeanInterval(n=n, mean=difference, low=max(-1.0, low), high=min(1.0, high))
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,11 @@ and each method's paired difference against a reference method (the random map u
 Three formats of the same rows (``common.db.metrics.MetricSummary``): a terminal table grouped by
 model and metric, with which direction is better and the random baseline beside the methods; CSV;
 and JSON, a list of objects with keys ``model, method, metric, n, mean, ci_low, ci_high, interval``
-and ``vs_<reference>_n, _mean, _ci_low, _ci_high, _p`` (``vs_random_…`` by default). ``interval``
-names the mean's interval: ``t`` (Student t) or ``wilson`` (0/1 metrics). The paired difference is
-``method − reference`` per image, with its t interval and Wilcoxon signed-rank p value; it is empty
-for the reference itself and where the reference has no value.
+and ``vs_<reference>_n, _mean, _ci_low, _ci_high, _p, _interval`` (``vs_random_…`` by default).
+``interval`` names the mean's interval: ``t`` (Student t) or ``wilson`` (0/1 metrics). The paired
+difference is ``method − reference`` per image, with its interval (``t``, or ``newcombe`` for 0/1
+metrics) and Wilcoxon signed-rank p value; it is empty for the reference itself and where the
+reference has no value.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 COMPARE_COLUMNS = ("model", "method", "metric", "n", "mean", "ci_low", "ci_high", "interval")
-_PAIRED_FIELDS = ("n", "mean", "ci_low", "ci_high", "p")
+_PAIRED_FIELDS = ("n", "mean", "ci_low", "ci_high", "p", "interval")
 
 # How to read each metric (docs/metrics.md).
 BETTER: dict[str, str] = {
@@ -48,7 +49,8 @@ BETTER: dict[str, str] = {
 
 
 def compare_columns(against: str = RANDOM_METHOD) -> tuple[str, ...]:
-    """The CSV header and JSON keys: the summary's, then ``vs_<against>_n, _mean, _ci_low, _ci_high, _p``."""
+    """The CSV header and JSON keys: the summary's, then ``vs_<against>_n, _mean, _ci_low, _ci_high, _p,
+    _interval``."""
     return (*COMPARE_COLUMNS, *(f"vs_{against}_{field}" for field in _PAIRED_FIELDS))
 
 
@@ -86,8 +88,9 @@ def compare_table(summaries: Sequence[MetricSummary], console: Console, against:
             title=f"{model}",
             title_justify="left",
             show_header=True,
-            caption=f"Δ = method − {against} on the same images (mean, 95% t interval); p: Wilcoxon "
-            "signed-rank, two-sided. CI of the mean: t, or Wilson for 0/1 metrics (docs/metrics.md).",
+            caption=f"Δ = method − {against} on the same images: mean, 95% interval (t; Newcombe's "
+            "paired score interval for 0/1 metrics), two-sided Wilcoxon signed-rank p. CI of the mean: "
+            "t, or Wilson for 0/1 metrics. docs/metrics.md says how to read them.",
             caption_justify="left",
         )
         for column, justify in (
@@ -131,6 +134,8 @@ def _flat(summary: MetricSummary, against: str) -> dict[str, Any]:
     row = {key: value for key, value in asdict(summary).items() if key in COMPARE_COLUMNS}
     row["interval"] = str(summary.interval)
     paired = asdict(summary.paired) if summary.paired is not None else {}
+    if summary.paired is not None:
+        paired["interval"] = str(summary.paired.interval)
     row |= {f"vs_{against}_{field}": paired.get(field) for field in _PAIRED_FIELDS}
     return row
 

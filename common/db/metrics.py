@@ -24,24 +24,34 @@ from sqlalchemy.orm import Session, aliased
 
 from common.db.models import Job, JobMetric
 from common.metrics import BINARY_METRICS, METHODS, RANDOM_METHOD, Metric
-from common.stats import SignedRank, interval_from_moments, signed_rank_p, wilson_interval
+from common.stats import (
+    SignedRank,
+    interval_from_moments,
+    paired_proportions_interval,
+    signed_rank_p,
+    wilson_interval,
+)
 
 __all__ = ["IntervalKind", "MetricSummary", "PairedDifference", "metric_summaries"]
 
 
 class IntervalKind(enum.StrEnum):
-    """Which interval a row's ``ci_low``/``ci_high`` are: Student t of the mean, or Wilson for 0/1 scores."""
+    """Which interval a row's ``ci_low``/``ci_high`` are: Student t of the mean, or Wilson for 0/1 scores;
+    for a paired difference, t of the differences, or Newcombe's paired score interval for 0/1 scores."""
 
     T = "t"
     WILSON = "wilson"
+    NEWCOMBE = "newcombe"
 
 
 @dataclass(frozen=True)
 class PairedDifference:
     """``method − against`` per job, over the ``n`` jobs that have both values.
 
-    ``mean`` and its t interval ``ci_low``/``ci_high`` (``None`` for ``n < 2``); ``p``: the two-sided
-    Wilcoxon signed-rank p value (``common.stats.signed_rank_p``; ``None`` when every difference is 0).
+    ``mean`` and its interval ``ci_low``/``ci_high`` (``None`` for ``n < 2``): t of the differences,
+    or for 0/1 metrics Newcombe's interval for paired proportions, which stays inside [−1, 1]
+    (``interval`` says which); ``p``: the two-sided Wilcoxon signed-rank p value
+    (``common.stats.signed_rank_p``; ``None`` when every difference is 0).
     """
 
     against: str
@@ -50,6 +60,7 @@ class PairedDifference:
     ci_low: float | None
     ci_high: float | None
     p: float | None
+    interval: str = IntervalKind.T
 
 
 @dataclass(frozen=True)
@@ -148,12 +159,13 @@ def _paired_differences(
 
     One row per job with both values; a window pass adds each difference's group mean, the rank of
     ``|d|`` among the group's non-zero differences (zeros get their own partition: Wilcoxon's rule
-    drops them) and the length of its run of equal ``|d|``; a grouped pass sums those.
+    drops them) and the length of its run of equal ``|d|``; a grouped pass sums those, and for 0/1
+    metrics counts the paired 2 × 2 table.
     """
     reference = aliased(JobMetric)
     keys = (Job.model, JobMetric.method, JobMetric.metric)
     pairs = (
-        sa.select(*keys, (JobMetric.value - reference.value).label("d"))
+        sa.select(*keys, JobMetric.value, (JobMetric.value - reference.value).label("d"))
         .join(Job, Job.id == JobMetric.job_id)
         .join(
             reference,
@@ -172,6 +184,7 @@ def _paired_differences(
     is_zero = sa.case((d == 0, 1), else_=0)
     ranked = sa.select(
         *group,
+        pairs.c.value,
         d,
         sa.func.avg(d).over(partition_by=group).label("mean"),
         sa.func.rank().over(partition_by=(*group, is_zero), order_by=magnitude).label("rank"),
@@ -188,14 +201,24 @@ def _paired_differences(
             sa.func.max(r.mean),
             sa.func.sum(deviation * deviation),
             sa.func.sum(sa.case((r.d == 0, 1), else_=0)),
+            sa.func.sum(sa.case((r.d > 0, 1), else_=0)),
+            sa.func.sum(sa.case((r.d == 0, r.value), else_=0.0)),
             sa.func.sum(sa.case((r.d > 0, r.rank + (r.run - 1) / 2.0), else_=0.0)),
             sa.func.sum(sa.case((r.d != 0, r.run * r.run - 1), else_=0)),
         ).group_by(r.model, r.method, r.metric)
     ).all()
     found = {}
-    for model, method, metric, n, mean, squares, zeros, r_plus, tie_term in rows:
-        n, zeros = int(n), int(zeros or 0)
-        interval = interval_from_moments(n, float(mean), float(squares or 0.0), confidence)
+    for model, method, metric, n, mean, squares, zeros, positive, equal_sum, r_plus, tie_term in rows:
+        n, zeros, positive = int(n), int(zeros or 0), int(positive or 0)
+        binary = metric in BINARY_METRICS
+        if binary:
+            # The paired 2 × 2 table of 0/1 scores: d = +1, −1, or 0 with both 1 (the values' sum) or both 0.
+            both = round(float(equal_sum or 0.0))
+            interval = paired_proportions_interval(
+                both, positive, n - zeros - positive, zeros - both, confidence
+            )
+        else:
+            interval = interval_from_moments(n, float(mean), float(squares or 0.0), confidence)
         statistic = SignedRank(
             n=n - zeros,
             r_plus=float(r_plus or 0.0),
@@ -211,5 +234,6 @@ def _paired_differences(
             ci_low=interval.low,
             ci_high=interval.high,
             p=signed_rank_p(statistic),
+            interval=IntervalKind.NEWCOMBE if binary else IntervalKind.T,
         )
     return found

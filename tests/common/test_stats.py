@@ -13,6 +13,7 @@ from common.stats import (
     SignedRank,
     interval_from_moments,
     mean_interval,
+    paired_proportions_interval,
     signed_rank,
     signed_rank_p,
     student_t_cdf_two_sided,
@@ -102,3 +103,34 @@ def test_wilson_interval_refuses_what_is_not_a_proportion() -> None:
         wilson_interval(0, 0)
     with pytest.raises(ValueError, match="11 successes out of 10"):
         wilson_interval(10, 11)
+
+
+def test_paired_proportions_interval_is_newcombes() -> None:
+    """Fagerland, Lydersen & Laake, *Statistical Analysis of Contingency Tables* (2017), ch. 8: complete
+    response before and after consolidation therapy (Cavo et al., 2012), Newcombe square-and-add
+    −0.0621 (95 % CI −0.1186 to −0.0046)."""
+    interval = paired_proportions_interval(59, 6, 16, 80)
+    assert interval.mean == pytest.approx(-0.0621, abs=5e-5)
+    assert (interval.low, interval.high) == pytest.approx((-0.1186, -0.0046), abs=5e-5)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [(0, 31, 0, 1), (0, 32, 0, 0), (0, 0, 32, 0), (10, 0, 0, 10), (30, 1, 0, 1), (3, 4, 5, 6), (0, 1, 0, 1)],
+)
+def test_paired_proportions_interval_stays_inside_minus_one_one(table: tuple[int, int, int, int]) -> None:
+    """Where the t interval of the ±1/0 differences runs past ±1 or has no width, this one does neither."""
+    interval = paired_proportions_interval(*table)
+    assert interval.low is not None
+    assert interval.high is not None
+    assert -1.0 <= interval.low <= interval.mean <= interval.high <= 1.0
+    assert interval.high - interval.low > 0
+    assert interval.mean == pytest.approx((table[1] - table[2]) / sum(table))
+
+
+def test_paired_proportions_interval_refuses_what_is_not_a_table() -> None:
+    assert paired_proportions_interval(1, 0, 0, 0).low is None
+    with pytest.raises(ValueError, match="at least one pair"):
+        paired_proportions_interval(0, 0, 0, 0)
+    with pytest.raises(ValueError, match="no negative counts"):
+        paired_proportions_interval(1, -1, 0, 0)

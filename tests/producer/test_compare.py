@@ -21,6 +21,7 @@ from scipy import stats
 from typer.testing import CliRunner
 
 from common.settings import get_settings
+from common.stats import paired_proportions_interval
 from producer.cli import app
 from tests.trained_vit import models_file_entry, write_task_images
 
@@ -78,7 +79,17 @@ def _check_against_scipy(row: dict, stored: dict[tuple[str, str], dict[str, floa
     d = np.array([mine[job] - theirs[job] for job in sorted(set(mine) & set(theirs))])
     assert row[f"vs_{against}_n"] == len(d)
     assert row[f"vs_{against}_mean"] == pytest.approx(d.mean(), rel=1e-9, abs=1e-12)
-    if d.std() > 0:
+    if row["metric"] == "pointing_game":  # 0/1 scores: Newcombe's interval of the paired table
+        pairs = [(mine[job], theirs[job]) for job in sorted(set(mine) & set(theirs))]
+        table = [pairs.count(cell) for cell in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0))]
+        newcombe = paired_proportions_interval(*table)
+        assert row[f"vs_{against}_interval"] == "newcombe"
+        assert (row[f"vs_{against}_ci_low"], row[f"vs_{against}_ci_high"]) == pytest.approx(
+            (newcombe.low, newcombe.high), rel=1e-12
+        )
+        assert -1.0 <= row[f"vs_{against}_ci_low"] <= row[f"vs_{against}_ci_high"] <= 1.0
+    elif d.std() > 0:
+        assert row[f"vs_{against}_interval"] == "t"
         t = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
         assert (row[f"vs_{against}_ci_low"], row[f"vs_{against}_ci_high"]) == pytest.approx(
             t, rel=1e-9, abs=1e-12
@@ -103,7 +114,7 @@ def test_submit_with_metrics_then_compare_in_every_format(
     assert result.exit_code == 0, result.output
 
     rows = json.loads(_invoke("compare", "squares", "--format", "json", database_url=database_url).stdout)
-    paired = {"vs_random_n", "vs_random_mean", "vs_random_ci_low", "vs_random_ci_high", "vs_random_p"}
+    paired = {f"vs_random_{key}" for key in ("n", "mean", "ci_low", "ci_high", "p", "interval")}
     columns = {"model", "method", "metric", "n", "mean", "ci_low", "ci_high", "interval", *paired}
     assert all(set(row) == columns for row in rows)
     table = {(row["method"], row["metric"]): row for row in rows}

@@ -13,7 +13,7 @@ from common.db.jobs import claim_jobs, find_reusable, record_reuse, record_succe
 from common.db.metrics import metric_summaries
 from common.db.models import Job, JobMetric
 from common.db.records import JobOutcome, MetricRecord, WorkerIdentity
-from common.stats import mean_interval
+from common.stats import mean_interval, paired_proportions_interval
 from tests.common.db.conftest import MakeBatch
 
 WORKER = WorkerIdentity("host", "host:1")
@@ -120,7 +120,8 @@ def test_paired_differences_and_intervals_match_scipy_on_the_stored_values(
     """Per job, method − reference: scipy's t interval and Wilcoxon p; Wilson intervals for 0/1 scores.
 
     Three regimes of the signed-rank test: continuous scores (no ties: the exact distribution),
-    scores on a 0.1 grid (ties and zeros: the normal approximation) and 0/1 scores.
+    scores on a 0.1 grid (ties and zeros: the normal approximation) and 0/1 scores, whose paired
+    difference has Newcombe's interval, from the 2 × 2 table SQL counts.
     """
     batch_id, ids = make_batch(rows=40)
     rng = random.Random(23)
@@ -157,8 +158,19 @@ def test_paired_differences_and_intervals_match_scipy_on_the_stored_values(
         d = np.array([stored[s.method, s.metric][j] - reference[j] for j in jobs])
         assert (s.paired.against, s.paired.n) == (against, len(d))
         assert s.paired.mean == pytest.approx(d.mean(), rel=1e-9, abs=1e-12)
-        t = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
-        assert (s.paired.ci_low, s.paired.ci_high) == pytest.approx(t, rel=1e-9, abs=1e-12)
+        if s.metric == "pointing_game":  # the paired 2 × 2 table, counted here from the values
+            pairs = [(stored[s.method, s.metric][j], reference[j]) for j in jobs]
+            table = [pairs.count(cell) for cell in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0))]
+            newcombe = paired_proportions_interval(*table)
+            assert s.paired.interval == "newcombe"
+            assert (s.paired.ci_low, s.paired.ci_high) == pytest.approx(
+                (newcombe.low, newcombe.high), rel=1e-12
+            )
+            assert -1.0 <= s.paired.ci_low <= s.paired.mean <= s.paired.ci_high <= 1.0
+        else:
+            assert s.paired.interval == "t"
+            t = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+            assert (s.paired.ci_low, s.paired.ci_high) == pytest.approx(t, rel=1e-9, abs=1e-12)
         if not d.any():
             assert s.paired.p is None
             continue

@@ -284,3 +284,28 @@ def test_a_mask_scores_like_the_box_it_draws(tmp_path: Path, sqlite_url: str) ->
     for (row_id, method, metric), value in by_row.items():
         if not row_id.endswith("-mask"):
             assert by_row[f"{row_id}-mask", method, metric] == pytest.approx(value, abs=1e-6)
+
+
+def test_the_sanity_layers_setting_reaches_the_worker(
+    square_dataset: tuple[Path, Path], sqlite_url: str
+) -> None:
+    """``sanity_layers`` in the models file changes which copy the worker builds, and the digest: the
+    second batch reuses nothing and its gradient maps correlate differently with their counterparts."""
+    dataset, models = square_dataset
+    blocks = models.with_name("blocks.toml")
+    blocks.write_text(models.read_text() + 'sanity_layers = "blocks"\n')
+    means = {}
+    for name, path in (("cascade", models), ("blocks", blocks)):
+        result = _invoke(
+            "submit", str(dataset), "--local", "--models", "squares", "--models-file", str(path),
+            "--metrics", "sanity", "--name", name, database_url=sqlite_url,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "0 reused" in result.output
+        rows = json.loads(_invoke("compare", name, "--format", "json", database_url=sqlite_url).stdout)
+        means[name] = {r["method"]: r["mean"] for r in rows if r["metric"] == "sanity_spearman"}
+    assert means["cascade"].keys() == means["blocks"].keys() == {
+        "rollout", "grad_rollout", "relevance", "last_layer_score"
+    }  # fmt: skip
+    # The head's re-initialization changes every gradient the class-specific maps are made of.
+    assert means["cascade"]["grad_rollout"] != pytest.approx(means["blocks"]["grad_rollout"], abs=1e-6)

@@ -22,6 +22,7 @@ The producer installs without numpy or scipy, so everything here is computed fro
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -261,12 +262,16 @@ def signed_rank_p(statistic: SignedRank) -> float | None:
     return math.erfc(abs(z) / math.sqrt(2))
 
 
-def _signed_rank_counts(n: int) -> list[int]:
-    """How many of the ``2ⁿ`` sign patterns of ranks ``1 … n`` give each ``W⁺ = 0 … n(n+1)/2``."""
+@functools.cache
+def _signed_rank_counts(n: int) -> tuple[int, ...]:
+    """How many of the ``2ⁿ`` sign patterns of ranks ``1 … n`` give each ``W⁺ = 0 … n(n+1)/2``.
+
+    Cached: a ``compare`` asks for the same few ``n`` once per method × metric.
+    """
     counts = [1]
     for rank in range(1, n + 1):
         grown = counts + [0] * rank
         for w, ways in enumerate(counts):
             grown[w + rank] += ways
         counts = grown
-    return counts
+    return tuple(counts)

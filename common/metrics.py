@@ -98,8 +98,8 @@ class SanityLayers(enum.StrEnum):
     ``output`` (the default): the classifier head(s) and the final norm(s) too: the cascade of
     Adebayo et al. (2018) and Quantus' MPRT, which start at the output layer, so the numbers mean what
     they mean in the literature. ``blocks``: the blocks only, the trained head and final norm kept
-    (vitscope's check before the cascade; it leaves the class read-out trained, which flatters maps
-    that follow the head's gradient).
+    (vitscope's check before the cascade; with the class read-out still trained, the target's
+    gradient enters the network through trained weights and the gradient maps change less).
     """
 
     OUTPUT = "output"

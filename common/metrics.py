@@ -25,12 +25,14 @@ from common.errors import InvalidModelSpecError
 from common.modelspec import read_models_toml
 
 __all__ = [
+    "BINARY_METRICS",
     "METHODS",
     "RANDOM_METHOD",
     "Baseline",
     "Metric",
     "MetricFamily",
     "MetricSettings",
+    "SanityLayers",
     "load_metrics_section",
     "parse_metrics_option",
 ]
@@ -54,6 +56,10 @@ class Metric(enum.StrEnum):
     )
 
 
+# Scores that are 0 or 1 per job: their mean is a hit rate, whose interval is Wilson's, not t's.
+BINARY_METRICS: frozenset[str] = frozenset({Metric.POINTING_GAME})
+
+
 class MetricFamily(enum.StrEnum):
     """What ``--metrics`` turns on. Concentration (entropy) comes with any of them: it costs nothing."""
 
@@ -74,12 +80,30 @@ _GROUPS: dict[str, frozenset[MetricFamily]] = {
 class Baseline(enum.StrEnum):
     """What a removed patch is replaced with (deletion) or what revealed patches are pasted onto (insertion).
 
-    ``mean``: zeros after normalization, i.e. the dataset mean colour. ``blur``: the image itself
-    under a Gaussian blur (``blur_sigma``), as in RISE (Petsiuk et al., 2018).
+    ``mean``: zeros after normalization, i.e. the dataset mean colour. ``blur``: the normalized image
+    under a Gaussian blur of ``blur_sigma`` cut at 3σ (a 31-px kernel for σ = 5), reflect padding.
+    ``rise_blur``: the canvas of RISE's released code (Petsiuk et al., 2018), whatever the input size:
+    an 11 × 11 kernel (``scipy.ndimage.gaussian_filter`` of a unit impulse with σ = 5, so the Gaussian
+    folded back at the kernel's edges), zero padding; ``blur_sigma`` does not apply to it.
     """
 
     MEAN = "mean"
     BLUR = "blur"
+    RISE_BLUR = "rise_blur"
+
+
+class SanityLayers(enum.StrEnum):
+    """Which layers the sanity check's copy re-initializes, besides its last ``sanity_blocks`` blocks.
+
+    ``output`` (the default): the classifier head(s) and the final norm(s) too: the cascade of
+    Adebayo et al. (2018) and Quantus' MPRT, which start at the output layer, so the numbers mean what
+    they mean in the literature. ``blocks``: the blocks only, the trained head and final norm kept
+    (vitscope's check before the cascade; with the class read-out still trained, the target's
+    gradient enters the network through trained weights and the gradient maps change less).
+    """
+
+    OUTPUT = "output"
+    BLOCKS = "blocks"
 
 
 def parse_metrics_option(value: str | None) -> frozenset[MetricFamily]:
@@ -112,8 +136,10 @@ class MetricSettings:
     ``steps``: points of the deletion/insertion curves besides the start (``None`` = the patch grid's
     height, 14 for a 14×14 grid, so each step removes about one row's worth of patches).
     ``blur_sigma``: the Gaussian's standard deviation in pixels for the ``blur`` baseline (``None`` =
-    5 px scaled by the input side / 224, RISE's choice at 224). ``sanity_blocks``: how many of the
-    last blocks the sanity check re-initializes (``None`` = half of them, rounded up). ``seed`` seeds
+    5 px scaled by the input side / 224, RISE's σ at 224). ``sanity_layers``: whether the sanity
+    check's copy re-initializes the head and final norm as well (``SanityLayers``); ``sanity_blocks``:
+    how many of the last blocks it re-initializes (``None`` = half of them, rounded up; 0, with
+    ``sanity_layers = "output"``, re-initializes the head and final norm alone). ``seed`` seeds
     the random map, the tie-breaking order of equal map values and the re-initialization.
     ``max_batch``: most perturbed images per forward pass (halved on CUDA out-of-memory).
     """
@@ -124,6 +150,7 @@ class MetricSettings:
     insertion_baseline: Baseline = Baseline.BLUR
     blur_sigma: float | None = None
     sanity_blocks: int | None = None
+    sanity_layers: SanityLayers = SanityLayers.OUTPUT
     seed: int = 0
     max_batch: int = 256
 
@@ -131,6 +158,7 @@ class MetricSettings:
         object.__setattr__(self, "families", frozenset(MetricFamily(f) for f in self.families))
         object.__setattr__(self, "deletion_baseline", Baseline(self.deletion_baseline))
         object.__setattr__(self, "insertion_baseline", Baseline(self.insertion_baseline))
+        object.__setattr__(self, "sanity_layers", SanityLayers(self.sanity_layers))
         for name in ("steps", "sanity_blocks", "max_batch", "seed"):
             value = getattr(self, name)
             if value is not None:
@@ -141,8 +169,12 @@ class MetricSettings:
             raise ValueError(f"metrics steps must be >= 1, got {self.steps}")
         if self.blur_sigma is not None and self.blur_sigma <= 0:
             raise ValueError(f"metrics blur_sigma must be positive, got {self.blur_sigma}")
-        if self.sanity_blocks is not None and self.sanity_blocks < 1:
-            raise ValueError(f"metrics sanity_blocks must be >= 1, got {self.sanity_blocks}")
+        if self.sanity_blocks is not None and self.sanity_blocks < 0:
+            raise ValueError(f"metrics sanity_blocks must be >= 0, got {self.sanity_blocks}")
+        if self.sanity_blocks == 0 and self.sanity_layers is SanityLayers.BLOCKS:
+            raise ValueError(
+                'metrics sanity_blocks = 0 with sanity_layers = "blocks" would re-initialize nothing'
+            )
         if self.max_batch < 1:
             raise ValueError(f"metrics max_batch must be >= 1, got {self.max_batch}")
 
@@ -162,6 +194,7 @@ class MetricSettings:
             "insertion_baseline": self.insertion_baseline.value,
             "blur_sigma": self.blur_sigma,
             "sanity_blocks": self.sanity_blocks,
+            "sanity_layers": self.sanity_layers.value,
             "seed": self.seed,
             "max_batch": self.max_batch,
         }
@@ -180,10 +213,13 @@ class MetricSettings:
         """Digest of everything that determines one job's metric values besides its maps.
 
         ``region`` is the job's box or mask URI (localization depends on it). ``max_batch`` only
-        changes how the work is split, so it is left out.
+        changes how the work is split, so it is left out, and so is ``sanity_layers`` when the sanity
+        check is off: values computed before that setting existed stay reusable.
         """
         data = self.to_dict()
         data.pop("max_batch")
+        if not self.wants(MetricFamily.SANITY):
+            data.pop("sanity_layers")
         data["region"] = region or ""
         canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -202,6 +238,7 @@ _SECTION_KEYS = {
     "insertion_baseline",
     "blur_sigma",
     "sanity_blocks",
+    "sanity_layers",
     "seed",
     "max_batch",
 }

@@ -35,7 +35,7 @@ from common.db.session import current_revision, downgrade, head_revision, upgrad
 from common.db.workers import live_workers
 from common.errors import DatabaseUnavailableError, TransientError, VitscopeError
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
-from common.metrics import MetricSettings, load_metrics_section, parse_metrics_option
+from common.metrics import METHODS, RANDOM_METHOD, MetricSettings, load_metrics_section, parse_metrics_option
 from common.modelspec import resolve_models_option
 from common.settings import Settings, get_settings
 from producer.compare import compare_table, write_compare_csv, write_compare_json
@@ -352,27 +352,38 @@ def results(
 def compare(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json (a list of objects).")] = "table",
+    against: Annotated[
+        str,
+        typer.Option(
+            "--against",
+            help="The method every other is paired with, image by image: random (default), rollout, "
+            "grad_rollout, relevance or last_layer_score.",
+        ),
+    ] = RANDOM_METHOD,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")
     ] = None,
 ) -> None:
-    """Faithfulness metrics per model × method × metric: n, mean, 95% CI; the random map as a baseline."""
+    """Faithfulness metrics per model × method × metric: n, mean, 95% CI, and the paired difference
+    against the random map (or --against METHOD): mean, 95% CI, Wilcoxon signed-rank p."""
     writers = {"csv": write_compare_csv, "json": write_compare_json}
     if fmt not in (*writers, "table"):
         raise _fail(f"unknown --format {fmt!r}: use table, csv or json")
+    if against not in METHODS:
+        raise _fail(f"unknown --against method {against!r}: use one of {', '.join(METHODS)}")
     try:
         db = open_database(get_settings())
         with db.session() as session:
             found = get_batch(session, batch)
-            summaries = metric_summaries(session, found.id)
+            summaries = metric_summaries(session, found.id, against=against)
         if fmt == "table":
-            compare_table(summaries, out)
+            compare_table(summaries, out, against)
         elif output is not None:
             with output.open("w", newline="") as handle:
-                count = writers[fmt](summaries, handle)
+                count = writers[fmt](summaries, handle, against)
             err.print(f"wrote {count} row(s) to {output}")
         else:
-            writers[fmt](summaries, sys.stdout)
+            writers[fmt](summaries, sys.stdout, against)
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from common.db.metrics import metric_summaries
-from common.metrics import RANDOM_METHOD
-from producer.compare import BETTER
+from producer.compare import BETTER, method_label
 from producer.site.selection import Selection, model_summaries, top1_agreement
 
 __all__ = [
@@ -104,8 +103,10 @@ def agreement_section(session: Session, selection: Selection) -> Section | None:
 
 
 def faithfulness_section(session: Session, selection: Selection) -> Section | None:
-    """``producer compare`` as a table: per model × metric × method, n, mean and 95 % interval, the
-    random map as the baseline row; absent when the batch was submitted without ``--metrics``."""
+    """``producer compare`` as a table: per model × metric × method, n, mean and 95 % interval (t, or
+    Wilson for 0/1 metrics), and the paired difference against the random map on the same images:
+    mean, 95 % interval, Wilcoxon signed-rank p. Absent when the batch was submitted without
+    ``--metrics``."""
     summaries = [
         s
         for s in metric_summaries(session, selection.batch_id)
@@ -113,23 +114,47 @@ def faithfulness_section(session: Session, selection: Selection) -> Section | No
     ]
     if not summaries:
         return None
-    rows = [
-        (
-            s.model,
-            s.metric,
-            f"{s.method} (baseline)" if s.method == RANDOM_METHOD else s.method,
-            str(s.n),
-            f"{s.mean:.4f}",
-            "-" if s.ci_low is None or s.ci_high is None else f"[{s.ci_low:.4f}, {s.ci_high:.4f}]",
-            BETTER.get(s.metric, ""),
+
+    def interval(low: float | None, high: float | None, sign: str = "") -> str:
+        return "-" if low is None or high is None else f"[{low:{sign}.4f}, {high:{sign}.4f}]"
+
+    rows = []
+    for s in summaries:
+        paired = s.paired
+        rows.append(
+            (
+                s.model,
+                s.metric,
+                method_label(s.method, s.metric),
+                str(s.n),
+                f"{s.mean:.4f}",
+                f"{interval(s.ci_low, s.ci_high)} {s.interval}",
+                "-" if paired is None else f"{paired.mean:+.4f}",
+                "-" if paired is None else interval(paired.ci_low, paired.ci_high, "+"),
+                "-" if paired is None or paired.p is None else f"{paired.p:.2g}",
+                BETTER.get(s.metric, ""),
+            )
         )
-        for s in summaries
-    ]
     return Section(
         title="Faithfulness of the maps",
-        columns=("model", "metric", "method", "n", "mean", "95% CI", "reading"),
+        columns=(
+            "model",
+            "metric",
+            "method",
+            "n",
+            "mean",
+            "95% CI",
+            "Δ vs random",
+            "95% CI of Δ",
+            "p",
+            "reading",
+        ),
         rows=rows,
-        note="Over every job of the batch with metrics (producer compare); docs/metrics.md defines them.",
+        note="Over every job of the batch with metrics (producer compare); docs/metrics.md defines them. "
+        "Δ vs random: the method's score minus the random map's on the same image, averaged, with its "
+        "t interval and the two-sided Wilcoxon signed-rank p; judge a method by Δ, not by whether the "
+        "two means' intervals overlap. The mean's interval is Student t, or Wilson for 0/1 metrics "
+        "(pointing game). For entropy the random row is the entropy of noise, not a chance level.",
     )
 
 

@@ -9,7 +9,14 @@ import pytest
 from common.errors import InvalidModelSpecError
 from common.keys import config_fingerprint
 from common.methods import MethodSettings
-from common.metrics import Baseline, MetricFamily, MetricSettings, load_metrics_section, parse_metrics_option
+from common.metrics import (
+    Baseline,
+    MetricFamily,
+    MetricSettings,
+    SanityLayers,
+    load_metrics_section,
+    parse_metrics_option,
+)
 from common.modelspec import ModelSpec, load_models_file
 
 DEL, INS, LOC, SAN = (
@@ -96,3 +103,42 @@ def test_model_args_reach_the_spec_and_its_fingerprint(tmp_path: Path) -> None:
     path.write_text('[models.small]\narch = "test_vit"\n[models.small.model_args]\nnum_classes = 4\n')
     with pytest.raises(InvalidModelSpecError, match="model_args must be a table"):
         load_models_file(path)
+
+
+def test_the_sanity_layers_setting(tmp_path: Path) -> None:
+    assert MetricSettings().sanity_layers is SanityLayers.OUTPUT  # Adebayo et al.'s cascade by default
+    path = tmp_path / "models.toml"
+    path.write_text('[metrics]\ncompute = ["sanity"]\nsanity_layers = "blocks"\nsanity_blocks = 3\n')
+    settings = load_metrics_section(path)
+    assert (settings.sanity_layers, settings.sanity_blocks) == (SanityLayers.BLOCKS, 3)
+    assert MetricSettings.from_dict(settings.to_dict()) == settings
+    assert MetricSettings(sanity_blocks=0).sanity_blocks == 0  # the head and final norm alone
+    for section, message in (
+        ('sanity_layers = "top"', "'top' is not a valid SanityLayers"),
+        ('sanity_layers = "blocks"\nsanity_blocks = 0', "would re-initialize nothing"),
+        ("sanity_blocks = -1", "sanity_blocks must be >= 0"),
+    ):
+        path.write_text(f"[metrics]\n{section}\n")
+        with pytest.raises(InvalidModelSpecError, match=message):
+            load_metrics_section(path)
+
+
+def test_sanity_layers_change_the_digest_only_where_the_sanity_check_runs() -> None:
+    standard = frozenset({DEL, INS, LOC})
+    # The digest these settings had before ``sanity_layers`` existed: earlier values stay reusable.
+    assert MetricSettings(families=standard).digest("1,2,3,4") == "1de7b5c41d6ef056"
+    assert (
+        MetricSettings(families=standard, sanity_layers=SanityLayers.BLOCKS).digest()
+        == MetricSettings(families=standard).digest()
+    )
+    with_sanity = standard | {SAN}
+    assert (
+        MetricSettings(families=with_sanity, sanity_layers=SanityLayers.BLOCKS).digest()
+        != MetricSettings(families=with_sanity).digest()
+    )
+
+
+def test_the_rise_canvas_is_a_baseline() -> None:
+    settings = MetricSettings(insertion_baseline="rise_blur")
+    assert settings.insertion_baseline is Baseline.RISE_BLUR
+    assert settings.digest() != MetricSettings().digest()

@@ -14,11 +14,14 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
+from scipy import stats
 from typer.testing import CliRunner
 
 from common.settings import get_settings
+from common.stats import paired_proportions_interval
 from producer.cli import app
 from tests.trained_vit import models_file_entry, write_task_images
 
@@ -47,6 +50,59 @@ def square_dataset(tmp_path: Path) -> tuple[Path, Path]:
     return dataset, models
 
 
+def _stored_values(database_url: str) -> dict[tuple[str, str], dict[str, float]]:
+    """The batch ``squares``' values from the ``job_metrics`` view: method × metric -> job -> value."""
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT method, metric, job_id, value FROM job_metrics WHERE batch_name = 'squares'")
+        ).all()
+    engine.dispose()
+    stored: dict[tuple[str, str], dict[str, float]] = {}
+    for method, metric, job_id, value in rows:
+        stored.setdefault((method, metric), {})[job_id] = value
+    return stored
+
+
+def _check_against_scipy(row: dict, stored: dict[tuple[str, str], dict[str, float]], against: str) -> None:
+    """A JSON row of ``compare``: its interval and paired fields recomputed by scipy from the stored values."""
+    values = np.array(list(stored[row["method"], row["metric"]].values()))
+    if row["interval"] == "wilson":
+        wilson = stats.binomtest(int(values.sum()), len(values)).proportion_ci(method="wilson")
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((wilson.low, wilson.high), abs=1e-12)
+    else:
+        t = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx(t, rel=1e-9, abs=1e-12)
+    if row[f"vs_{against}_mean"] is None:
+        return
+    mine, theirs = stored[row["method"], row["metric"]], stored[against, row["metric"]]
+    d = np.array([mine[job] - theirs[job] for job in sorted(set(mine) & set(theirs))])
+    assert row[f"vs_{against}_n"] == len(d)
+    assert row[f"vs_{against}_mean"] == pytest.approx(d.mean(), rel=1e-9, abs=1e-12)
+    if row["metric"] == "pointing_game":  # 0/1 scores: Newcombe's interval of the paired table
+        pairs = [(mine[job], theirs[job]) for job in sorted(set(mine) & set(theirs))]
+        table = [pairs.count(cell) for cell in ((1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0))]
+        newcombe = paired_proportions_interval(*table)
+        assert row[f"vs_{against}_interval"] == "newcombe"
+        assert (row[f"vs_{against}_ci_low"], row[f"vs_{against}_ci_high"]) == pytest.approx(
+            (newcombe.low, newcombe.high), rel=1e-12
+        )
+        assert -1.0 <= row[f"vs_{against}_ci_low"] <= row[f"vs_{against}_ci_high"] <= 1.0
+    elif d.std() > 0:
+        assert row[f"vs_{against}_interval"] == "t"
+        t = stats.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+        assert (row[f"vs_{against}_ci_low"], row[f"vs_{against}_ci_high"]) == pytest.approx(
+            t, rel=1e-9, abs=1e-12
+        )
+    if not d.any():
+        assert row[f"vs_{against}_p"] is None
+        return
+    nonzero = d[d != 0]
+    exact = len(nonzero) == len(d) and len(np.unique(np.abs(d))) == len(d) and len(d) <= 50
+    expected = stats.wilcoxon(d, method="exact" if exact else "asymptotic").pvalue
+    assert row[f"vs_{against}_p"] == pytest.approx(expected, rel=1e-9), (row["method"], row["metric"])
+
+
 def test_submit_with_metrics_then_compare_in_every_format(
     square_dataset: tuple[Path, Path], database_url: str
 ) -> None:
@@ -58,7 +114,9 @@ def test_submit_with_metrics_then_compare_in_every_format(
     assert result.exit_code == 0, result.output
 
     rows = json.loads(_invoke("compare", "squares", "--format", "json", database_url=database_url).stdout)
-    assert all(set(row) == {"model", "method", "metric", "n", "mean", "ci_low", "ci_high"} for row in rows)
+    paired = {f"vs_random_{key}" for key in ("n", "mean", "ci_low", "ci_high", "p", "interval")}
+    columns = {"model", "method", "metric", "n", "mean", "ci_low", "ci_high", "interval", *paired}
+    assert all(set(row) == columns for row in rows)
     table = {(row["method"], row["metric"]): row for row in rows}
     methods = {"rollout", "grad_rollout", "relevance", "last_layer_score", "random"}
     for metric in ("deletion_auc", "insertion_auc", "entropy", "pointing_game", "mass_inside"):
@@ -68,6 +126,17 @@ def test_submit_with_metrics_then_compare_in_every_format(
     assert {row["model"] for row in rows} == {"squares"}
     for row in rows:
         assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+        assert row["interval"] == ("wilson" if row["metric"] == "pointing_game" else "t")
+        if row["metric"] == "pointing_game":
+            assert 0.0 <= row["ci_low"] <= row["ci_high"] <= 1.0
+        with_random = row["method"] != "random" and row["metric"] != "sanity_spearman"
+        assert (row["vs_random_mean"] is not None) == with_random, (row["method"], row["metric"])
+    stored = _stored_values(database_url)
+    for row in rows:
+        _check_against_scipy(row, stored, "random")
+    assert table["grad_rollout", "deletion_auc"]["vs_random_ci_high"] < 0
+    assert table["grad_rollout", "deletion_auc"]["vs_random_p"] < 0.01
+    assert table["grad_rollout", "mass_inside"]["vs_random_ci_low"] > 0
     assert table["grad_rollout", "deletion_auc"]["mean"] < table["random", "deletion_auc"]["ci_low"]
     assert table["grad_rollout", "insertion_auc"]["mean"] > table["random", "insertion_auc"]["ci_high"]
     assert table["grad_rollout", "mass_inside"]["mean"] > table["random", "mass_inside"]["ci_high"]
@@ -80,8 +149,21 @@ def test_submit_with_metrics_then_compare_in_every_format(
     assert [(r["method"], r["metric"]) for r in as_csv] == [(r["method"], r["metric"]) for r in rows]
     assert float(as_csv[0]["mean"]) == pytest.approx(rows[0]["mean"])
 
+    # Against any method: the same pairing, the fields named for it.
+    against = json.loads(
+        _invoke(
+            "compare", "squares", "--format", "json", "--against", "rollout", database_url=database_url
+        ).stdout
+    )
+    for row in against:
+        assert (row["vs_rollout_mean"] is None) == (row["method"] == "rollout"), row
+        _check_against_scipy(row, stored, "rollout")
+
     shown = _invoke("compare", "squares", database_url=database_url).stdout
     assert "random (baseline)" in shown
+    assert "random (noise entropy)" in shown
+    assert "Δ vs random" in shown
+    assert "wilson interval" in shown
     assert "deletion_auc" in shown
     assert "lower is better" in shown
 
@@ -93,6 +175,8 @@ def test_submit_with_metrics_then_compare_in_every_format(
     assert "Faithfulness of the maps" in index
     assert "random (baseline)" in index
     assert f"{table['grad_rollout', 'deletion_auc']['mean']:.4f}" in index
+    assert "Δ vs random" in index
+    assert f"{table['grad_rollout', 'deletion_auc']['vs_random_mean']:+.4f}" in index
 
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
@@ -118,8 +202,9 @@ def test_submit_with_metrics_then_compare_in_every_format(
         (r["method"], r["metric"], r["n"]) for r in rows
     ]
     for copied, original in zip(reused, rows, strict=True):  # sums may differ in the last bit by row order
-        for key in ("mean", "ci_low", "ci_high"):
-            assert copied[key] == pytest.approx(original[key], rel=1e-9, abs=1e-12)
+        for key in ("mean", "ci_low", "ci_high", "vs_random_mean", "vs_random_p"):
+            expected = original[key]
+            assert copied[key] == (None if expected is None else pytest.approx(expected, rel=1e-9, abs=1e-12))
 
     # Different metric settings cannot reuse those values: the jobs are computed afresh.
     fewer = _invoke(*submit, "--metrics", "deletion", "--name", "fewer", database_url=database_url)
@@ -152,6 +237,9 @@ def test_compare_refuses_unknown_formats_and_says_when_there_are_no_metrics(
     refused = _invoke("compare", "plain", "--format", "xml", database_url=sqlite_url)
     assert refused.exit_code == 2
     assert "unknown --format" in refused.output
+    nobody = _invoke("compare", "plain", "--against", "saliency", database_url=sqlite_url)
+    assert nobody.exit_code == 2
+    assert "unknown --against method 'saliency'" in nobody.output
     bad = _invoke("submit", str(dataset), "--local", "--metrics", "speed", database_url=sqlite_url)
     assert bad.exit_code == 2
     assert "unknown --metrics value 'speed'" in bad.output
@@ -196,3 +284,28 @@ def test_a_mask_scores_like_the_box_it_draws(tmp_path: Path, sqlite_url: str) ->
     for (row_id, method, metric), value in by_row.items():
         if not row_id.endswith("-mask"):
             assert by_row[f"{row_id}-mask", method, metric] == pytest.approx(value, abs=1e-6)
+
+
+def test_the_sanity_layers_setting_reaches_the_worker(
+    square_dataset: tuple[Path, Path], sqlite_url: str
+) -> None:
+    """``sanity_layers`` in the models file changes which copy the worker builds, and the digest: the
+    second batch reuses nothing and its gradient maps correlate differently with their counterparts."""
+    dataset, models = square_dataset
+    blocks = models.with_name("blocks.toml")
+    blocks.write_text(models.read_text() + 'sanity_layers = "blocks"\n')
+    means = {}
+    for name, path in (("cascade", models), ("blocks", blocks)):
+        result = _invoke(
+            "submit", str(dataset), "--local", "--models", "squares", "--models-file", str(path),
+            "--metrics", "sanity", "--name", name, database_url=sqlite_url,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "0 reused" in result.output
+        rows = json.loads(_invoke("compare", name, "--format", "json", database_url=sqlite_url).stdout)
+        means[name] = {r["method"]: r["mean"] for r in rows if r["metric"] == "sanity_spearman"}
+    assert means["cascade"].keys() == means["blocks"].keys() == {
+        "rollout", "grad_rollout", "relevance", "last_layer_score"
+    }  # fmt: skip
+    # The head's re-initialization changes every gradient the class-specific maps are made of.
+    assert means["cascade"]["grad_rollout"] != pytest.approx(means["blocks"]["grad_rollout"], abs=1e-6)

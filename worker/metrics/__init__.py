@@ -20,9 +20,10 @@ from worker.metrics.perturbation import (
     canvas,
     patch_ranks,
     perturbation_curves,
+    rise_kernel,
     step_counts,
 )
-from worker.metrics.sanity import randomized_copy, spearman
+from worker.metrics.sanity import cascade_layers, randomized_copy, spearman
 
 __all__ = [
     "ImageInputs",
@@ -30,6 +31,7 @@ __all__ = [
     "PerturbationCurves",
     "box_coverage",
     "canvas",
+    "cascade_layers",
     "evaluate",
     "explanation_maps",
     "mask_coverage",
@@ -40,6 +42,7 @@ __all__ = [
     "pointing_game",
     "random_map",
     "randomized_copy",
+    "rise_kernel",
     "seeded_draws",
     "spearman",
     "step_counts",

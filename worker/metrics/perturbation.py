@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,11 +37,16 @@ __all__ = [
     "default_blur_sigma",
     "patch_ranks",
     "perturbation_curves",
+    "rise_kernel",
     "step_counts",
 ]
 
-# RISE blurs 224-pixel inputs with a Gaussian of sigma 5 px; other input sizes scale it.
+# RISE blurs 224-pixel inputs with a Gaussian of sigma 5 px; the ``blur`` canvas scales it with the side.
 _RISE_SIGMA, _RISE_SIDE = 5.0, 224
+# RISE's released code (eclique/RISE, evaluation.py: ``klen = 11; ksig = 5``): the kernel is
+# ``scipy.ndimage.gaussian_filter`` of an 11 × 11 unit impulse, whose default truncation (4σ, a
+# 41-tap filter) and ``reflect`` mode fold the Gaussian's tails back into the 11 × 11 window.
+_RISE_KERNEL_SIZE, _SCIPY_TRUNCATE = 11, 4.0
 
 
 @dataclass
@@ -79,15 +85,44 @@ def default_blur_sigma(side: int) -> float:
     return _RISE_SIGMA * side / _RISE_SIDE
 
 
+def rise_kernel() -> torch.Tensor:
+    """RISE's blur kernel ``[11, 11]`` float32: ``gaussian_filter(impulse, 5)`` on an 11 × 11 grid.
+
+    Separable: each axis is the 41-tap Gaussian of σ = 5 (``exp(−i²/2σ²)`` for ``|i| ≤ 20``, summing
+    to 1) applied to a unit impulse at index 5 with half-sample reflection at the window's edges
+    (``d c b a | a b c d | d c b a``), so the taps that fall outside fold back in and the kernel
+    still sums to 1, flatter than a Gaussian cut at the window would be.
+    """
+    radius = int(_SCIPY_TRUNCATE * _RISE_SIGMA + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * offsets**2 / _RISE_SIGMA**2)
+    weights /= weights.sum()
+    size, centre = _RISE_KERNEL_SIZE, _RISE_KERNEL_SIZE // 2
+    axis = np.zeros(size)
+    for x in range(size):
+        source = (x + offsets) % (2 * size)  # reflection repeats every 2 · size
+        source = np.where(source >= size, 2 * size - 1 - source, source)
+        axis[x] = weights[source == centre].sum()
+    return torch.from_numpy(np.outer(axis, axis).astype(np.float32))
+
+
 def canvas(images: torch.Tensor, baseline: Baseline, blur_sigma: float | None = None) -> torch.Tensor:
     """The picture patches are replaced with (deletion) or pasted onto (insertion), ``[B, 3, H, W]``.
 
     ``mean``: zeros, the dataset mean once normalized. ``blur``: the normalized image blurred with a
     Gaussian of ``blur_sigma`` pixels (blurring commutes with the per-channel normalization), kernel
-    ``2 · ceil(3σ) + 1`` capped below the image side.
+    ``2 · ceil(3σ) + 1`` capped below the image side, reflect padding (torchvision's
+    ``gaussian_blur``). ``rise_blur``: RISE's canvas, ``conv2d`` of the normalized image with
+    ``rise_kernel()`` per channel and zero padding (so the border darkens towards the mean colour),
+    at any input size; ``blur_sigma`` does not apply.
     """
     if baseline is Baseline.MEAN:
         return torch.zeros_like(images)
+    if baseline is Baseline.RISE_BLUR:
+        C = images.shape[1]
+        kernel = rise_kernel().to(device=images.device, dtype=images.dtype)
+        weight = kernel.expand(C, 1, *kernel.shape).contiguous()
+        return F.conv2d(images, weight, padding=_RISE_KERNEL_SIZE // 2, groups=C)
     H, W = images.shape[-2:]
     sigma = blur_sigma if blur_sigma is not None else default_blur_sigma(min(H, W))
     kernel = min(2 * math.ceil(3 * sigma) + 1, 2 * ((min(H, W) - 1) // 2) + 1)

@@ -1,10 +1,14 @@
 """The model-randomization sanity check (Adebayo et al., 2018, "Sanity Checks for Saliency Maps").
 
-A map that explains the *model* must change when the model does. The check re-initializes the last
-``k`` blocks of a copy of the model, explains the same images for the same classes, and measures the
-Spearman rank correlation between each map and its counterpart. High correlation means the method
-mostly shows something other than what the re-initialized blocks learned (the image's structure, the
-earlier blocks); a faithful method's correlation drops.
+A map that explains the *model* must change when the model does. The check re-initializes part of
+a copy of the model, explains the same images for the same classes, and measures the Spearman rank
+correlation between each map and its counterpart. High correlation means the method mostly shows
+something other than what the re-initialized layers learned (the image's structure, the earlier
+blocks); a faithful method's correlation drops.
+
+Which part (``SanityLayers``, ``docs/metrics.md``): ``output`` is Adebayo et al.'s cascade, which
+starts at the output layer: the classifier head(s), the final norm(s), then the last ``k`` blocks,
+top-down; ``blocks`` re-initializes the last ``k`` blocks and keeps the trained head and final norm.
 """
 
 from __future__ import annotations
@@ -14,28 +18,63 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["randomized_copy", "spearman"]
+from common.metrics import SanityLayers
+
+__all__ = ["OUTPUT_LAYERS", "cascade_layers", "randomized_copy", "spearman"]
 
 # timm's ViT initialization (``init_weights_vit_timm``): truncated normal, std 0.02, zero biases.
 _INIT_STD = 0.02
 
+# What sits above the blocks in timm's ViT family, output first: the classifier, DeiT's distillation
+# classifier, the norm of average-pooled models, the final norm. Absent or ``Identity`` ones are skipped.
+OUTPUT_LAYERS = ("head", "head_dist", "fc_norm", "norm")
 
-def randomized_copy(model: nn.Module, blocks: int, seed: int) -> nn.Module:
-    """A deep copy of ``model`` whose last ``blocks`` transformer blocks are freshly initialized.
 
-    Linear layers get timm's ViT initialization, normalization layers weight 1 and bias 0; other
-    parameters of those blocks (layer-scale factors) keep their values, which keeps each residual
-    branch's scale what the rest of the network expects. The draws come from a CPU generator seeded with
-    ``seed``, so every device and every process builds the same copy. The original is not touched.
+def cascade_layers(model: nn.Module, blocks: int, layers: SanityLayers) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs the copy re-initializes, in the order their weights are drawn.
+
+    ``output``: the ``OUTPUT_LAYERS`` the model has, then ``blocks.{L−1}`` down to ``blocks.{L−k}``
+    (top-down, so a deeper cascade draws the same values for the layers a shallower one drew).
+    ``blocks``: ``blocks.{L−k}`` up to ``blocks.{L−1}`` (bottom-up: the order vitscope has always
+    drawn them in, so earlier sanity values stay reproducible).
+    """
+    depth = len(model.blocks)
+    layers = SanityLayers(layers)
+    least = 0 if layers is SanityLayers.OUTPUT else 1
+    if not least <= blocks <= depth:
+        raise ValueError(
+            f"cannot re-initialize {blocks} blocks of a model with {depth} "
+            f'(sanity_layers = "{layers.value}": {least} to {depth})'
+        )
+    chosen = range(depth - blocks, depth)
+    if layers is SanityLayers.BLOCKS:
+        return [(f"blocks.{index}", model.blocks[index]) for index in chosen]
+    top = [
+        (name, module)
+        for name in OUTPUT_LAYERS
+        if isinstance(module := getattr(model, name, None), nn.Module)
+        and next(module.parameters(), None) is not None
+    ]
+    return top + [(f"blocks.{index}", model.blocks[index]) for index in reversed(chosen)]
+
+
+def randomized_copy(
+    model: nn.Module, blocks: int, seed: int, layers: SanityLayers = SanityLayers.OUTPUT
+) -> nn.Module:
+    """A deep copy of ``model`` with ``cascade_layers(model, blocks, layers)`` freshly initialized.
+
+    Linear layers get timm's ViT initialization (truncated normal σ = 0.02, zero bias), drawn in
+    ``cascade_layers``' order and, inside a layer, in module order; normalization layers weight 1 and
+    bias 0; other parameters of those layers (layer-scale factors, BEiT's relative position bias) keep
+    their values, which keeps each residual branch's scale what the rest of the network expects. The
+    draws come from a CPU generator seeded with ``seed``, so every device and every process builds
+    the same copy. The original is not touched.
     """
     clone = copy.deepcopy(model).eval()
-    all_blocks = list(clone.blocks)
-    if not 1 <= blocks <= len(all_blocks):
-        raise ValueError(f"cannot re-initialize {blocks} blocks of a model with {len(all_blocks)}")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for block in all_blocks[-blocks:]:
-            for module in block.modules():
+        for _, layer in cascade_layers(clone, blocks, layers):
+            for module in layer.modules():
                 if isinstance(module, nn.Linear):
                     weight = torch.empty(module.weight.shape, dtype=torch.float32)
                     nn.init.trunc_normal_(weight, std=_INIT_STD, generator=generator)

@@ -19,7 +19,7 @@ from torch import nn
 
 from common.db.records import MetricRecord
 from common.errors import ImageError
-from common.metrics import MetricFamily, MetricSettings
+from common.metrics import MetricFamily, MetricSettings, SanityLayers
 from worker.attention import Explanation
 from worker.metrics import (
     ImageInputs,
@@ -37,7 +37,7 @@ from worker.preprocess import decode_image, upright_size
 __all__ = ["image_seed", "region_coverage", "score"]
 
 # The sanity check's re-initialized copies, one per warm model: building one costs a model copy.
-_RANDOMIZED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int], nn.Module]] = (
+_RANDOMIZED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int, SanityLayers], nn.Module]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -77,12 +77,12 @@ def region_coverage(runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image
     return mask_coverage(preprocessor.crop_mask(mask), (grid[0], grid[1]))
 
 
-def _randomized(model: nn.Module, blocks: int, seed: int) -> nn.Module:
+def _randomized(model: nn.Module, blocks: int, seed: int, layers: SanityLayers) -> nn.Module:
     copies = _RANDOMIZED.setdefault(model, {})
-    if (blocks, seed) not in copies:
+    if (blocks, seed, layers) not in copies:
         copies.clear()  # one copy per model: a worker rarely changes the sanity settings
-        copies[blocks, seed] = randomized_copy(model, blocks, seed)
-    return copies[blocks, seed]
+        copies[blocks, seed, layers] = randomized_copy(model, blocks, seed, layers)
+    return copies[blocks, seed, layers]
 
 
 def score(
@@ -110,8 +110,9 @@ def score(
     randomized = None
     if settings.wants(MetricFamily.SANITY):
         depth = len(loaded.model.blocks)
-        blocks = min(settings.sanity_blocks or math.ceil(depth / 2), depth)
-        randomized = _randomized(loaded.model, blocks, settings.seed)
+        wanted = math.ceil(depth / 2) if settings.sanity_blocks is None else settings.sanity_blocks
+        blocks = min(wanted, depth)
+        randomized = _randomized(loaded.model, blocks, settings.seed, settings.sanity_layers)
     values = evaluate(
         loaded.model,
         images,

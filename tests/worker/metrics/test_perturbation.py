@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.transforms import functional as TF
 
 from common.metrics import Baseline
 from tests.trained_vit import TASK
-from worker.metrics import canvas, patch_ranks, perturbation_curves, seeded_draws, step_counts
+from worker.metrics import canvas, patch_ranks, perturbation_curves, rise_kernel, seeded_draws, step_counts
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,36 @@ def test_canvases() -> None:
     blurred = canvas(images, Baseline.BLUR, blur_sigma=2.0)
     assert torch.allclose(blurred, TF.gaussian_blur(images, [13, 13], [2.0, 2.0]))
     assert blurred.std() < images.std()
+
+
+def _rise_blur(x: torch.Tensor) -> torch.Tensor:
+    """RISE's released canvas (eclique/RISE, ``evaluation.py``), written as it is there."""
+    klen, nsig = 11, 5
+    inp = np.zeros((klen, klen))
+    inp[klen // 2, klen // 2] = 1
+    k = gaussian_filter(inp, nsig)
+    kern = np.zeros((3, 3, klen, klen))
+    kern[0, 0] = k
+    kern[1, 1] = k
+    kern[2, 2] = k
+    return torch.nn.functional.conv2d(x, torch.from_numpy(kern.astype("float32")), padding=klen // 2)
+
+
+def test_the_rise_canvas_is_rises_own_at_any_size() -> None:
+    impulse = np.zeros((11, 11))
+    impulse[5, 5] = 1
+    np.testing.assert_array_equal(rise_kernel().numpy(), gaussian_filter(impulse, 5).astype(np.float32))
+    assert float(rise_kernel().sum()) == pytest.approx(1.0, abs=1e-6)
+    for side in (224, 64):  # RISE's kernel is fixed in pixels: not rescaled with the input
+        images = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(side))
+        ours = canvas(images, Baseline.RISE_BLUR, blur_sigma=9.0)  # blur_sigma does not apply
+        assert torch.allclose(ours, _rise_blur(images), atol=1e-6)
+    # Zero padding: a constant image darkens towards 0 (the mean colour) at the border, unlike ``blur``.
+    flat = torch.ones(1, 3, 32, 32)
+    rise = canvas(flat, Baseline.RISE_BLUR)
+    assert float(rise[0, 0, 16, 16]) == pytest.approx(1.0, abs=1e-6)
+    assert float(rise[0, 0, 0, 0]) < 0.4
+    assert torch.allclose(canvas(flat, Baseline.BLUR), flat, atol=1e-6)
 
 
 def _plain_curve(

@@ -55,3 +55,35 @@ def test_a_file_broken_between_validation_and_insertion_submits_nothing(
         assert _counts(db) == (0, 0)
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        pytest.param(lambda text: text.replace("s3://b/7.png", "s3://b/other.png"), id="a row replaced"),
+        pytest.param(
+            lambda text: text.replace(
+                "s3://b/7.png,deit_tiny_patch16_224", "s3://b/7.png,vit_tiny_patch16_224"
+            ),
+            id="a model swapped for another valid one",
+        ),
+        pytest.param(lambda text: text.replace("\n", "\r\n"), id="same rows, other line ends"),
+    ],
+)
+def test_any_edit_between_the_two_passes_submits_nothing(tmp_path: Path, database_url: str, edit) -> None:
+    """Same header, same row count, every row valid: pass 1's digest of the bytes still tells."""
+    csv = tmp_path / "data.csv"
+    text = "image_uri,model\n" + "".join(f"s3://b/{i}.png,deit_tiny_patch16_224\n" for i in range(3000))
+    csv.write_text(text)
+    db = open_database(Settings(database_url=database_url), migrate=True)
+    try:
+        plan = plan_submission(csv, OPTIONS)
+        assert set(plan.specs) == {"deit_tiny_patch16_224"}
+        csv.write_bytes(edit(text).encode())
+        with pytest.raises(
+            InvalidDatasetError, match="changed while it was submitted; nothing was submitted"
+        ):
+            commit_plan(db, plan, OPTIONS, mode="local")
+        assert _counts(db) == (0, 0)
+    finally:
+        db.dispose()

@@ -1,0 +1,150 @@
+"""An interrupted local run, as a user meets it, and ``producer resume``, the one command that finishes it.
+
+Real ``producer submit --local`` processes (random-weight ``deit_tiny_patch16_224`` on the CPU,
+SQLite, a results folder) are interrupted with Ctrl-C (SIGINT) or killed with SIGKILL once a job has
+succeeded; the test watches the database, never a fixed time. One image per pass, so the run always
+has jobs in hand when the signal comes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from common.db.models import Job, JobState
+from tests.worker.conftest import wait_until
+
+BIN = Path(sys.executable).parent
+IMAGES = 12
+
+
+def _dataset(tmp_path: Path, write_image) -> Path:
+    lines = ["id,image_uri"]
+    for i in range(IMAGES):
+        write_image(tmp_path / "images" / f"{i}.png", seed=i, size=(48 + i, 48))
+        lines.append(f"img{i},images/{i}.png")
+    csv = tmp_path / "data.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VITSCOPE_")}
+    return {
+        **env,
+        "VITSCOPE_DATABASE_URL": f"sqlite:///{tmp_path / 'vitscope.db'}",
+        "VITSCOPE_STORAGE_URL": (tmp_path / "results").as_uri(),
+        "VITSCOPE_DEVICE": "cpu",
+        "VITSCOPE_BATCH_SIZE": "1",  # chunks of four jobs: always some in hand
+        "OMP_NUM_THREADS": "1",
+        "COLUMNS": "200",
+    }
+
+
+class Run:
+    """``producer submit --local`` in the background, and the database it writes."""
+
+    def __init__(self, tmp_path: Path, csv: Path) -> None:
+        self.env = _env(tmp_path)
+        self.engine = sa.create_engine(self.env["VITSCOPE_DATABASE_URL"])
+        self.process = subprocess.Popen(
+            [str(BIN / "producer"), "submit", str(csv), "--local", "--weights", "random"],
+            env=self.env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def jobs(self) -> list[Job]:
+        try:
+            with sa.orm.Session(self.engine) as session:
+                return list(session.scalars(sa.select(Job).order_by(Job.row_number)))
+        except sa.exc.OperationalError:  # the file or its tables not made yet
+            return []
+
+    def wait_for_a_success_and_jobs_in_hand(self) -> None:
+        def seen() -> bool:
+            states = [job.state for job in self.jobs()]
+            return JobState.SUCCEEDED in states and JobState.RUNNING in states
+
+        wait_until(seen, 300, "a job succeeded while others are running", every=0.05)
+
+    def producer(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "producer"), *args], env=self.env, capture_output=True, text=True, timeout=600
+        )
+
+
+def test_ctrl_c_hands_the_jobs_back_at_once_and_resume_finishes_the_batch(
+    tmp_path: Path, write_image
+) -> None:
+    run = Run(tmp_path, _dataset(tmp_path, write_image))
+    try:
+        run.wait_for_a_success_and_jobs_in_hand()
+        run.process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        out, err = run.process.communicate(timeout=60)
+        stopped = time.monotonic() - sent
+    finally:
+        if run.process.poll() is None:
+            run.process.kill()
+    assert run.process.returncode == 130, err
+    assert stopped < 15, f"took {stopped:.1f} s to stop"
+    batch_id = out.strip().splitlines()[-1]
+    assert "interrupted" in err
+    assert "went back to the queue" in err
+    assert f"producer resume {batch_id}" in err
+    assert "Traceback" not in err
+    jobs = run.jobs()
+    states = [job.state for job in jobs]
+    assert JobState.RUNNING not in states, "a job was left running"
+    assert JobState.QUEUED in states
+    assert JobState.SUCCEEDED in states
+    assert all(job.attempts == 0 for job in jobs if job.state == JobState.QUEUED), "an attempt was spent"
+
+    resumed = run.producer("resume", batch_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "loading 1 model(s) on cpu" in resumed.stderr
+    assert "RANDOM weights" in resumed.stderr
+    assert f"{IMAGES}/{IMAGES}" in resumed.stderr  # the bar counts the whole batch
+    assert resumed.stdout.strip().splitlines()[-1] == batch_id
+    jobs = run.jobs()
+    assert [job.state for job in jobs] == [JobState.SUCCEEDED] * IMAGES
+    assert [job.attempts for job in jobs] == [1] * IMAGES
+    run.engine.dispose()
+    print(f"\nCtrl-C: the local run stopped {stopped:.1f} s after the signal, its jobs in hand queued again")
+
+
+def test_kill_9_leaves_jobs_running_that_resume_takes_back(tmp_path: Path, write_image) -> None:
+    run = Run(tmp_path, _dataset(tmp_path, write_image))
+    try:
+        run.wait_for_a_success_and_jobs_in_hand()
+        run.process.kill()  # SIGKILL: nothing is cleaned up
+        run.process.communicate(timeout=60)
+    finally:
+        if run.process.poll() is None:
+            run.process.kill()
+    killed = [job for job in run.jobs() if job.state == JobState.RUNNING]
+    assert killed, "the killed run should have left jobs running"
+    assert {job.worker_id.rsplit(":", 1)[1] for job in killed} == {str(run.process.pid)}
+    batch_id = killed[0].batch_id
+
+    started = time.monotonic()
+    resumed = run.producer("resume", batch_id)  # long before their lease (180 s) would run out
+    seconds = time.monotonic() - started
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(killed)} job(s) were running in a process that is gone: taken back" in resumed.stderr
+    jobs = {job.id: job for job in run.jobs()}
+    assert [job.state for job in jobs.values()] == [JobState.SUCCEEDED] * IMAGES
+    assert all(jobs[job.id].interruptions == 1 for job in killed)
+    run.engine.dispose()
+    print(
+        f"\nkill -9: resume took back {len(killed)} running job(s) and finished the batch in {seconds:.1f} s"
+    )

@@ -6,12 +6,25 @@ queue, so a worker can fill a GPU batch from one message; the producer never imp
 Publishing costs about half a millisecond of Python per message (Celery builds each message and
 kombu opens a Redis client per publish); the work holds the GIL, so threads do not speed it up —
 larger chunks do (``VITSCOPE_CHUNK_SIZE``).
+
+A broker can lose its data — a Redis restarted without persistence, a managed failover, a
+``FLUSHALL``, an eviction policy dropping keys under memory pressure — and with it every message
+waiting on the queues, while the database still says those jobs are queued. So every publication
+first writes a marker key (``BROKER_MARKER_KEY``, no expiry) on the broker; its absence later means
+the broker was emptied since. Workers' reapers ask ``broker_lost_data`` each round: the one whose
+``SET … NX`` recreates the marker publishes again every queued job of the distributed batches
+(``common.db.jobs.republish_queued``); duplicates of messages that did survive cost a claim query
+each, since claims are compare-and-set. ``eviction_warning`` tells ``worker start`` when Redis's
+``maxmemory-policy`` could evict the queues themselves.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
+from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError
@@ -21,7 +34,73 @@ from common.celery_app import TASK_PROCESS_JOBS
 from common.db.records import QueuedImageJob, QueuedJob
 from common.errors import BrokerUnavailableError
 
-__all__ = ["check_broker", "chunk_jobs", "publish_jobs"]
+__all__ = [
+    "BROKER_MARKER_KEY",
+    "broker_lost_data",
+    "check_broker",
+    "chunk_jobs",
+    "eviction_warning",
+    "publish_jobs",
+]
+
+log = logging.getLogger(__name__)
+
+# Written before every publication and never expired: missing means the broker lost its data since.
+# A ":" in the name keeps it apart from the queues (``vitscope.<family>`` lists).
+BROKER_MARKER_KEY = "vitscope:broker-marker"
+# Redis policies that may evict any key, queues and their messages included, under memory pressure.
+EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+
+
+def _redis_client(channel: object) -> Any | None:
+    """The redis-py client of a kombu Redis channel; None for other transports (no marker there)."""
+    return getattr(channel, "client", None) if type(channel).__module__ == "kombu.transport.redis" else None
+
+
+def _write_marker(channel: object) -> None:
+    client = _redis_client(channel)
+    if client is not None:
+        client.set(BROKER_MARKER_KEY, f"{time.time():.0f}")
+
+
+def broker_lost_data(app: Celery) -> bool:
+    """True when the broker's marker key is gone — it lost its data since the last publication — and
+    this caller recreated it (``SET NX``: of many workers asking at once, exactly one gets True and
+    publishes again). False when the marker is there, or the transport is not Redis. Raises the
+    client's errors when the broker cannot be reached: the caller tries again next round.
+    """
+    with app.connection_for_write() as connection:
+        _connect_once(connection)  # never kombu's minutes of retries: a reaper round must not stall
+        client = _redis_client(connection.default_channel)
+        if client is None:
+            return False
+        return bool(client.set(BROKER_MARKER_KEY, f"{time.time():.0f}", nx=True))
+
+
+def _connect_once(connection: Any, timeout: float = 5.0) -> None:
+    connection.ensure_connection(max_retries=1, interval_start=0.5, interval_step=0.5, timeout=timeout)
+
+
+def eviction_warning(app: Celery) -> str | None:
+    """A warning when the broker is a Redis whose ``maxmemory-policy`` may evict queue keys; None when
+    it is safe, not Redis, or cannot be asked (unreachable: the worker will say so itself)."""
+    try:
+        with app.connection_for_write() as connection:
+            _connect_once(connection)
+            client = _redis_client(connection.default_channel)
+            if client is None:
+                return None
+            policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except Exception as exc:  # CONFIG renamed or refused (managed Redis), or Redis down
+        log.debug("could not read the broker's maxmemory-policy: %s", exc)
+        return None
+    if policy not in EVICTING_POLICIES:
+        return None
+    return (
+        f"the broker's Redis has maxmemory-policy {policy}: under memory pressure it may evict the queues "
+        "and their messages. Set maxmemory-policy noeviction (Redis then refuses new messages instead, and "
+        "producer submit says so); workers publish lost jobs again, but only after noticing the loss."
+    )
 
 
 def _broker_errors(app: Celery) -> tuple[type[BaseException], ...]:
@@ -98,6 +177,7 @@ def publish_jobs(
     messages = 0
     try:
         with app.producer_or_acquire() as producer:
+            _write_marker(producer.channel)  # before the messages: a loss after this leaves it missing
             for queue, ids in chunk_jobs(jobs, chunk_size):
                 # argsrepr: the ids are in the message anyway; Celery's safe repr of them costs more
                 # than the rest of publishing.

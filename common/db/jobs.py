@@ -43,6 +43,7 @@ __all__ = [
     "release_batch",
     "release_jobs",
     "renew_leases",
+    "republish_queued",
     "republish_stale",
     "stale_queued_filter",
 ]
@@ -353,6 +354,32 @@ def republish_stale(
         )
         found += [QueuedJob(*row) for row in session.execute(stmt)]
     return found
+
+
+def republish_queued(session: Session, *, now: datetime | None = None) -> list[QueuedJob]:
+    """Stamp every queued job of the distributed batches that were published as requeued now, and
+    return them for publishing: the broker lost its data (``common.publish.broker_lost_data``), so
+    none of their messages can be trusted to exist.
+
+    A batch not yet marked published is left out: its producer is publishing it right now (or died
+    first, a case ``republish_stale`` covers), and publishing it here too would only double it.
+    Duplicates are harmless anyway: claims are compare-and-set.
+    """
+    now = now or utcnow()
+    published = sa.select(Batch.id).where(Batch.mode == "distributed", Batch.published_at.is_not(None))
+    where = [Job.state == JobState.QUEUED, Job.batch_id.in_(published)]
+    ids = list(session.scalars(sa.select(Job.id).where(*where)))
+    found: list[QueuedJob] = []
+    for chunk in chunks(ids):
+        stmt = (
+            sa.update(Job)
+            .where(Job.id.in_(chunk), *where)
+            .values(requeued_at=now)
+            .returning(Job.id, Job.model, Job.queue)
+            .execution_options(synchronize_session=False)
+        )
+        found += [QueuedJob(*row) for row in session.execute(stmt)]
+    return sorted(found, key=lambda job: (job.queue, job.model, job.id))
 
 
 def find_reusable(

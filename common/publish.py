@@ -9,13 +9,15 @@ larger chunks do (``VITSCOPE_CHUNK_SIZE``).
 
 A broker can lose its data — a Redis restarted without persistence, a managed failover, a
 ``FLUSHALL``, an eviction policy dropping keys under memory pressure — and with it every message
-waiting on the queues, while the database still says those jobs are queued. So every publication
-first writes a marker key (``BROKER_MARKER_KEY``, no expiry) on the broker; its absence later means
-the broker was emptied since. Workers' reapers ask ``broker_lost_data`` each round: the one whose
-``SET … NX`` recreates the marker publishes again every queued job of the distributed batches
-(``common.db.jobs.republish_queued``); duplicates of messages that did survive cost a claim query
-each, since claims are compare-and-set. ``eviction_warning`` tells ``worker start`` when Redis's
-``maxmemory-policy`` could evict the queues themselves.
+waiting on the queues, while the database still says those jobs are queued. So the broker holds a
+marker key (``BROKER_MARKER_KEY``, no expiry) whose absence means it was emptied (or is new). Each
+worker's reaper round, and each producer's publication of a batch, asks ``broker_lost_data``: the
+one caller whose ``SET … NX`` recreates the marker publishes again every queued job of the
+published distributed batches (``common.db.jobs.republish_queued``). A producer's publication
+therefore never hides a loss from the workers: it only writes the marker where it also heals the
+loss. Duplicates of messages that did survive cost a claim query each (claims are compare-and-set).
+``eviction_warning`` tells ``worker start`` when Redis's ``maxmemory-policy`` could evict the queues
+themselves.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Written before every publication and never expired: missing means the broker lost its data since.
-# A ":" in the name keeps it apart from the queues (``vitscope.<family>`` lists).
+# Created (never expired) by whoever first publishes to an empty broker; missing means the broker lost
+# its data since. A ":" in the name keeps it apart from the queues (``vitscope.<family>`` lists).
 BROKER_MARKER_KEY = "vitscope:broker-marker"
 # Redis policies that may evict any key, queues and their messages included, under memory pressure.
 EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
@@ -57,24 +59,21 @@ def _redis_client(channel: object) -> Any | None:
     return getattr(channel, "client", None) if type(channel).__module__ == "kombu.transport.redis" else None
 
 
-def _write_marker(channel: object) -> None:
-    client = _redis_client(channel)
-    if client is not None:
-        client.set(BROKER_MARKER_KEY, f"{time.time():.0f}")
-
-
 def broker_lost_data(app: Celery) -> bool:
-    """True when the broker's marker key is gone — it lost its data since the last publication — and
-    this caller recreated it (``SET NX``: of many workers asking at once, exactly one gets True and
-    publishes again). False when the marker is there, or the transport is not Redis. Raises the
-    client's errors when the broker cannot be reached: the caller tries again next round.
+    """True when the broker's marker key was gone — the broker lost its data, or is new — and this
+    caller recreated it (``SET NX``: of many callers at once, exactly one gets True, and it must publish
+    every queued job again). False when the marker is there, or the transport is not Redis.
+    ``BrokerUnavailableError`` when the broker cannot be reached or refuses the write.
     """
-    with app.connection_for_write() as connection:
-        _connect_once(connection)  # never kombu's minutes of retries: a reaper round must not stall
-        client = _redis_client(connection.default_channel)
-        if client is None:
-            return False
-        return bool(client.set(BROKER_MARKER_KEY, f"{time.time():.0f}", nx=True))
+    try:
+        with app.connection_for_write() as connection:
+            _connect_once(connection)  # never kombu's minutes of retries: a reaper round must not stall
+            client = _redis_client(connection.default_channel)
+            if client is None:
+                return False
+            return bool(client.set(BROKER_MARKER_KEY, f"{time.time():.0f}", nx=True))
+    except _broker_errors(app) as exc:
+        raise BrokerUnavailableError(_describe(app, exc)) from exc
 
 
 def _connect_once(connection: Any, timeout: float = 5.0) -> None:
@@ -177,7 +176,6 @@ def publish_jobs(
     messages = 0
     try:
         with app.producer_or_acquire() as producer:
-            _write_marker(producer.channel)  # before the messages: a loss after this leaves it missing
             for queue, ids in chunk_jobs(jobs, chunk_size):
                 # argsrepr: the ids are in the message anyway; Celery's safe repr of them costs more
                 # than the rest of publishing.

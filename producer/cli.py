@@ -171,6 +171,8 @@ def submit(
             _submit_distributed(settings, db, plan, options, wait=wait)
         else:
             _submit_local(settings, db, plan, options, random_if_offline=random_if_offline)
+    except KeyboardInterrupt:
+        raise _fail("interrupted", EXIT_INTERRUPTED) from None
     except TransientError as exc:
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except (VitscopeError, ValueError) as exc:
@@ -274,7 +276,7 @@ def _run_local(settings: Settings, runtime: Runtime, batch_id: str) -> NoReturn:
                 f"resume:    producer resume {batch_id}"
             )
             out.print(batch_id)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _exit_at_once(EXIT_INTERRUPTED)
     storage = settings.resolved_storage_url()
     err.print(
         f"done in {run.seconds:.1f} s: {run.succeeded} computed, {run.reused} reused, {run.failed} failed "
@@ -289,25 +291,36 @@ def _run_local(settings: Settings, runtime: Runtime, batch_id: str) -> NoReturn:
 
 @contextmanager
 def _second_interrupt_exits(batch_id: str) -> Iterator[None]:
-    """The first Ctrl-C raises ``KeyboardInterrupt`` as usual (the run hands its jobs back); a second
-    one, while that clean-up runs, exits at once and says how the jobs still running are recovered."""
-
-    def exit_now(_signum: int, _frame: object) -> None:
-        err.print(
-            f"\nsecond Ctrl-C: exiting now. Jobs still marked running are taken back by `producer resume "
-            f"{batch_id}`."
-        )
-        os._exit(EXIT_INTERRUPTED)
+    """The first Ctrl-C raises ``KeyboardInterrupt`` in the run (which hands its jobs back) and says
+    so; from then on SIGINT has the system's default action, so a second Ctrl-C ends the process at
+    once, whatever it is blocked in (a Python handler would wait for the call in progress to return)."""
+    interrupted = False
 
     def first(_signum: int, _frame: object) -> None:
-        signal.signal(signal.SIGINT, exit_now)
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        err.print(
+            "\nstopping: handing the jobs in hand back to the queue (Ctrl-C again exits at once; "
+            f"`producer resume {batch_id}` then takes back what is left)"
+        )
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGINT, first)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _exit_at_once(code: int) -> NoReturn:
+    """Exit without waiting for this process's threads: after Ctrl-C, a download or upload in flight
+    would hold a normal exit for up to its timeout (30-60 s), and nothing it could still do matters —
+    the jobs are back in the queue and everything recorded is committed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _safe_url(url: str) -> str:
@@ -462,6 +475,8 @@ def resume(
             _resume_distributed(settings, db, batch_id, wait=wait)
         else:
             _resume_local(settings, db, batch_id, specs)
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; `producer resume {batch}` starts again", EXIT_INTERRUPTED) from None
     except TransientError as exc:
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except VitscopeError as exc:

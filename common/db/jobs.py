@@ -356,17 +356,22 @@ def republish_stale(
     return found
 
 
-def republish_queued(session: Session, *, now: datetime | None = None) -> list[QueuedJob]:
+def republish_queued(
+    session: Session, *, exclude: str | None = None, now: datetime | None = None
+) -> list[QueuedJob]:
     """Stamp every queued job of the distributed batches that were published as requeued now, and
     return them for publishing: the broker lost its data (``common.publish.broker_lost_data``), so
     none of their messages can be trusted to exist.
 
     A batch not yet marked published is left out: its producer is publishing it right now (or died
     first, a case ``republish_stale`` covers), and publishing it here too would only double it.
-    Duplicates are harmless anyway: claims are compare-and-set.
+    Duplicates are harmless anyway: claims are compare-and-set. ``exclude``: a batch the caller
+    publishes itself.
     """
     now = now or utcnow()
-    published = sa.select(Batch.id).where(Batch.mode == "distributed", Batch.published_at.is_not(None))
+    published = sa.select(Batch.id).where(
+        Batch.mode == "distributed", Batch.published_at.is_not(None), Batch.id != (exclude or "")
+    )
     where = [Job.state == JobState.QUEUED, Job.batch_id.in_(published)]
     ids = list(session.scalars(sa.select(Job.id).where(*where)))
     found: list[QueuedJob] = []

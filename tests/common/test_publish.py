@@ -7,6 +7,7 @@ import pytest
 
 from common.celery_app import make_celery
 from common.db.records import QueuedImageJob, QueuedJob
+from common.errors import BrokerUnavailableError
 from common.publish import BROKER_MARKER_KEY, MAX_STRETCH, broker_lost_data, chunk_jobs, publish_jobs
 from common.settings import Settings, get_settings
 
@@ -41,15 +42,21 @@ def test_jobs_without_a_uri_are_chunked_by_size_alone() -> None:
 # --- The broker's marker: how a worker learns that the broker lost its data -------------------------
 
 
-def test_a_publication_leaves_a_marker_whose_loss_exactly_one_caller_learns(private_redis) -> None:
+def test_the_marker_tells_exactly_one_caller_that_the_broker_lost_its_data(private_redis) -> None:
     app = make_celery(Settings(broker_url=private_redis.url))
     client = private_redis.client()
+    assert broker_lost_data(app)  # a new broker: the first caller creates the marker (and republishes)
     publish_jobs(app, [QueuedJob("j1", "m", "vitscope.m")], chunk_size=4)
-    assert client.exists(BROKER_MARKER_KEY)
     assert not broker_lost_data(app)  # the marker is there: nothing was lost
     client.flushall()  # what a restart without persistence, a failover or FLUSHALL leaves
-    assert [broker_lost_data(app) for _ in range(3)] == [True, False, False]  # one reaper republishes
+    assert [broker_lost_data(app) for _ in range(3)] == [True, False, False]  # one caller republishes
     assert client.exists(BROKER_MARKER_KEY)
+
+
+def test_an_unreachable_broker_is_a_transient_error_within_seconds() -> None:
+    app = make_celery(Settings(broker_url="redis://127.0.0.1:9/0"))  # a closed port
+    with pytest.raises(BrokerUnavailableError, match="unavailable"):
+        broker_lost_data(app)
 
 
 @pytest.mark.parametrize(

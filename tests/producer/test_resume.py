@@ -1,9 +1,9 @@
 """An interrupted local run, as a user meets it, and ``producer resume``, the one command that finishes it.
 
 Real ``producer submit --local`` processes (random-weight ``deit_tiny_patch16_224`` on the CPU,
-SQLite, a results folder) are interrupted with Ctrl-C (SIGINT) or killed with SIGKILL once a job has
-succeeded; the test watches the database, never a fixed time. One image per pass, so the run always
-has jobs in hand when the signal comes.
+SQLite, a results folder, images from the test's HTTP server) are interrupted with Ctrl-C (SIGINT)
+or killed with SIGKILL once a job has succeeded; the test watches the database and the server, never
+a fixed time. One image per pass, so the run always has jobs in hand when the signal comes.
 """
 
 from __future__ import annotations
@@ -18,20 +18,11 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from common.db.models import Job, JobState
-from tests.worker.conftest import wait_until
+from tests.conftest import ImageServer
+from tests.worker.conftest import http_dataset, wait_until
 
 BIN = Path(sys.executable).parent
 IMAGES = 12
-
-
-def _dataset(tmp_path: Path, write_image) -> Path:
-    lines = ["id,image_uri"]
-    for i in range(IMAGES):
-        write_image(tmp_path / "images" / f"{i}.png", seed=i, size=(48 + i, 48))
-        lines.append(f"img{i},images/{i}.png")
-    csv = tmp_path / "data.csv"
-    csv.write_text("\n".join(lines) + "\n")
-    return csv
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -42,6 +33,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "VITSCOPE_STORAGE_URL": (tmp_path / "results").as_uri(),
         "VITSCOPE_DEVICE": "cpu",
         "VITSCOPE_BATCH_SIZE": "1",  # chunks of four jobs: always some in hand
+        "VITSCOPE_ALLOW_PRIVATE_NETWORKS": "true",  # the image server is on 127.0.0.1
         "OMP_NUM_THREADS": "1",
         "COLUMNS": "200",
     }
@@ -83,11 +75,16 @@ class Run:
 
 
 def test_ctrl_c_hands_the_jobs_back_at_once_and_resume_finishes_the_batch(
-    tmp_path: Path, write_image
+    tmp_path: Path, write_image, image_server: ImageServer
 ) -> None:
-    run = Run(tmp_path, _dataset(tmp_path, write_image))
+    """Ctrl-C while the run waits on a download that hangs (the server holds it): the run must not
+    wait for that download's timeout (30 s) to stop."""
+    csv = http_dataset(tmp_path, image_server, write_image, IMAGES)
+    hung = image_server.hold("/1.png")  # the second job of the first chunk (URIs sort 0, 1, 10, 11, 2 …)
+    run = Run(tmp_path, csv)
     try:
         run.wait_for_a_success_and_jobs_in_hand()
+        image_server.wait_for_request("/1.png")
         run.process.send_signal(signal.SIGINT)
         sent = time.monotonic()
         out, err = run.process.communicate(timeout=60)
@@ -95,9 +92,11 @@ def test_ctrl_c_hands_the_jobs_back_at_once_and_resume_finishes_the_batch(
     finally:
         if run.process.poll() is None:
             run.process.kill()
+        hung.set()
     assert run.process.returncode == 130, err
     assert stopped < 15, f"took {stopped:.1f} s to stop"
     batch_id = out.strip().splitlines()[-1]
+    assert "stopping: handing the jobs in hand back to the queue (Ctrl-C again exits at once" in err
     assert "interrupted" in err
     assert "went back to the queue" in err
     assert f"producer resume {batch_id}" in err
@@ -122,8 +121,10 @@ def test_ctrl_c_hands_the_jobs_back_at_once_and_resume_finishes_the_batch(
     print(f"\nCtrl-C: the local run stopped {stopped:.1f} s after the signal, its jobs in hand queued again")
 
 
-def test_kill_9_leaves_jobs_running_that_resume_takes_back(tmp_path: Path, write_image) -> None:
-    run = Run(tmp_path, _dataset(tmp_path, write_image))
+def test_kill_9_leaves_jobs_running_that_resume_takes_back(
+    tmp_path: Path, write_image, image_server: ImageServer
+) -> None:
+    run = Run(tmp_path, http_dataset(tmp_path, image_server, write_image, IMAGES))
     try:
         run.wait_for_a_success_and_jobs_in_hand()
         run.process.kill()  # SIGKILL: nothing is cleaned up

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,3 +151,43 @@ def test_kill_9_leaves_jobs_running_that_resume_takes_back(
     print(
         f"\nkill -9: resume took back {len(killed)} running job(s) and finished the batch in {seconds:.1f} s"
     )
+
+
+def test_a_second_ctrl_c_exits_at_once_even_while_the_first_one_is_cleaning_up(
+    tmp_path: Path, write_image, image_server: ImageServer
+) -> None:
+    """The clean-up after the first Ctrl-C is held on purpose: the test keeps SQLite's write lock, so
+    handing the jobs back waits in the database's busy loop (C code, where no Python handler runs).
+    The second Ctrl-C must end the process anyway, and ``resume`` then takes back what it left."""
+    csv = http_dataset(tmp_path, image_server, write_image, 8)
+    hung = image_server.hold("/1.png")
+    run = Run(tmp_path, csv)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.process.stderr), daemon=True)
+    reader.start()
+    lock = sqlite3.connect(tmp_path / "vitscope.db", timeout=30)
+    try:
+        run.wait_for_a_success_and_jobs_in_hand()
+        image_server.wait_for_request("/1.png")  # the run waits on it: no write of its own in flight
+        lock.execute("BEGIN IMMEDIATE")
+        run.process.send_signal(signal.SIGINT)
+        wait_until(lambda: any("stopping:" in line for line in lines), 30, "the first Ctrl-C's message")
+        run.process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        run.process.wait(timeout=30)
+        stopped = time.monotonic() - sent
+    finally:
+        lock.rollback()
+        lock.close()
+        if run.process.poll() is None:
+            run.process.kill()
+        hung.set()
+    assert run.process.returncode == -signal.SIGINT, "".join(lines)
+    assert stopped < 2, f"the second Ctrl-C took {stopped:.1f} s"
+    left = [job for job in run.jobs() if job.state == JobState.RUNNING]
+    assert left, "the clean-up was held: the jobs in hand are still marked running"
+    resumed = run.producer("resume", left[0].batch_id)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "were running in a process that is gone: taken back" in resumed.stderr
+    assert [job.state for job in run.jobs()] == [JobState.SUCCEEDED] * 8
+    run.engine.dispose()

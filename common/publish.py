@@ -6,12 +6,27 @@ queue, so a worker can fill a GPU batch from one message; the producer never imp
 Publishing costs about half a millisecond of Python per message (Celery builds each message and
 kombu opens a Redis client per publish); the work holds the GIL, so threads do not speed it up —
 larger chunks do (``VITSCOPE_CHUNK_SIZE``).
+
+A broker can lose its data — a Redis restarted without persistence, a managed failover, a
+``FLUSHALL``, an eviction policy dropping keys under memory pressure — and with it every message
+waiting on the queues, while the database still says those jobs are queued. So the broker holds a
+marker key (``BROKER_MARKER_KEY``, no expiry) whose absence means it was emptied (or is new). Each
+worker's reaper round, and each producer's publication of a batch, asks ``broker_lost_data``: the
+one caller whose ``SET … NX`` recreates the marker publishes again every queued job of the
+published distributed batches (``common.db.jobs.republish_queued``). A producer's publication
+therefore never hides a loss from the workers: it only writes the marker where it also heals the
+loss. Duplicates of messages that did survive cost a claim query each (claims are compare-and-set).
+``eviction_warning`` tells ``worker start`` when Redis's ``maxmemory-policy`` could evict the queues
+themselves.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from itertools import groupby
+from typing import Any
 
 from celery import Celery
 from kombu.exceptions import KombuError
@@ -21,7 +36,70 @@ from common.celery_app import TASK_PROCESS_JOBS
 from common.db.records import QueuedImageJob, QueuedJob
 from common.errors import BrokerUnavailableError
 
-__all__ = ["check_broker", "chunk_jobs", "publish_jobs"]
+__all__ = [
+    "BROKER_MARKER_KEY",
+    "broker_lost_data",
+    "check_broker",
+    "chunk_jobs",
+    "eviction_warning",
+    "publish_jobs",
+]
+
+log = logging.getLogger(__name__)
+
+# Created (never expired) by whoever first publishes to an empty broker; missing means the broker lost
+# its data since. A ":" in the name keeps it apart from the queues (``vitscope.<family>`` lists).
+BROKER_MARKER_KEY = "vitscope:broker-marker"
+# Redis policies that may evict any key, queues and their messages included, under memory pressure.
+EVICTING_POLICIES = ("allkeys-lru", "allkeys-lfu", "allkeys-random")
+
+
+def _redis_client(channel: object) -> Any | None:
+    """The redis-py client of a kombu Redis channel; None for other transports (no marker there)."""
+    return getattr(channel, "client", None) if type(channel).__module__ == "kombu.transport.redis" else None
+
+
+def broker_lost_data(app: Celery) -> bool:
+    """True when the broker's marker key was gone — the broker lost its data, or is new — and this
+    caller recreated it (``SET NX``: of many callers at once, exactly one gets True, and it must publish
+    every queued job again). False when the marker is there, or the transport is not Redis.
+    ``BrokerUnavailableError`` when the broker cannot be reached or refuses the write.
+    """
+    try:
+        with app.connection_for_write() as connection:
+            _connect_once(connection)  # never kombu's minutes of retries: a reaper round must not stall
+            client = _redis_client(connection.default_channel)
+            if client is None:
+                return False
+            return bool(client.set(BROKER_MARKER_KEY, f"{time.time():.0f}", nx=True))
+    except _broker_errors(app) as exc:
+        raise BrokerUnavailableError(_describe(app, exc)) from exc
+
+
+def _connect_once(connection: Any, timeout: float = 5.0) -> None:
+    connection.ensure_connection(max_retries=1, interval_start=0.5, interval_step=0.5, timeout=timeout)
+
+
+def eviction_warning(app: Celery) -> str | None:
+    """A warning when the broker is a Redis whose ``maxmemory-policy`` may evict queue keys; None when
+    it is safe, not Redis, or cannot be asked (unreachable: the worker will say so itself)."""
+    try:
+        with app.connection_for_write() as connection:
+            _connect_once(connection)
+            client = _redis_client(connection.default_channel)
+            if client is None:
+                return None
+            policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except Exception as exc:  # CONFIG renamed or refused (managed Redis), or Redis down
+        log.debug("could not read the broker's maxmemory-policy: %s", exc)
+        return None
+    if policy not in EVICTING_POLICIES:
+        return None
+    return (
+        f"the broker's Redis has maxmemory-policy {policy}: under memory pressure it may evict the queues "
+        "and their messages. Set maxmemory-policy noeviction (Redis then refuses new messages instead, and "
+        "producer submit says so); workers publish lost jobs again, but only after noticing the loss."
+    )
 
 
 def _broker_errors(app: Celery) -> tuple[type[BaseException], ...]:

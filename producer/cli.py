@@ -8,10 +8,14 @@ broker) imports the worker package to run the same pipeline in this process.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,7 +31,7 @@ from rich.progress import (
 
 from common.db import Database, open_database
 from common.db.batches import get_batch, retry_failed
-from common.db.jobs import republish_stale
+from common.db.jobs import reap_expired
 from common.db.metrics import metric_summaries
 from common.db.models import JobState
 from common.db.reports import batch_status, iter_job_results
@@ -36,12 +40,15 @@ from common.db.workers import live_workers
 from common.errors import DatabaseUnavailableError, TransientError, VitscopeError
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
 from common.metrics import METHODS, RANDOM_METHOD, MetricSettings, load_metrics_section, parse_metrics_option
-from common.modelspec import resolve_models_option
+from common.modelspec import ModelSpec, resolve_models_option
 from common.settings import Settings, get_settings
 from producer.compare import compare_table, write_compare_csv, write_compare_json
 from producer.report import results_table, status_view, write_csv, write_json, write_jsonl
 from producer.site.links import MAX_PRESIGN_SECONDS, LinkMode
 from producer.submit import Plan, SubmitOptions, commit_plan, enqueue, plan_submission
+
+if TYPE_CHECKING:
+    from worker.pipeline import Runtime
 
 __all__ = ["app", "main"]
 
@@ -60,6 +67,8 @@ err = Console(stderr=True, highlight=False)
 # Exit status of a command stopped by an unreachable service (database, broker): retrying may help,
 # unlike invalid input (2).
 EXIT_UNAVAILABLE = 3
+# Exit status of a local run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -164,6 +173,8 @@ def submit(
             _submit_distributed(settings, db, plan, options, wait=wait)
         else:
             _submit_local(settings, db, plan, options, random_if_offline=random_if_offline)
+    except KeyboardInterrupt:
+        raise _fail("interrupted", EXIT_INTERRUPTED) from None
     except TransientError as exc:
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except (VitscopeError, ValueError) as exc:
@@ -195,10 +206,10 @@ def _submit_distributed(
     try:
         messages = enqueue(celery, db, submission.batch_id, chunk_size=settings.chunk_size)
     except TransientError as exc:
-        # Committed but not (fully) published: the batch is kept, and completed by `producer retry`
+        # Committed but not (fully) published: the batch is kept, and completed by `producer resume`
         # (or by a worker's reaper after VITSCOPE_REPUBLISH_AFTER_SECONDS).
         raise TransientError(
-            f"{exc}; batch {submission.batch_id} is saved but not published: run `producer retry "
+            f"{exc}; batch {submission.batch_id} is saved but not published: run `producer resume "
             f"{submission.batch_id}` once the broker is back"
         ) from exc
     elapsed = time.perf_counter() - start
@@ -214,7 +225,7 @@ def _submit_distributed(
 def _submit_local(
     settings: Settings, db: Database, plan: Plan, options: SubmitOptions, *, random_if_offline: bool
 ) -> None:
-    from worker.local import load_models, run_batch
+    from worker.local import load_models
     from worker.pipeline import Runtime
 
     runtime = Runtime.from_settings(settings, db=db)
@@ -231,29 +242,87 @@ def _submit_local(
             plan = plan_submission(plan.path, options, replace=replacements)
         submission = commit_plan(db, plan, options, mode="local")
         err.print(f"batch {submission.batch_id}: {submission.jobs} job(s)")
-        with _progress() as progress:
-            task = progress.add_task("explaining", total=submission.jobs, ok=0, failed=0)
-            tally = {"ok": 0, "failed": 0}
-
-            def on_job(_job_id: str, state: JobState) -> None:
-                if state is JobState.QUEUED:
-                    return
-                tally["ok" if state is JobState.SUCCEEDED else "failed"] += 1
-                progress.update(task, advance=1, **tally)
-
-            run = run_batch(runtime, submission.batch_id, on_job=on_job)
+        _run_local(settings, runtime, submission.batch_id)
     finally:
         runtime.close()
+
+
+def _run_local(settings: Settings, runtime: Runtime, batch_id: str) -> NoReturn:
+    """Run the batch's queued jobs here with a progress bar, then say how it went and exit: 0 when
+    every job succeeded, 1 when some failed, 130 when Ctrl-C stopped it (the jobs in hand handed back;
+    ``producer resume`` runs the rest). ``submit --local`` and ``resume`` share it, output and all."""
+    from worker.local import RunInterrupted, run_batch
+
+    with runtime.db.session() as session:
+        status = batch_status(session, get_batch(session, batch_id))
+    ok = status.counts[JobState.SUCCEEDED]
+    tally = {"ok": ok, "failed": status.counts[JobState.FAILED]}
+    with _progress() as progress, _second_interrupt_exits(batch_id):
+        task = progress.add_task("explaining", total=status.total, completed=ok, **tally)
+
+        def on_job(_job_id: str, state: JobState) -> None:
+            if state is JobState.QUEUED:
+                return
+            tally["ok" if state is JobState.SUCCEEDED else "failed"] += 1
+            progress.update(task, advance=1, **tally)
+
+        try:
+            run = run_batch(runtime, batch_id, on_job=on_job)
+        except RunInterrupted as stopped:
+            progress.update(task, description="[yellow]interrupted[/yellow]")
+            progress.stop()
+            err.print(
+                f"interrupted after {stopped.run.seconds:.1f} s: {stopped.run.succeeded} computed, "
+                f"{stopped.run.reused} reused, {stopped.run.failed} failed; {stopped.run.released} job(s) in "
+                "hand went back to the queue (no attempt spent)\n"
+                f"resume:    producer resume {batch_id}"
+            )
+            out.print(batch_id)
+            _exit_at_once(EXIT_INTERRUPTED)
     storage = settings.resolved_storage_url()
     err.print(
         f"done in {run.seconds:.1f} s: {run.succeeded} computed, {run.reused} reused, {run.failed} failed "
         f"({(run.succeeded + run.reused) / max(run.seconds, 1e-9):.2f} images/s)\n"
         f"artifacts: {storage}\n"
         f"database:  {_safe_url(settings.resolved_database_url())}\n"
-        f"next:      producer status {submission.batch_id}   ·   producer results {submission.batch_id} --format csv"
+        f"next:      producer status {batch_id}   ·   producer results {batch_id} --format csv"
     )
-    out.print(submission.batch_id)
+    out.print(batch_id)
     raise typer.Exit(1 if run.failed else 0)
+
+
+@contextmanager
+def _second_interrupt_exits(batch_id: str) -> Iterator[None]:
+    """The first Ctrl-C raises ``KeyboardInterrupt`` in the run (which hands its jobs back) and says
+    so; from then on SIGINT has the system's default action, so a second Ctrl-C ends the process at
+    once, whatever it is blocked in (a Python handler would wait for the call in progress to return)."""
+    interrupted = False
+
+    def first(_signum: int, _frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        err.print(
+            "\nstopping: handing the jobs in hand back to the queue (Ctrl-C again exits at once; "
+            f"`producer resume {batch_id}` then takes back what is left)"
+        )
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        if not interrupted:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _exit_at_once(code: int) -> NoReturn:
+    """Exit without waiting for this process's threads: after Ctrl-C, a download or upload in flight
+    would hold a normal exit for up to its timeout (30-60 s), and nothing it could still do matters —
+    the jobs are back in the queue and everything recorded is committed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _safe_url(url: str) -> str:
@@ -389,56 +458,137 @@ def compare(
 
 
 @app.command()
-def retry(
+def resume(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
-    local: Annotated[bool, typer.Option("--local", help="Run the retried jobs in this process.")] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run a distributed batch's jobs in this process instead.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow a distributed batch until it is done.")
+    ] = False,
 ) -> None:
-    """Re-enqueue the batch's failed jobs (with a fresh attempt budget).
+    """Run every job of the batch that has not succeeded: one command for any interrupted batch.
 
-    A distributed batch whose messages were never all sent (the producer died between committing
-    the jobs and publishing them) has every queued job published again as well, and so are queued
-    jobs with no publication for VITSCOPE_REPUBLISH_AFTER_SECONDS (lost messages).
+    Failed jobs get a fresh attempt budget; running jobs whose process is gone (a local run killed
+    with SIGKILL, a worker whose lease expired) are taken back; then every queued job is run here
+    (a local batch, or --local) or published again at once (a distributed batch): a broker that lost
+    its messages loses nothing. Jobs running in a live process are left to it. Output and exit codes
+    are submit's: 0 all succeeded, 1 some failed, 2 bad input, 3 a service unreachable, 130 Ctrl-C.
     """
     settings = get_settings()
     try:
         db = open_database(settings)
         with db.session() as session:
             found = get_batch(session, batch)
-            unpublished = found.mode == "distributed" and found.published_at is None
-            lost = []
-            if found.mode == "distributed" and not unpublished:
-                lost = republish_stale(
-                    session, older_than_seconds=settings.republish_after_seconds, batch_id=found.id
-                )
-            jobs = retry_failed(session, found.id)
-        err.print(f"{len(jobs)} failed job(s) of batch {found.id} queued again")
-        if unpublished:
-            err.print("the batch was never fully published: enqueueing all its queued jobs")
-        if lost:
-            err.print(f"{len(lost)} queued job(s) with no recent publication published again")
-        jobs = [*jobs, *lost]
-        if not jobs and not unpublished:
-            return
-        if settings.broker_url and not local:
-            from common.celery_app import make_celery
-
-            everything = None if unpublished else jobs
-            enqueue(make_celery(settings), db, found.id, chunk_size=settings.chunk_size, jobs=everything)
-            return
-        from worker.local import run_batch
-        from worker.pipeline import Runtime
-
-        runtime = Runtime.from_settings(settings, db=db)
-        try:
-            run = run_batch(runtime, found.id)
-        finally:
-            runtime.close()
-        err.print(f"{run.succeeded} succeeded, {run.reused} reused, {run.failed} failed")
-        raise typer.Exit(1 if run.failed else 0)
+            batch_id, mode = found.id, found.mode
+            specs = {
+                name: ModelSpec.from_dict(spec) for name, spec in (found.models.get("specs") or {}).items()
+            }
+        if mode == "distributed" and not local:
+            _resume_distributed(settings, db, batch_id, wait=wait)
+        else:
+            _resume_local(settings, db, batch_id, specs)
+    except KeyboardInterrupt:
+        raise _fail(f"interrupted; `producer resume {batch}` starts again", EXIT_INTERRUPTED) from None
     except TransientError as exc:
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
+
+
+@app.command(hidden=True)
+def retry(
+    batch: Annotated[str, typer.Argument(help="Batch id or name.")],
+    local: Annotated[bool, typer.Option("--local", help="Run the jobs in this process.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow a distributed batch.")] = False,
+) -> None:
+    """The former name of ``resume``, kept so that scripts go on working."""
+    resume(batch, local=local, wait=wait)
+
+
+def _take_back(settings: Settings, db: Database, batch_id: str, *, here: bool) -> int:
+    """Failed jobs and the running jobs of gone processes back to ``queued``; say what was done and
+    return how many jobs are queued now.
+
+    ``here``: the jobs will run in this process, which may judge this host's processes dead (that
+    needs the worker package; a distributed resume leaves it to the workers' reapers, and takes back
+    only jobs whose lease expired).
+    """
+    is_dead, host = None, None
+    if here:
+        from worker.keeper import current_identity, is_dead_local_process
+
+        is_dead, host = is_dead_local_process, current_identity().hostname
+    with db.session() as session:
+        taken, gave_up = reap_expired(
+            session, max_attempts=settings.max_attempts, host=host, is_dead=is_dead, batch_id=batch_id
+        )
+        failed = retry_failed(session, batch_id)
+        counts = batch_status(session, get_batch(session, batch_id)).counts
+    if taken or gave_up:
+        err.print(
+            f"{len(taken) + len(gave_up)} job(s) were running in a process that is gone: taken back"
+            + (f" ({len(gave_up)} had used their attempts and were queued afresh)" if gave_up else "")
+        )
+    err.print(f"{len(failed)} failed job(s) of batch {batch_id} queued again")
+    if counts[JobState.RUNNING]:
+        err.print(f"{counts[JobState.RUNNING]} job(s) are running in a live process: left to it")
+    if not counts[JobState.QUEUED]:
+        err.print(f"nothing to resume: {counts[JobState.SUCCEEDED]} job(s) succeeded, none queued")
+    return counts[JobState.QUEUED]
+
+
+def _resume_distributed(settings: Settings, db: Database, batch_id: str, *, wait: bool) -> None:
+    if not settings.broker_url:
+        raise VitscopeError(
+            f"batch {batch_id} is distributed: set VITSCOPE_BROKER_URL to publish its jobs, or run them "
+            f"here with `producer resume {batch_id} --local`"
+        )
+    from common.celery_app import make_celery
+    from common.publish import check_broker
+
+    celery = make_celery(settings)
+    check_broker(celery)  # before anything changes
+    _take_back(settings, db, batch_id, here=False)
+    start = time.perf_counter()
+    try:
+        messages = enqueue(celery, db, batch_id, chunk_size=settings.chunk_size)
+    except TransientError as exc:
+        raise TransientError(f"{exc}; run `producer resume {batch_id}` once the broker is back") from exc
+    with db.session() as session:
+        queued = batch_status(session, get_batch(session, batch_id)).counts[JobState.QUEUED]
+    err.print(
+        f"published {queued} queued job(s) in {messages} message(s) in {time.perf_counter() - start:.1f} s "
+        "(a job whose message is still on the queue runs once: claims are compare-and-set)"
+    )
+    code = _follow(db, batch_id) if wait else 0
+    out.print(batch_id)
+    raise typer.Exit(code)
+
+
+def _resume_local(settings: Settings, db: Database, batch_id: str, specs: dict[str, ModelSpec]) -> None:
+    from worker.local import load_models
+    from worker.pipeline import Runtime
+
+    if not _take_back(settings, db, batch_id, here=True):
+        out.print(batch_id)
+        raise typer.Exit(0)
+    runtime = Runtime.from_settings(settings, db=db)
+    try:
+        err.print(f"loading {len(specs)} model(s) on {runtime.device} …")
+        # The batch's recorded weights, as submitted: falling back to random weights now would mix
+        # trained and untrained maps in one batch, so unreachable weights stop the resume instead.
+        load_models(runtime, specs, random_fallback=False)
+        random = sorted(name for name, spec in specs.items() if spec.is_random)
+        if random:
+            err.print(
+                f"[bold yellow]WARNING: {', '.join(random)} run(s) with RANDOM weights, as the batch was "
+                "submitted. Their maps show an untrained network, not what a trained model attends to; "
+                "jobs record weights_source = RANDOM.[/bold yellow]"
+            )
+        _run_local(settings, runtime, batch_id)
+    finally:
+        runtime.close()
 
 
 def _names(option: str | None) -> tuple[str, ...] | None:

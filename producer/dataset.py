@@ -8,9 +8,12 @@ absolute ``file://`` URIs so any process can find them. Paths are made absolute 
 symbolic links: whether a path may be read is decided where it is read (``common.local_files``).
 
 A file may have millions of rows, so it is read as a stream, twice: ``scan_dataset`` validates every
-row and keeps only counts and the set of model names; ``iter_rows`` then parses it again for the
-caller to insert row by row. Memory does not grow with the file. If the file changes between the
-two passes, ``iter_rows`` raises and the caller's transaction rolls back: nothing is half-submitted.
+row and keeps only counts, the set of model names and a SHA-256 digest of the bytes it read;
+``iter_rows`` then parses it again for the caller to insert row by row, digesting the bytes again.
+Memory does not grow with the file. If the file changes between the two passes — any byte, even
+with the same header and row count (a row's model swapped for another valid one, a file replaced),
+``iter_rows`` raises once it has read the file and the caller's transaction rolls back: nothing is
+submitted, and no row that pass 1 did not validate is ever run.
 
 What the CSV module already gets right, and the tests hold it to: a UTF-8 byte-order mark is
 dropped, CRLF and LF line ends are both fine, a quoted field may span lines (a row's line number is
@@ -26,6 +29,8 @@ mask image, located like ``image_uri`` and stored as an absolute URI).
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import math
 import os
 import re
@@ -78,6 +83,7 @@ class DatasetScan:
     models: frozenset[str]  # every name found in `model` cells
     rows_without_model: int  # rows that take the submit's --models
     local_rows: int  # rows naming a local file (file:// or a path)
+    sha256: str = ""  # of the bytes validated: the second pass must read the very same
 
 
 CheckModel = Callable[[str], object]
@@ -96,7 +102,8 @@ def scan_dataset(
     errors: list[tuple[int, str]] = []
     rows = rows_without_model = local_rows = 0
     models: set[str] = set()
-    with _parsed(path, target_column, check_model) as (columns, header_line, parsed):
+    digest = hashlib.sha256()
+    with _parsed(path, target_column, check_model, digest) as (columns, header_line, parsed):
         for line, row in parsed:
             if isinstance(row, str):
                 errors.append((line, row))
@@ -125,6 +132,7 @@ def scan_dataset(
         models=frozenset(models),
         rows_without_model=rows_without_model,
         local_rows=local_rows,
+        sha256=digest.hexdigest(),
     )
 
 
@@ -132,10 +140,12 @@ def iter_rows(scan: DatasetScan) -> Iterator[DatasetRow]:
     """The rows of a scanned file, parsed again as a stream (the second pass).
 
     Raises InvalidDatasetError if the file no longer matches its scan — edited or replaced in
-    between — so that a caller inserting inside one transaction rolls it back.
+    between, any byte of it — so that a caller inserting inside one transaction rolls it back. The
+    header and row count are checked as they are met; the digest of every byte once the file is read.
     """
     count = 0
-    with _parsed(scan.path, scan.target_column, None) as (columns, _, parsed):
+    digest = hashlib.sha256()
+    with _parsed(scan.path, scan.target_column, None, digest) as (columns, _, parsed):
         if columns != scan.columns:
             raise _changed(scan.path)
         for line, row in parsed:
@@ -145,7 +155,7 @@ def iter_rows(scan: DatasetScan) -> Iterator[DatasetRow]:
                 )
             count += 1
             yield row
-    if count != scan.rows:
+    if count != scan.rows or (scan.sha256 and digest.hexdigest() != scan.sha256):
         raise _changed(scan.path)
 
 
@@ -169,13 +179,43 @@ def _changed(path: Path) -> InvalidDatasetError:
 ParsedRows = Iterator[tuple[int, DatasetRow | str]]
 
 
+class _DigestingReader(io.RawIOBase):
+    """A binary file that feeds every byte read through it to ``digest``: what the CSV reader saw,
+    byte for byte, whatever the text decoding made of it."""
+
+    def __init__(self, raw: IO[bytes], digest: hashlib._Hash) -> None:
+        self.raw = raw
+        self.digest = digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        count = self.raw.readinto(buffer)  # type: ignore[attr-defined]
+        if count:
+            self.digest.update(memoryview(buffer)[:count])
+        return count
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _open_text(path: Path, digest: hashlib._Hash | None) -> IO[str]:
+    if digest is None:
+        return path.open(encoding="utf-8-sig", newline="")
+    raw = io.BufferedReader(_DigestingReader(path.open("rb", buffering=0), digest))
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
 @contextmanager
 def _parsed(
-    path: Path, target_column: str, check_model: CheckModel | None
+    path: Path, target_column: str, check_model: CheckModel | None, digest: hashlib._Hash | None = None
 ) -> Iterator[tuple[tuple[str, ...], int, ParsedRows]]:
-    """Open the file, check its header, and give (columns, header line, rows or per-line problems)."""
+    """Open the file, check its header, and give (columns, header line, rows or per-line problems);
+    every byte read goes through ``digest`` when one is given."""
     try:
-        handle = path.open(encoding="utf-8-sig", newline="")
+        handle = _open_text(path, digest)
     except FileNotFoundError:
         raise InvalidDatasetError("file not found", path=str(path)) from None
     except IsADirectoryError:

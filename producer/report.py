@@ -83,7 +83,7 @@ def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None) -> G
         lines.add_row(
             "unpublished",
             f"{status.stale_queued} queued job(s) with no recent publication (message lost?): a live "
-            "worker's reaper publishes them again, or run `producer retry`",
+            f"worker's reaper publishes them again, or run `producer resume {status.batch_id}`",
         )
     parts: list[Any] = [summary, lines]
     if status.failures:

@@ -21,13 +21,14 @@ from celery import Celery
 from common.celery_app import queue_for
 from common.db import Database
 from common.db.batches import add_jobs, create_batch, iter_queued_jobs, mark_published
+from common.db.jobs import republish_queued
 from common.db.records import NewJob, QueuedJob
 from common.errors import InvalidDatasetError, VitscopeError
 from common.keys import config_fingerprint, new_batch_id
 from common.methods import MethodSettings, Preprocess
 from common.metrics import MetricSettings
 from common.modelspec import ModelSpec, load_models_file, resolve_model
-from common.publish import publish_jobs
+from common.publish import broker_lost_data, publish_jobs
 from producer.dataset import DatasetRow, DatasetScan, iter_rows, scan_dataset
 
 __all__ = [
@@ -197,7 +198,16 @@ def enqueue(
 
     Returns the number of messages sent. Call only after the jobs' rows are committed. All queued
     jobs are streamed from the database in model order, never held in memory at once.
+
+    First, should the broker have lost its data since the last publication (its marker is gone and
+    this call recreated it), the queued jobs of every published distributed batch are published
+    again too: recreating the marker without healing the loss would hide it from the workers.
     """
+    if broker_lost_data(app):
+        with db.session() as session:
+            lost = republish_queued(session, exclude=batch_id)
+        if lost:
+            publish_jobs(app, lost, chunk_size=chunk_size)
     if jobs is None:
         with db.session() as session:
             messages = publish_jobs(

@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 
 from common.celery_app import DEFAULT_QUEUE, QUEUE_PREFIX, TRANSFORMERS_QUEUE, known_queues
-from common.settings import get_settings
+from common.settings import Settings, get_settings
 from worker.cores import available_cores, cpu_workers_per_gpu, decode_threads
 
 __all__ = ["app", "main", "resolve_gpus", "resolve_queues", "worker_commands"]
@@ -180,6 +180,7 @@ def start(
         hostname=hostname,
         cpu_workers=settings.cpu_workers,
     )
+    _warn_about_eviction(settings)
     if dry_run:
         for argv, env in commands:
             typer.echo(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv))
@@ -199,6 +200,16 @@ def start(
         signal.signal(signum, forward)
     codes = [child.wait() for child in children]
     raise typer.Exit(max(codes, key=abs) if any(codes) else 0)
+
+
+def _warn_about_eviction(settings: Settings) -> None:
+    """Say so when the broker's Redis may evict queue keys under memory pressure (docs/reliability.md)."""
+    from common.celery_app import make_celery
+    from common.publish import eviction_warning
+
+    warning = eviction_warning(make_celery(settings))
+    if warning:
+        typer.secho(f"WARNING: {warning}", err=True, fg=typer.colors.YELLOW)
 
 
 def main() -> None:

@@ -5,7 +5,9 @@ back quickly, which means a live worker must renew them while a long chunk compu
 writes the heartbeat ``producer status`` shows and, every ``reaper_interval_seconds``, returns jobs
 whose lease expired to the queue and publishes again queued jobs whose message was lost (no
 publication for ``republish_after_seconds``) — both compare-and-set, so many workers reaping at
-once is harmless.
+once is harmless. The same round asks the broker whether it lost its data (``broker_lost``: its
+marker key is gone) and, if so, publishes again every queued job of the published distributed
+batches at once rather than after ``republish_after_seconds``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from common.db import Database
-from common.db.jobs import reap_expired, renew_leases, republish_stale
+from common.db.jobs import reap_expired, renew_leases, republish_queued, republish_stale
 from common.db.records import QueuedJob, WorkerIdentity
 from common.db.workers import record_heartbeat
 from common.errors import VitscopeError
@@ -71,6 +73,7 @@ class LeaseKeeper:
         queues: str | None = None,
         device: str | None = None,
         on_requeued: Callable[[list[QueuedJob]], None] | None = None,
+        broker_lost: Callable[[], bool] | None = None,
     ) -> None:
         self.db = db
         self.settings = settings
@@ -78,6 +81,7 @@ class LeaseKeeper:
         self.queues = queues
         self.device = device
         self.on_requeued = on_requeued
+        self.broker_lost = broker_lost
         self.current_model: str | None = None
         self.jobs_done = 0
         self._held: set[str] = set()
@@ -148,7 +152,19 @@ class LeaseKeeper:
             self._next_reap = time.monotonic() + self.settings.reaper_interval_seconds
             self.reap()
 
+    def _broker_emptied(self) -> bool:
+        """Whether the broker lost its data since the last publication (False when unknown: the
+        broker unreachable is asked again next round)."""
+        if self.broker_lost is None:
+            return False
+        try:
+            return self.broker_lost()
+        except Exception as exc:
+            log.warning("could not check the broker for lost data: %s", exc)
+            return False
+
     def reap(self) -> Sequence[QueuedJob]:
+        emptied = self._broker_emptied()
         with self.db.session() as session:
             requeued, failed = reap_expired(
                 session,
@@ -157,6 +173,13 @@ class LeaseKeeper:
                 is_dead=is_dead_local_process,
             )
             lost = republish_stale(session, older_than_seconds=self.settings.republish_after_seconds)
+            everything = republish_queued(session) if emptied else []
+        if emptied:
+            log.warning(
+                "the broker lost its data (its marker key is gone: restarted without persistence, flushed "
+                "or evicted): publishing again %d queued job(s) of distributed batches",
+                len(everything),
+            )
         if lost:
             log.warning(
                 "publishing again %d queued job(s) with no message for over %.0f s (lost messages)",
@@ -167,9 +190,11 @@ class LeaseKeeper:
             log.warning("gave up on %d job(s) whose workers stopped responding", len(failed))
         if requeued:
             log.warning("re-enqueued %d job(s) whose lease expired", len(requeued))
-        if (requeued or lost) and self.on_requeued is not None:
-            self.on_requeued([*requeued, *lost])
-        return [*requeued, *lost]
+        seen = {job.id for job in [*requeued, *lost]}
+        republish = [*requeued, *lost, *(job for job in everything if job.id not in seen)]
+        if republish and self.on_requeued is not None:
+            self.on_requeued(republish)
+        return republish
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -4,6 +4,12 @@ The jobs go through the same pipeline as in a Celery worker (``process_chunks``:
 the next prepared while the last is recorded); this module only plays the queue's part: it hands out the batch's queued jobs in chunks, retries transient failures with
 backoff until their attempts run out, and reports progress.
 
+Interrupted (Ctrl-C, i.e. ``KeyboardInterrupt`` in the thread that runs the batch), it lets the
+micro-batches being recorded finish for a few seconds, hands the jobs it still holds back to the
+queue without charging them an attempt, and raises ``RunInterrupted``: ``producer resume`` runs the
+rest. A run killed outright (SIGKILL, a crash) leaves its jobs ``running`` under a process that no
+longer exists; ``producer resume`` takes those back (``reap_expired`` with ``is_dead_local_process``).
+
 Local image files: where ``VITSCOPE_FILE_ROOTS`` is unset, a local run reads them from the batch's
 dataset folder only (the folder of the CSV it was submitted from), so ``producer submit data.csv``
 works with images beside the CSV while ``../../etc/passwd`` in a downloaded CSV is refused.
@@ -11,6 +17,7 @@ works with images beside the CSV while ``../../etc/passwd`` in a downloaded CSV 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -19,18 +26,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.db.batches import get_batch, queued_jobs
+from common.db.jobs import release_batch
 from common.db.models import JobState
 from common.errors import WeightsUnavailableError
 from common.fetch import DefaultFetcher
 from common.modelspec import RANDOM, ModelSpec
+from worker.keeper import current_identity
 from worker.pipeline import Runtime, process_chunks
 
-__all__ = ["LocalRun", "dataset_folder_runtime", "load_models", "run_batch"]
+__all__ = ["LocalRun", "RunInterrupted", "dataset_folder_runtime", "load_models", "run_batch"]
 
 log = logging.getLogger(__name__)
 
 # Locally, a chunk can be larger than a queue message: nobody else is competing for the jobs.
 LOCAL_CHUNK_BATCHES = 4
+# After Ctrl-C, how long the micro-batches already computed may take to be recorded before the jobs
+# still held are handed back (a job recorded is one the resume need not compute again).
+INTERRUPT_GRACE_SECONDS = 5.0
 
 
 @dataclass
@@ -41,6 +53,16 @@ class LocalRun:
     rounds: int = 0
     seconds: float = 0.0
     fallbacks: dict[str, str] = field(default_factory=dict)
+    released: int = 0  # jobs in hand handed back to the queue when the run was interrupted
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A local run stopped by Ctrl-C after handing its jobs in hand back to the queue; ``run`` says
+    what it did until then (``run.released``: the jobs handed back)."""
+
+    def __init__(self, run: LocalRun) -> None:
+        super().__init__(f"interrupted; {run.released} job(s) handed back to the queue")
+        self.run = run
 
 
 def load_models(
@@ -72,10 +94,43 @@ def run_batch(
     on_job: Callable[[str, JobState], None] | None = None,
     backoff_seconds: float = 2.0,
 ) -> LocalRun:
-    """Process every queued job of the batch; returns when none is left."""
+    """Process every queued job of the batch; returns when none is left.
+
+    ``RunInterrupted`` (a ``KeyboardInterrupt``) when interrupted, once the jobs in hand are queued again.
+    """
     runtime = dataset_folder_runtime(runtime, batch_id)
     run = LocalRun()
     start = time.perf_counter()
+    try:
+        _run_rounds(runtime, batch_id, run, on_job=on_job, backoff_seconds=backoff_seconds)
+    except KeyboardInterrupt:
+        run.seconds = time.perf_counter() - start
+        run.released = _hand_back(runtime, batch_id)
+        raise RunInterrupted(run) from None
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+def _hand_back(runtime: Runtime, batch_id: str) -> int:
+    """Let what is being recorded finish (briefly), then put this process's running jobs back in the
+    queue. Recording after the hand-back is harmless: it is compare-and-set on ``running``."""
+    drained = runtime.record_pool.submit(lambda: None)  # one thread, first in first out
+    with contextlib.suppress(Exception):
+        drained.result(timeout=INTERRUPT_GRACE_SECONDS)
+    with runtime.db.session() as session:
+        released = release_batch(session, batch_id, worker_id=current_identity().worker_id)
+    runtime.keeper.release(runtime.keeper.held(), done=False)
+    return len(released)
+
+
+def _run_rounds(
+    runtime: Runtime,
+    batch_id: str,
+    run: LocalRun,
+    *,
+    on_job: Callable[[str, JobState], None] | None,
+    backoff_seconds: float,
+) -> None:
     chunk_size = runtime.settings.batch_size * LOCAL_CHUNK_BATCHES
     while True:
         with runtime.db.session() as session:
@@ -100,8 +155,6 @@ def run_batch(
             break
         if not retried:
             break
-    run.seconds = time.perf_counter() - start
-    return run
 
 
 def dataset_folder_runtime(runtime: Runtime, batch_id: str) -> Runtime:

@@ -18,7 +18,7 @@ from common.celery_app import TASK_PROCESS_JOBS, make_celery
 from common.db.jobs import interrupted_jobs
 from common.db.records import QueuedJob
 from common.errors import TransientError
-from common.publish import publish_jobs
+from common.publish import broker_lost_data, publish_jobs
 from common.settings import get_settings
 from worker.keeper import current_identity, is_dead_local_process
 from worker.pipeline import Runtime, process_jobs
@@ -39,6 +39,10 @@ def _republish(jobs: list[QueuedJob]) -> None:
     publish_jobs(app, jobs, chunk_size=settings.chunk_size)
 
 
+def _broker_lost() -> bool:
+    return broker_lost_data(app)
+
+
 def runtime() -> Runtime:
     """This process's runtime, made on first use (and made again in a forked child)."""
     current = _state.get("runtime")
@@ -48,6 +52,7 @@ def runtime() -> Runtime:
             node=os.environ.get("VITSCOPE_WORKER_NODE"),
             queues=os.environ.get("VITSCOPE_WORKER_QUEUES"),
             on_requeued=_republish,
+            broker_lost=_broker_lost,
         )
         _state.update(runtime=current, pid=os.getpid())
     return current

@@ -40,8 +40,10 @@ __all__ = [
     "record_reuse",
     "record_success",
     "record_successes",
+    "release_batch",
     "release_jobs",
     "renew_leases",
+    "republish_queued",
     "republish_stale",
     "stale_queued_filter",
 ]
@@ -239,12 +241,24 @@ def release_jobs(session: Session, job_ids: Sequence[str], *, worker_id: str) ->
     return released
 
 
+def release_batch(session: Session, batch_id: str, *, worker_id: str) -> list[str]:
+    """``release_jobs`` for every job of the batch this worker still holds: an interrupted local run
+    (Ctrl-C) hands its jobs in hand back to the queue, without charging them an attempt."""
+    held = session.scalars(
+        sa.select(Job.id).where(
+            Job.batch_id == batch_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id
+        )
+    ).all()
+    return release_jobs(session, list(held), worker_id=worker_id)
+
+
 def reap_expired(
     session: Session,
     *,
     max_attempts: int,
     host: str | None = None,
     is_dead: Callable[[str], bool] | None = None,
+    batch_id: str | None = None,
     now: datetime | None = None,
     limit: int = 10_000,
 ) -> tuple[list[QueuedJob], list[str]]:
@@ -252,19 +266,17 @@ def reap_expired(
 
     Vanished means the lease expired — or, given ``host`` and ``is_dead``, that the owner is a process
     on that host which no longer exists (a restarted worker recovers its predecessor's jobs at once
-    instead of after the lease). Either way it counts an interruption on the job. Returns (jobs
+    instead of after the lease; ``producer resume`` those of a local run killed with SIGKILL). Either
+    way it counts an interruption on the job. ``batch_id`` limits it to one batch. Returns (jobs
     requeued — to be published again, ids failed for good).
     """
     now = now or utcnow()
     columns = (Job.id, Job.model, Job.queue, Job.attempts, Job.worker_id, Job.interruptions)
-    lost = session.execute(
-        sa.select(*columns).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now).limit(limit)
-    ).all()
+    scope = [Job.state == JobState.RUNNING] + ([Job.batch_id == batch_id] if batch_id is not None else [])
+    lost = session.execute(sa.select(*columns).where(*scope, Job.lease_expires_at < now).limit(limit)).all()
     if host is not None and is_dead is not None:
         local = session.execute(
-            sa.select(*columns).where(
-                Job.state == JobState.RUNNING, Job.worker_host == host, Job.lease_expires_at >= now
-            )
+            sa.select(*columns).where(*scope, Job.worker_host == host, Job.lease_expires_at >= now)
         ).all()
         lost += [row for row in local if row.worker_id and is_dead(row.worker_id)]
     requeued: list[QueuedJob] = []
@@ -293,7 +305,7 @@ def stale_queued_filter(older_than_seconds: float, now: datetime | None = None) 
     """Queued jobs of distributed batches with no message published for ``older_than_seconds``.
 
     A job's last publication is the later of when it was last requeued and when its batch was last
-    published (``producer retry`` publishes a whole batch), else — a producer that died before
+    published (``producer resume`` publishes a whole batch), else — a producer that died before
     publishing — when it was created. Local batches are never published.
     """
     cutoff = (now or utcnow()) - timedelta(seconds=older_than_seconds)
@@ -342,6 +354,37 @@ def republish_stale(
         )
         found += [QueuedJob(*row) for row in session.execute(stmt)]
     return found
+
+
+def republish_queued(
+    session: Session, *, exclude: str | None = None, now: datetime | None = None
+) -> list[QueuedJob]:
+    """Stamp every queued job of the distributed batches that were published as requeued now, and
+    return them for publishing: the broker lost its data (``common.publish.broker_lost_data``), so
+    none of their messages can be trusted to exist.
+
+    A batch not yet marked published is left out: its producer is publishing it right now (or died
+    first, a case ``republish_stale`` covers), and publishing it here too would only double it.
+    Duplicates are harmless anyway: claims are compare-and-set. ``exclude``: a batch the caller
+    publishes itself.
+    """
+    now = now or utcnow()
+    published = sa.select(Batch.id).where(
+        Batch.mode == "distributed", Batch.published_at.is_not(None), Batch.id != (exclude or "")
+    )
+    where = [Job.state == JobState.QUEUED, Job.batch_id.in_(published)]
+    ids = list(session.scalars(sa.select(Job.id).where(*where)))
+    found: list[QueuedJob] = []
+    for chunk in chunks(ids):
+        stmt = (
+            sa.update(Job)
+            .where(Job.id.in_(chunk), *where)
+            .values(requeued_at=now)
+            .returning(Job.id, Job.model, Job.queue)
+            .execution_options(synchronize_session=False)
+        )
+        found += [QueuedJob(*row) for row in session.execute(stmt)]
+    return sorted(found, key=lambda job: (job.queue, job.model, job.id))
 
 
 def find_reusable(

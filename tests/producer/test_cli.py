@@ -85,12 +85,20 @@ def test_local_run_on_embedded_defaults(dataset: Path, tmp_path: Path) -> None:
     assert "failed" in table
 
 
-def test_retry_reruns_only_failed_jobs(dataset: Path, tmp_path: Path) -> None:
+def test_resume_reruns_only_failed_jobs_with_submits_output(dataset: Path, tmp_path: Path) -> None:
     batch_id = _invoke("submit", str(dataset), "--weights", "random").stdout.strip().splitlines()[-1]
     (tmp_path / "images" / "broken.png").write_bytes((tmp_path / "images" / "cat.png").read_bytes())
-    result = _invoke("retry", batch_id)
+    result = _invoke("resume", batch_id)
     assert result.exit_code == 0, result.output
     assert "1 failed job(s)" in result.output
+    # submit --local's output: the loading line, the weights notice, the bar and the summary
+    assert "loading 1 model(s) on cpu" in result.output
+    assert "RANDOM weights" in result.output
+    assert "explaining" in result.output
+    assert "3/3" in result.output
+    assert "done in" in result.output
+    assert "1 reused" in result.output
+    assert result.stdout.strip().splitlines()[-1] == batch_id
     statuses = [job["status"] for job in json.loads(_invoke("results", batch_id, "--format", "json").stdout)]
     assert statuses == ["succeeded"] * 3
 
@@ -170,7 +178,7 @@ def _batches(tmp_path: Path) -> int:
         engine.dispose()
 
 
-def test_retry_publishes_a_batch_whose_producer_died_before_publishing(
+def test_resume_publishes_every_queued_job_now_even_after_the_broker_lost_them(
     tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from common.db import open_database
@@ -186,13 +194,13 @@ def test_retry_publishes_a_batch_whose_producer_died_before_publishing(
     db.dispose()  # committed, never published: the producer "died" here
     client = redis.Redis.from_url(broker, socket_timeout=5)
     try:
-        result = _invoke("retry", batch_id)
+        result = _invoke("resume", batch_id)
         assert result.exit_code == 0, result.output
-        assert "never fully published" in result.output
+        assert "published 40 queued job(s) in 2 message(s)" in result.output
         assert client.llen("vitscope.deit_tiny") == 2  # 40 jobs in chunks of 32
-        client.flushdb()
-        assert "never fully published" not in _invoke("retry", batch_id).output  # published now
-        assert client.llen("vitscope.deit_tiny") == 0
+        client.flushdb()  # the broker loses its data: resume publishes them again at once
+        assert "published 40 queued job(s)" in _invoke("retry", batch_id).output  # the former name
+        assert client.llen("vitscope.deit_tiny") == 2
     finally:
         client.close()
 
@@ -374,9 +382,10 @@ def test_models_file_results_filters_and_an_empty_retry(dataset: Path, tmp_path:
     assert "… 2 more job(s)" in _invoke("results", batch_id, "--limit", "2").stdout
 
     before = [(job.id, job.attempts, job.finished_at) for job in _job_rows(tmp_path, batch_id)]
-    nothing = _invoke("retry", batch_id)
+    nothing = _invoke("resume", batch_id)
     assert nothing.exit_code == 0, nothing.output
     assert "0 failed job(s)" in nothing.output
+    assert "nothing to resume: 4 job(s) succeeded" in nothing.output
     assert [(job.id, job.attempts, job.finished_at) for job in _job_rows(tmp_path, batch_id)] == before
 
 

@@ -164,9 +164,9 @@ def test_submit_wait_reports_failures_and_retry_fixes_them(cluster, tmp_path, wr
     assert "ImageError" in failed
     assert "broken0" in failed
 
-    # Fix the image, retry: only the failed job runs again, through the queue.
+    # Fix the image, resume: only the failed job runs again, through the queue.
     boto3.client("s3").upload_file(str(tmp_path / "img" / "0.png"), cluster.bucket, "images/broken0.png")
-    assert "1 failed job(s)" in cluster.producer("retry", batch_id).stderr
+    assert "1 failed job(s)" in cluster.producer("resume", batch_id).stderr
     jobs = cluster.wait_done(batch_id)
     assert [job.state for job in jobs] == [JobState.SUCCEEDED] * 4
     assert jobs[-1].reused_from is not None  # same bytes as image 0: pointed at its artifacts

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -132,6 +133,51 @@ def test_redis_restarted_mid_batch_loses_and_repeats_nothing(
     _assert_each_job_computed_once(cluster, cluster.jobs(out.strip().splitlines()[-1]))
     print(
         f"\nRedis restart: next chunk claimed {resumed:.1f} s after it, batch finished after {finished:.1f} s"
+    )
+
+
+# --- 1b. Redis restarted without persistence: every message lost ------------------------------------
+
+LOSS_DEADLINE_SECONDS = 60.0  # the issue's bound: every job succeeded this long after the restart
+
+
+def test_redis_restarted_without_persistence_is_healed_with_no_user_action(
+    cluster_factory, private_redis, postgres_url, tmp_path, write_image
+) -> None:
+    """After 8 of 48 jobs, Redis comes back empty (as without persistence, after a failover or a
+    FLUSHALL): the workers notice the broker's marker is gone within a reaper round and publish the
+    queued jobs again; nobody runs ``producer resume``."""
+    cluster = cluster_factory(
+        broker=private_redis.url,
+        database=postgres_url,
+        extra={"VITSCOPE_BATCH_SIZE": "4"},  # 48 jobs: whole chunks per pass keep the CPU cost down
+    )
+    csv = _dataset(tmp_path, cluster.bucket, write_image, 48)
+    cluster.start_worker("w")
+    cluster.wait_for_workers(1)
+    batch_id = cluster.submit(csv)
+    cluster.wait_for(
+        batch_id, lambda jobs: sum(j.state == JobState.SUCCEEDED for j in jobs) >= 8, "8 jobs succeeded"
+    )
+    redis = private_redis.client()
+    assert redis.llen(QUEUE) > 0, "the batch should still have messages waiting in Redis"
+    private_redis.stop()
+    for path in private_redis.dir.iterdir():  # its append-only file and snapshot: restarted empty
+        if path.name != "redis.log":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    restarted, restarted_utc = time.monotonic(), utcnow()
+    private_redis.start()
+    assert redis.llen(QUEUE) == 0  # every waiting message is gone
+    jobs = cluster.wait_done(batch_id, timeout=LOSS_DEADLINE_SECONDS + 120)
+    healed = time.monotonic() - restarted
+    _assert_each_job_computed_once(cluster, jobs)
+    assert "the broker lost its data" in cluster.log_text()
+    after = [j for j in jobs if j.started_at is not None and j.started_at > restarted_utc]
+    assert after, "no job was claimed after the restart: the test proved nothing"
+    assert healed < LOSS_DEADLINE_SECONDS, f"took {healed:.1f} s"
+    print(
+        f"\nRedis restarted empty: {len(after)} job(s) claimed after it; every job succeeded "
+        f"{healed:.1f} s after the restart"
     )
 
 

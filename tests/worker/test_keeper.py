@@ -120,3 +120,56 @@ def test_a_chunk_slower_than_its_lease_keeps_its_jobs(
         held.set()
         chunk.join(timeout=300)
         runtime.close()
+
+
+def test_a_broker_that_lost_its_data_gets_every_queued_job_published_again_in_one_round(
+    tmp_path: Path, sqlite_url: str, private_redis
+) -> None:
+    """The queue flushed (as a Redis restarted without persistence leaves it): the next reaper round
+    sees the marker gone and publishes every queued job of the published batch again — not after
+    ``republish_after_seconds`` (2 h here) — and a second round, or a second worker, publishes nothing."""
+    from common.celery_app import make_celery
+    from common.publish import broker_lost_data, publish_jobs
+    from producer.submit import enqueue
+    from worker.keeper import LeaseKeeper
+
+    settings = Settings(database_url=sqlite_url, broker_url=private_redis.url, chunk_size=4)
+    db = open_database(settings, migrate=True)
+    app = make_celery(settings)
+    csv = tmp_path / "data.csv"
+    csv.write_text("image_uri\n" + "".join(f"s3://b/{i}.png\n" for i in range(10)))
+    options = SubmitOptions(models=["deit_tiny_patch16_224"], weights="random")
+    batch_id = commit_plan(db, plan_submission(csv, options), options, mode="distributed").batch_id
+    unpublished = commit_plan(db, plan_submission(csv, options), options, mode="distributed").batch_id
+    assert enqueue(app, db, batch_id, chunk_size=4) == 3
+    redis = private_redis.client()
+    queue = "vitscope.deit_tiny"
+    assert redis.llen(queue) == 3
+    redis.flushall()
+
+    def keeper() -> LeaseKeeper:
+        return LeaseKeeper(
+            db,
+            settings,
+            on_requeued=lambda jobs: publish_jobs(app, jobs, chunk_size=4),
+            broker_lost=lambda: broker_lost_data(app),
+        )
+
+    first, second = keeper(), keeper()
+    republished = first.reap()
+    assert len(republished) == 10
+    assert redis.llen(queue) == 3
+    with db.session() as session:
+        jobs = session.scalars(sa.select(Job).where(Job.batch_id == batch_id)).all()
+        assert {job.state for job in jobs} == {JobState.QUEUED}
+        # the batch whose producer is still publishing it (not marked published) is left to it
+        assert (
+            session.scalar(
+                sa.select(sa.func.count()).where(Job.batch_id == unpublished, Job.requeued_at.is_not(None))
+            )
+            == 0
+        )
+    assert second.reap() == []  # the marker is back: nothing lost any more
+    assert first.reap() == []
+    assert redis.llen(queue) == 3
+    db.dispose()

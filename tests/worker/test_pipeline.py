@@ -441,6 +441,36 @@ def test_a_model_that_cannot_be_used_fails_its_whole_group_before_fetching(
         runtime.close()
 
 
+def test_a_job_whose_model_its_batch_does_not_know_fails_with_the_reason(
+    tmp_path: Path, sqlite_url: str, image_server, write_image
+) -> None:
+    """A row that named another model than the one validated (the CSV edited between submit's passes,
+    before the digest caught it; a hand-edited row): that job fails, its chunk neighbour succeeds."""
+    csv = _http_csv(tmp_path, image_server, write_image, {"a": 1, "b": 2})
+    options = SubmitOptions(models=[MODEL], weights="random")
+    runtime, _, submission = _submit(_local_settings(sqlite_url, tmp_path), csv, options)
+    try:
+        with runtime.db.session() as session:
+            session.execute(
+                sa.update(Job)
+                .where(Job.batch_id == submission.batch_id, Job.row_id == "b")
+                .values(model="vit_tiny_patch16_224")
+            )
+        seen: list[tuple[str, JobState]] = []
+        run = run_batch(
+            runtime, submission.batch_id, on_job=lambda job_id, state: seen.append((job_id, state))
+        )
+        jobs = _jobs(runtime, submission.batch_id)
+        assert (jobs["a"].state, jobs["b"].state) == (JobState.SUCCEEDED, JobState.FAILED)
+        assert jobs["b"].error_class == "UnknownModelError"
+        assert "'vit_tiny_patch16_224' is not one of batch" in jobs["b"].error_message
+        assert f"({MODEL})" in jobs["b"].error_message
+        assert (run.succeeded, run.failed, run.rounds) == (1, 1, 1)
+        assert sorted(state for _, state in seen) == sorted([JobState.SUCCEEDED, JobState.FAILED])
+    finally:
+        runtime.close()
+
+
 def test_a_model_whose_weights_storage_is_down_requeues_its_group_with_the_reason(
     tmp_path: Path, sqlite_url: str, image_server, write_image, s3_env, monkeypatch
 ) -> None:

@@ -1,4 +1,9 @@
-"""Claim: take ownership of a chunk's claimable jobs and detach them from the database session."""
+"""Claim: take ownership of a chunk's claimable jobs and detach them from the database session.
+
+A claimed job that cannot become a ticket — its model is not among those its batch recorded (a row
+changed after validation, a hand-edited job row) — is failed here with the reason, in the claim's own
+transaction: one such job must not crash the chunk and strand its neighbours as ``running``.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,16 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from common.db.jobs import claim_jobs
+from common.db.jobs import claim_jobs, record_failure
 from common.db.models import Batch, Job
+from common.errors import UnknownModelError, VitscopeError
 from common.methods import MethodSettings
 from common.metrics import MetricSettings
 from common.modelspec import ModelSpec
 from worker.keeper import current_identity, is_dead_local_process
 from worker.pipeline.runtime import Runtime
 
-__all__ = ["Ticket", "claim"]
+__all__ = ["Claimed", "Ticket", "claim"]
 
 
 @dataclass(frozen=True)
@@ -39,14 +45,24 @@ class Ticket:
         return self.metrics.digest(self.bbox or self.mask_uri) if self.metrics.enabled else None
 
 
-def claim(runtime: Runtime, job_ids: Sequence[str]) -> list[Ticket]:
+@dataclass(frozen=True)
+class Claimed:
+    """What a claim took: the runnable jobs as tickets, in the order asked for, and the ids of the
+    claimed jobs it failed at once because they cannot be run (``UnknownModelError``)."""
+
+    tickets: list[Ticket]
+    failed: list[str] = field(default_factory=list)
+
+
+def claim(runtime: Runtime, job_ids: Sequence[str]) -> Claimed:
     """The jobs among ``job_ids`` this worker now owns, in the order asked for."""
     settings = runtime.settings
+    identity = current_identity()
     with runtime.db.session() as session:
         jobs = claim_jobs(
             session,
             job_ids,
-            worker=current_identity(),
+            worker=identity,
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
             is_dead=is_dead_local_process,
@@ -56,7 +72,38 @@ def claim(runtime: Runtime, job_ids: Sequence[str]) -> list[Ticket]:
         )
         batches = session.scalars(sa.select(Batch).where(Batch.id.in_({job.batch_id for job in jobs})))
         by_id = {batch.id: batch for batch in batches}
-        return [_ticket(job, by_id[job.batch_id]) for job in jobs]
+        claimed = Claimed(tickets=[])
+        for job in jobs:
+            try:
+                claimed.tickets.append(_ticket(job, by_id[job.batch_id]))
+            except UnknownModelError as exc:
+                record_failure(
+                    session,
+                    job.id,
+                    worker_id=identity.worker_id,
+                    error_class=type(exc).__name__,
+                    message=str(exc),
+                    retryable=False,
+                    max_attempts=settings.max_attempts,
+                )
+                claimed.failed.append(job.id)
+        return claimed
+
+
+def _spec(job: Job, batch: Batch) -> ModelSpec:
+    """The job's model as its batch recorded it; ``UnknownModelError`` when the batch has no such model."""
+    specs = (batch.models or {}).get("specs") or {}
+    if job.model not in specs:
+        known = ", ".join(sorted(specs)) or "none"
+        raise UnknownModelError(
+            f"model {job.model!r} is not one of batch {batch.id}'s models ({known}), so its settings are "
+            "unknown and the job cannot run: the row changed after the dataset was validated, or the job "
+            "was edited in the database"
+        )
+    try:
+        return ModelSpec.from_dict(specs[job.model])
+    except (VitscopeError, KeyError, TypeError, ValueError) as exc:
+        raise UnknownModelError(f"batch {batch.id} records model {job.model!r} unreadably: {exc}") from exc
 
 
 def _ticket(job: Job, batch: Batch) -> Ticket:
@@ -65,7 +112,7 @@ def _ticket(job: Job, batch: Batch) -> Ticket:
         job_id=job.id,
         image_uri=job.image_uri,
         model=job.model,
-        spec=ModelSpec.from_dict(batch.models["specs"][job.model]),
+        spec=_spec(job, batch),
         settings=MethodSettings.from_dict(batch.settings),
         target=job.target,
         config=job.config_fingerprint,

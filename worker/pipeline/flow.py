@@ -119,10 +119,12 @@ class _Chunk:
     ) -> _Chunk:
         """Claim the jobs, load their models and start preparing every image."""
         report = ChunkReport()
-        tickets = claim(runtime, job_ids)
+        taken = claim(runtime, job_ids)
+        tickets = taken.tickets
         claimed = {t.job_id for t in tickets}
-        report.skipped = [job_id for job_id in job_ids if job_id not in claimed]
+        report.skipped = [job_id for job_id in job_ids if job_id not in claimed | set(taken.failed)]
         chunk = cls(runtime, Recorder(runtime, report, on_job), claimed)
+        chunk.recorder.failed_at_claim(taken.failed)
         if previous is not None:
             chunk.previous = previous.computing
         runtime.keeper.hold(claimed)

@@ -100,6 +100,14 @@ class Recorder:
             if state is not None:
                 self._done(ticket.job_id, state)
 
+    def failed_at_claim(self, job_ids: Sequence[str]) -> None:
+        """Report jobs the claim already recorded as failed (they could not become tickets)."""
+        with self._lock:
+            for job_id in job_ids:
+                self.report.failed.append(job_id)
+                if self.on_job is not None:
+                    self.on_job(job_id, JobState.FAILED)
+
     def succeed_all(self, stored: Sequence[tuple[Ticket, Future[JobOutcome | Unwritten]]]) -> None:
         """Wait for a micro-batch's uploads, make them durable, then record its successes in one
         transaction; a job whose rendering or upload failed is recorded as failed with the reason.

@@ -77,6 +77,7 @@ class Runtime:
         node: str | None = None,
         queues: str | None = None,
         on_requeued: Callable[[list[QueuedJob]], None] | None = None,
+        broker_lost: Callable[[], bool] | None = None,
     ) -> Runtime:
         db = db or open_database(settings)
         device = select_device(settings.device)
@@ -100,7 +101,13 @@ class Runtime:
             device=device,
             autocast=autocast_dtype(settings.autocast, device),
             keeper=LeaseKeeper(
-                db, settings, node=node, queues=queues, device=str(device), on_requeued=on_requeued
+                db,
+                settings,
+                node=node,
+                queues=queues,
+                device=str(device),
+                on_requeued=on_requeued,
+                broker_lost=broker_lost,
             ),
             cpu=CpuPool(workers),
             # A thread blocks on the pool while its image is decoded or encoded: enough threads to

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from common.db.metrics import MetricSummary
 from common.metrics import RANDOM_METHOD, Metric
+from producer.spreadsheet import spreadsheet_row
+from producer.terminal_text import terminal_literal as literal
 
 __all__ = ["COMPARE_COLUMNS", "compare_table", "write_compare_csv", "write_compare_json"]
 
@@ -45,7 +47,7 @@ def compare_table(summaries: Sequence[MetricSummary], console: Console) -> None:
         return
     models = sorted({s.model for s in summaries})
     for model in models:
-        table = Table(title=f"{model}", title_justify="left", show_header=True)
+        table = Table(title=literal(model), title_justify="left", show_header=True)
         for column, justify in (
             ("metric", "left"),
             ("method", "left"),
@@ -60,8 +62,9 @@ def compare_table(summaries: Sequence[MetricSummary], console: Console) -> None:
             if previous is not None and row.metric != previous:
                 table.add_section()
             first = row.metric != previous
-            label = f"{row.metric}\n[dim]{BETTER.get(row.metric, '')}[/dim]" if first else ""
-            method = f"[dim]{row.method} (baseline)[/dim]" if row.method == RANDOM_METHOD else row.method
+            label = f"{literal(row.metric)}\n[dim]{BETTER.get(row.metric, '')}[/dim]" if first else ""
+            method = literal(row.method)
+            method = f"[dim]{method} (baseline)[/dim]" if row.method == RANDOM_METHOD else method
             interval = "-" if row.ci_low is None else f"[{_number(row.ci_low)}, {_number(row.ci_high)}]"
             table.add_row(label, method, str(row.n), _number(row.mean), interval)
             previous = row.metric
@@ -69,10 +72,12 @@ def compare_table(summaries: Sequence[MetricSummary], console: Console) -> None:
 
 
 def write_compare_csv(summaries: Sequence[MetricSummary], handle: IO[str]) -> int:
+    """One row per summary; a model (or method) named like a formula is written as text
+    (``producer.spreadsheet``), as in every CSV the producer writes."""
     writer = csv.DictWriter(handle, fieldnames=COMPARE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for summary in summaries:
-        writer.writerow(asdict(summary))
+        writer.writerow(spreadsheet_row(asdict(summary)))
     return len(summaries)
 
 

@@ -4,10 +4,13 @@
     Figs. 4.2-4.3 one row per model, one panel per method: the input crop, rollout, gradient rollout
                   and relevance overlays (the stored PNGs), titled with model, method and prediction
 
-Nothing is recomputed: the figures show exactly what the workers stored. matplotlib, numpy and
-Pillow come with the ``report`` extra (``pip install 'vitscope[report]'``), not with the producer's
-base install, so they are imported when a figure is drawn and their absence is a clear error. Only
-matplotlib's object API is used (``Figure``, no pyplot): no global state, no display needed.
+Nothing is recomputed: the figures show exactly what the workers stored. Every title is drawn with
+``parse_math=False``: image names, ids, labels and model names are users' text, and matplotlib
+would otherwise read ``$…$`` in them as mathtext (``cost$\\foo$.png`` aborted the command).
+matplotlib, numpy and Pillow come with the ``report`` extra (``pip install 'vitscope[report]'``),
+not with the producer's base install, so they are imported when a figure is drawn and their
+absence is a clear error. Only matplotlib's object API is used (``Figure``, no pyplot): no global
+state, no display needed.
 """
 
 from __future__ import annotations
@@ -146,9 +149,11 @@ def _layer_grid(plot: _Plotting, entry: ImageEntry, job: dict[str, Any], path: P
         spread = panel.max() - panel.min()
         normalized = (panel - panel.min()) / spread if spread > 0 else np.zeros_like(panel)
         ax.imshow(normalized, cmap="jet", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"block {block}", fontsize=9)
+        ax.set_title(f"block {block}", fontsize=9, parse_math=False)
     figure.suptitle(
-        f"Per-layer scores · {job['model']} · {entry.name}\npredicted: {_prediction(job)}", fontsize=11
+        f"Per-layer scores · {job['model']} · {entry.name}\npredicted: {_prediction(job)}",
+        fontsize=11,
+        parse_math=False,
     )
     return _save(figure, path, pdf)
 
@@ -162,15 +167,27 @@ def _panels(
     for row, job in zip(axes, jobs, strict=True):
         for ax, (name, method) in zip(row, PICTURES, strict=True):
             ax.set_axis_off()
-            ax.set_title(f"{job['model']}\n{method}\npredicted: {_prediction(job, 30)}", fontsize=8)
+            ax.set_title(
+                f"{job['model']}\n{method}\npredicted: {_prediction(job, 30)}", fontsize=8, parse_math=False
+            )
             uri = job["artifacts"].get(name)
             if uri is None:  # batches from before input.png was stored
-                ax.text(0.5, 0.5, f"{method}\nnot stored", ha="center", va="center", transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{method}\nnot stored",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    parse_math=False,
+                )
                 continue
             picture = plot.np.asarray(plot.image.open(io.BytesIO(read_uri(uri))).convert("RGB"))
             # Nearest: every figure pixel is a stored pixel, no smoothing of the maps.
             ax.imshow(picture, interpolation="nearest")
-    figure.suptitle(f"{entry.name}" + (f" (id {entry.row_id})" if entry.row_id else ""), fontsize=11)
+    figure.suptitle(
+        f"{entry.name}" + (f" (id {entry.row_id})" if entry.row_id else ""), fontsize=11, parse_math=False
+    )
     return _save(figure, path, pdf)
 
 

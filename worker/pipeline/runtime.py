@@ -90,7 +90,7 @@ class Runtime:
             db=db,
             store=store,
             store_target=target,
-            fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings)),
+            fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings, results_url=store.url)),
             models=ModelCache(device=device, weights_dir=settings.weights_dir),
             device=device,
             autocast=autocast_dtype(settings.autocast, device),

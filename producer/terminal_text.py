@@ -51,7 +51,8 @@ def terminal_literal(value: object, *, newlines: bool = False) -> str:
     """``value`` as rich markup that prints exactly its text: markup escaped, controls shown.
 
     The one function for every user-controlled string that reaches a rich table, title or message.
-    ``None`` becomes ``""``; other non-strings are formatted with ``str`` first.
+    ``None`` becomes ``""``; other non-strings are formatted with ``str`` first. A final backslash
+    is doubled (rich's ``escape``), so that it cannot escape a tag that follows it in the markup.
     """
     if value is None:
         return ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
@@ -122,3 +123,25 @@ def test_report_and_figures_options_are_documented_both_ways() -> None:
     for command, section in sections.items():
         help_text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
         assert _options(help_text) == _options(section), command
+
+
+SECURITY = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+SECURITY_SETTINGS = (
+    "file_roots",
+    "allow_hard_links",
+    "s3_sources",
+    "allow_private_networks",
+    "max_image_bytes",
+    "max_image_pixels",
+    "fetch_timeout_seconds",
+)
+
+
+@pytest.mark.parametrize("name", SECURITY_SETTINGS)
+def test_every_security_setting_has_its_default_in_docs_security(name: str) -> None:
+    """docs/security.md's table gives each setting that widens what a dataset reaches, with its default."""
+    assert name in Settings.model_fields
+    rows = [line for line in SECURITY.splitlines() if line.startswith(f"| `VITSCOPE_{name.upper()}` |")]
+    assert len(rows) == 1, name
+    default = rows[0].split("|")[2].strip()
+    assert default, name

@@ -138,7 +138,7 @@ def test_listed_buckets_are_read_and_the_results_prefix_never(
 
 
 def test_a_run_refuses_other_buckets_and_the_results_prefix_and_submit_warns(
-    buckets: tuple[str, str], tmp_path: Path, write_image
+    buckets: tuple[str, str], tmp_path: Path, write_image, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The attack of the issue: rows naming another bucket and another batch's stored crop."""
     store, other = buckets
@@ -152,6 +152,7 @@ def test_a_run_refuses_other_buckets_and_the_results_prefix_and_submit_warns(
         f"mine,s3://{store}/images/real-cat.png\n"
         f"theirs,s3://{other}/secret-photo.png\n"
         f"crop,s3://{store}/results/artifacts/zz/input.png\n"
+        f"title,s3://{other}/\x1b]0;owned\x07.png\n"  # an escape sequence in the worker's log
     )
     env = {
         "COLUMNS": "200",
@@ -166,7 +167,7 @@ def test_a_run_refuses_other_buckets_and_the_results_prefix_and_submit_warns(
         catch_exceptions=False,
     )
     assert result.exit_code == 1, result.output  # two jobs fail, one succeeds
-    assert "WARNING: 2 row(s) name S3 objects outside VITSCOPE_S3_SOURCES" in result.output
+    assert "WARNING: 3 row(s) name S3 objects outside VITSCOPE_S3_SOURCES" in result.output
     batch_id = result.stdout.strip().splitlines()[-1]
     get_settings.cache_clear()
     listed = CliRunner().invoke(
@@ -177,8 +178,16 @@ def test_a_run_refuses_other_buckets_and_the_results_prefix_and_submit_warns(
     )
     jobs = {job["id"]: job for job in json.loads(listed.stdout)}
     assert jobs["mine"]["status"] == "succeeded"
-    for refused in ("theirs", "crop"):
+    for refused in ("theirs", "crop", "title"):
         assert jobs[refused]["status"] == "failed"
         assert jobs[refused]["error"].startswith("ImageFetchRefusedError: ")
         assert jobs[refused]["image_sha256"] is None  # never read: nothing of it is known
     assert "results store" in jobs["crop"]["error"]
+    logged = [
+        record.getMessage()
+        for record in caplog.records
+        if "failed: ImageFetchRefusedError" in record.getMessage()
+    ]
+    assert len(logged) == 3
+    assert not any("\x1b" in line or "\x07" in line for line in logged)
+    assert any("\\x1b]0;owned\\x07" in line for line in logged)

@@ -264,6 +264,25 @@ def test_a_distributed_submit_warns_about_local_paths(
         client.close()
 
 
+def test_a_distributed_submit_warns_about_s3_rows_outside_the_sources_when_it_can_tell(
+    tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VITSCOPE_BROKER_URL", broker_url)
+    data = tmp_path / "data.csv"
+    data.write_text(
+        "image_uri,mask_uri\ns3://photos/a.png,\ns3://other/b.png,\ns3://photos/c.png,s3://other/m.png\n"
+    )
+    # The producer's own settings say nothing about S3: the workers' settings are unknown to it.
+    assert "S3" not in _invoke("submit", str(data), "--weights", "random").output
+    monkeypatch.setenv("VITSCOPE_S3_SOURCES", "photos")
+    result = _invoke("submit", str(data), "--weights", "random")
+    assert result.exit_code == 0, result.output  # advice: the workers decide
+    assert "WARNING: 2 row(s) name S3 objects outside VITSCOPE_S3_SOURCES" in result.output
+    assert "s3://other/b.png is outside the S3 sources" in result.output
+    monkeypatch.setenv("VITSCOPE_S3_SOURCES", "*")
+    assert "S3 objects outside" not in _invoke("submit", str(data), "--weights", "random").output
+
+
 # ---- every submit/status/results/retry option, run once with its effect checked ---------------------
 
 

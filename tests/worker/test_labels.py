@@ -52,7 +52,6 @@ def test_resolve_target(
         ("\u0662", LABELS, 3, "'\u0662'.*none named so"),  # Arabic-Indic two
         ("\u0662\u0668\u0661", IMAGENET, 1000, "none named so"),  # 281 in Arabic-Indic digits
         ("\uff12", LABELS, 3, "none named so"),  # full-width two
-        ("1_0", IMAGENET, 1000, "none named so"),
     ],
 )
 def test_resolve_target_refuses(

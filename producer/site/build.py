@@ -86,7 +86,9 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    environment.filters["visible"] = lambda text: show_controls(str(text), newlines=True)
+    environment.filters["visible"] = lambda text: (
+        "" if text is None else show_controls(str(text), newlines=True)
+    )
     return environment
 
 

@@ -17,8 +17,9 @@ local-files policy (``common.local_files``) closes for the worker's disk. So:
   (``file://``) results store, unset allows no S3 input: there is no bucket the operator named.
 - Whatever the list says, keys under the results store's prefix are never read as inputs: a batch
   must not turn another batch's outputs into its own.
-- A key with a ``.`` or ``..`` segment is refused: S3 keeps it literally, but gateways and
-  S3-compatible servers that normalize paths would read another folder than the one checked.
+- A key with a ``.``, ``..`` or empty segment (``a//b``, a leading ``/``) is refused: S3 keeps it
+  literally, but gateways and S3-compatible servers that normalize paths would read another folder
+  than the one checked.
 
 The check is a pure function of the URI (no request is made to find out), so the producer can use
 the same rules to warn at ``submit`` time about rows the workers will refuse.
@@ -106,10 +107,11 @@ class S3Sources:
                 f"{uri} lies in the results store ({self.results}): the outputs of batches are never "
                 "read as inputs, whatever " + SETTING + " says"
             )
-        if any(part in (".", "..") for part in key.split("/")):
+        parts = key.split("/")
+        if any(part in (".", "..") for part in parts) or "" in parts[:-1]:
             return (
-                f"{uri}: a key with a '.' or '..' segment is refused (a server that normalizes paths "
-                "would read another folder than the one checked)"
+                f"{uri}: a key with a '.', '..' or empty segment is refused (a server that normalizes "
+                "paths would read another folder than the one checked)"
             )
         if self.any_bucket or any(location.contains(bucket, key) for location in self.locations):
             return None

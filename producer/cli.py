@@ -54,8 +54,9 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+# No emoji codes: ":warning:" in an id is text to show (``producer.terminal_text`` does the rest).
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 # Exit status of a command stopped by an unreachable service (database, broker): retrying may help,

@@ -37,6 +37,7 @@ MATH = "cost$\\foo$.png"
 BAD_URI = "s3://nowhere/[/x]\x1b[31m.png"  # refused (no S3 source): its error quotes it
 NAME = "run [/x] \u202e\x1b[5m"
 FORMULA = '=HYPERLINK("http://example.invalid")'
+EMOJI = ":warning: :thumbs_up:"  # rich would draw emoji
 
 # What a terminal would obey: OSC 8 hyperlinks, OSC 0 titles, screen clears, the override.
 LIVE = ("\x1b]8;", "\x1b]0;", "\x1b[2J", "\x1b[5m", "\x07", "\u202e")
@@ -65,7 +66,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> HostileBatch:
     with dataset.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "image_uri"])
-        for row_id in (CLOSING, LINK, ESCAPES, REVERSED):
+        for row_id in (CLOSING, LINK, ESCAPES, REVERSED, EMOJI):
             writer.writerow([row_id, "images/cat.png"])
         writer.writerow(["math", f"images/{MATH}"])
         writer.writerow(["refused", BAD_URI])
@@ -206,7 +207,7 @@ def test_compare_shows_model_names_literally_and_writes_them_as_text_in_csv() ->
 def test_results_and_status_print_hostile_text_literally_and_exit_0(hostile: HostileBatch) -> None:
     results = hostile.invoke("results", hostile.batch_id)
     assert results.exit_code == 0, results.output
-    for text in (CLOSING, LINK, ESCAPES, REVERSED, BAD_URI):
+    for text in (CLOSING, LINK, ESCAPES, REVERSED, EMOJI, BAD_URI):
         assert show_controls(text) in results.stdout, text
     status = hostile.invoke("status", hostile.batch_id)
     assert status.exit_code == 0, status.output
@@ -229,8 +230,8 @@ def test_figures_draw_a_name_with_dollar_signs_as_text(hostile: HostileBatch, tm
     result = hostile.invoke("figures", hostile.batch_id, "--out", str(out), "--images", MATH, "--no-pdf")
     assert result.exit_code == 0, result.output
     assert sorted(path.name for path in out.iterdir()) == [
-        "fig4_1-row6-cost_foo-deit_tiny_patch16_224.png",
-        "fig4_2-row6-cost_foo.png",
+        "fig4_1-row7-cost_foo-deit_tiny_patch16_224.png",
+        "fig4_2-row7-cost_foo.png",
     ]
 
 

@@ -15,12 +15,13 @@ two passes, ``iter_rows`` raises and the caller's transaction rolls back: nothin
 What the CSV module already gets right, and the tests hold it to: a UTF-8 byte-order mark is
 dropped, CRLF and LF line ends are both fine, a quoted field may span lines (a row's line number is
 the physical line where its record starts, as an editor shows it), and cells are kept as given —
-``=1+1`` or ``@SUM(A1)`` is data here; only ``producer results --format csv`` escapes such cells
-for spreadsheets.
+``=1+1`` or ``@SUM(A1)`` is data here; only the CSV files the producer writes escape such cells
+for spreadsheets (``producer.spreadsheet``). A NUL character is the one thing no cell may hold
+(PostgreSQL cannot store it): it is reported with its line and column like any other problem.
 
 Two metadata columns are checked because the localization metrics read them (``docs/metrics.md``):
-``bbox`` (``x0,y0,x1,y1`` in the original image's pixels, quoted in the CSV) and ``mask_uri`` (a
-mask image, located like ``image_uri`` and stored as an absolute URI).
+``bbox`` (``x0,y0,x1,y1`` in the original image's pixels, ASCII decimal numbers, quoted in the CSV)
+and ``mask_uri`` (a mask image, located like ``image_uri`` and stored as an absolute URI).
 """
 
 from __future__ import annotations

@@ -8,10 +8,12 @@ host itself, refuses private, loopback, link-local, multicast, reserved and unsp
 the HTTP library resolve the name again would let a DNS answer change in between (DNS rebinding).
 Redirects are followed by hand so that every hop is checked the same way.
 
-Schemes: ``http(s)://``; ``s3://`` through ``common.storage``; ``file://`` and absolute paths only
-inside the policy's ``file_roots`` (``common.local_files`` says how, and why a dataset must not be a
-way to read the disk of the machine processing it). Relative paths are refused here: the producer
-makes them absolute against the dataset's folder.
+Schemes: ``http(s)://``; ``s3://`` through ``common.storage``, only from the policy's S3 sources
+(``common.s3_sources``: the worker's credentials reach more buckets than a dataset's author should);
+``file://`` and absolute paths only inside the policy's ``file_roots`` (``common.local_files`` says
+how, and why a dataset must not be a way to read the disk of the machine processing it). Neither
+reads the results store: one batch's outputs are never another's inputs. Relative paths are
+refused here: the producer makes them absolute against the dataset's folder.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from common.errors import (
     ObjectTooLargeError,
 )
 from common.local_files import FileRoots
+from common.s3_sources import S3Sources
 from common.settings import Settings
 from common.storage import read_uri
 from common.storage.uri import file_uri_path, uri_scheme
@@ -71,21 +74,32 @@ _HEADERS = {
 @dataclass(frozen=True)
 class FetchPolicy:
     """Limits for one fetch. ``timeout_seconds`` bounds the whole fetch, redirects included;
-    ``file_roots`` are the only folders local files are read from (none by default)."""
+    ``file_roots`` are the only folders local files are read from (none by default), and
+    ``allow_hard_links`` whether a file there may have other names; ``s3_sources`` the buckets or
+    bucket/prefixes S3 objects are read from (``None``: the results store's bucket, see
+    ``common.s3_sources``); ``results_url`` where results are stored, never read as an input."""
 
     max_bytes: int = 50 * 1024 * 1024
     timeout_seconds: float = 30.0
     allow_private_networks: bool = False
     max_redirects: int = 5
     file_roots: tuple[Path, ...] = ()
+    allow_hard_links: bool = False
+    s3_sources: tuple[str, ...] | None = None
+    results_url: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> FetchPolicy:
+    def from_settings(cls, settings: Settings, *, results_url: str | None = None) -> FetchPolicy:
+        """The settings' limits; ``results_url`` is the store actually written to (default: the
+        settings' storage URL)."""
         return cls(
             max_bytes=settings.max_image_bytes,
             timeout_seconds=settings.fetch_timeout_seconds,
             allow_private_networks=settings.allow_private_networks,
             file_roots=tuple(settings.file_roots),
+            allow_hard_links=settings.allow_hard_links,
+            s3_sources=None if settings.s3_sources is None else tuple(settings.s3_sources),
+            results_url=results_url or settings.resolved_storage_url(),
         )
 
 
@@ -186,7 +200,9 @@ class DefaultFetcher:
 
     def __init__(self, policy: FetchPolicy = FetchPolicy()) -> None:
         self.policy = policy
-        self._file_roots = FileRoots(policy.file_roots)
+        self._file_roots = FileRoots(policy.file_roots, allow_hard_links=policy.allow_hard_links)
+        self._s3_sources = S3Sources(policy.s3_sources, results_url=policy.results_url)
+        self._results_folder = _local_folder(policy.results_url)
 
     def with_file_roots(self, roots: tuple[Path, ...]) -> DefaultFetcher:
         """The same fetcher reading local files from ``roots`` instead (the local runner's default)."""
@@ -213,11 +229,18 @@ class DefaultFetcher:
         )
 
     def _read_local(self, uri: str, path: Path) -> bytes:
-        """Checked against the file roots first: a refused path is never opened."""
+        """Checked against the file roots and the results folder first: a refused path is never opened."""
         checked = self._file_roots.check(uri, path)
+        results = self._results_folder
+        if results is not None and (checked.path == results or results in checked.path.parents):
+            raise ImageFetchRefusedError(
+                f"{uri} lies in the results store: the outputs of batches are never read as inputs"
+            )
         return self._file_roots.read(checked, max_bytes=self.policy.max_bytes)
 
     def _read_stored(self, uri: str) -> bytes:
+        """An ``s3://`` object, read only from the allowed sources (``common.s3_sources``)."""
+        self._s3_sources.check(uri)
         try:
             return read_uri(uri, max_bytes=self.policy.max_bytes)
         except ObjectTooLargeError as exc:
@@ -337,6 +360,17 @@ class DefaultFetcher:
             chunks.append(chunk)
             _remaining(deadline, url, self.policy.timeout_seconds)
         return b"".join(chunks)
+
+
+def _local_folder(url: str | None) -> Path | None:
+    """The resolved folder of a local results store (``file://`` or a path), else ``None``."""
+    if not url or uri_scheme(url) not in ("", "file"):
+        return None
+    try:
+        path = file_uri_path(url) if uri_scheme(url) == "file" else Path(url)
+    except ValueError:
+        return None
+    return Path(os.path.realpath(path))
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:

@@ -16,8 +16,14 @@ path is read only when it lies under one of the allowed roots, in two steps:
    time-of-check/time-of-use race). The opened file must be a regular file: a FIFO would block the
    reader and a device could be endless. ``O_NONBLOCK`` keeps the open itself from waiting on a FIFO.
 
-Hard links are not symbolic links and are not detected: making one requires write access inside a
-root, which is already trust in whoever fills the folder.
+Hard links are not symbolic links: a hard link inside a root to a file outside it is the same file
+under a second name, and no path check can see where else it lives. Whoever can write into a root
+can make one to any file of the same filesystem they can see (Linux's ``protected_hardlinks`` only
+stops links to files they could not read themselves), so a shared images folder would be a way to
+read the worker's other files. ``FileRoots.read`` therefore refuses a regular file with more than
+one link (``st_nlink > 1``, from the ``fstat`` of the opened file, so it is the file actually read),
+unless ``VITSCOPE_ALLOW_HARD_LINKS`` is set for folders whose files are hard-linked on purpose
+(deduplicated or snapshot trees).
 """
 
 from __future__ import annotations
@@ -31,9 +37,10 @@ from pathlib import Path
 
 from common.errors import ImageError, ImageFetchRefusedError, ImageTooLargeError
 
-__all__ = ["SETTING", "CheckedPath", "FileRoots"]
+__all__ = ["HARD_LINKS_SETTING", "SETTING", "CheckedPath", "FileRoots"]
 
 SETTING = "VITSCOPE_FILE_ROOTS"
+HARD_LINKS_SETTING = "VITSCOPE_ALLOW_HARD_LINKS"
 
 # Every component, folders included, is opened with the same flags: with O_DIRECTORY, Linux reports
 # a link as ENOTDIR, indistinguishable from a file in the way; without it, a link is ELOOP, and
@@ -57,8 +64,9 @@ class CheckedPath:
 class FileRoots:
     """The folders local images may be read from; an empty set reads no local file at all."""
 
-    def __init__(self, roots: Iterable[str | os.PathLike[str]]) -> None:
+    def __init__(self, roots: Iterable[str | os.PathLike[str]], *, allow_hard_links: bool = False) -> None:
         self.roots = tuple(dict.fromkeys(Path(os.path.realpath(Path(root).expanduser())) for root in roots))
+        self.allow_hard_links = allow_hard_links
 
     def __repr__(self) -> str:
         return f"FileRoots({[str(root) for root in self.roots]!r})"
@@ -91,6 +99,12 @@ class FileRoots:
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise ImageFetchRefusedError(f"{checked.uri}: not a regular file")
+        if info.st_nlink > 1 and not self.allow_hard_links:
+            os.close(fd)
+            raise ImageFetchRefusedError(
+                f"{checked.uri}: the file has {info.st_nlink} hard links, and one may lie outside the "
+                f"allowed folders; not read ({HARD_LINKS_SETTING}=true allows them)"
+            )
         with os.fdopen(fd, "rb") as handle:
             if info.st_size > max_bytes:
                 raise ImageTooLargeError(

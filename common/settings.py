@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from common.s3_sources import ANY_BUCKET, parse_s3_source
+
 __all__ = ["ARTIFACT_LAYOUTS", "Settings", "get_settings"]
 
 ARTIFACT_LAYOUTS = ("auto", "objects", "shards")
@@ -61,6 +63,17 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Folders (separated by ':' as in PATH) that file:// URIs and paths may read images from. "
         "Unset: a local run reads only the dataset CSV's folder, a distributed worker no local files at all.",
+    )
+    allow_hard_links: bool = Field(
+        default=False,
+        description="Read local images that have more than one hard link (st_nlink > 1). Off: a hard link "
+        "inside a file root may name a file outside it, which no path check can see.",
+    )
+    s3_sources: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description="Buckets or bucket/prefixes (comma-separated) that s3:// images and masks may be read "
+        "from; '*' = any bucket, empty = none. Unset: the results store's bucket (outside its prefix) "
+        "when results are on S3, else none. The results prefix itself is never read as an input.",
     )
     fetch_threads: int = Field(default=8, ge=1, description="Concurrent image downloads per worker.")
     decode_threads: int | None = Field(
@@ -149,6 +162,17 @@ class Settings(BaseSettings):
         """``/data/a:/data/b`` in the environment, like PATH; empty entries are dropped."""
         if isinstance(value, str):
             return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    @field_validator("s3_sources", mode="before")
+    @classmethod
+    def _split_s3_sources(cls, value: Any) -> Any:
+        """``bucket-a, bucket-b/photos`` in the environment; an empty value is an empty list (no bucket)."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        for entry in value or ():
+            if isinstance(entry, str) and entry.strip() != ANY_BUCKET:
+                parse_s3_source(entry)  # a malformed entry stops the process at start, not a job later
         return value
 
     def resolved_database_url(self) -> str:

@@ -12,14 +12,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -41,11 +40,14 @@ from common.errors import DatabaseUnavailableError, TransientError, VitscopeErro
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
 from common.metrics import METHODS, RANDOM_METHOD, MetricSettings, load_metrics_section, parse_metrics_option
 from common.modelspec import ModelSpec, resolve_models_option
+from common.s3_sources import SETTING as S3_SOURCES_SETTING
+from common.s3_sources import S3Sources
 from common.settings import Settings, get_settings
 from producer.compare import compare_table, write_compare_csv, write_compare_json
 from producer.report import results_table, status_view, write_csv, write_json, write_jsonl
 from producer.site.links import MAX_PRESIGN_SECONDS, LinkMode
 from producer.submit import Plan, SubmitOptions, commit_plan, enqueue, plan_submission
+from producer.terminal_text import terminal_literal as literal
 
 if TYPE_CHECKING:
     from worker.pipeline import Runtime
@@ -60,8 +62,9 @@ app.add_typer(db_app, name="db")
 shards_app = typer.Typer(help="Artifact shards (docs/storage.md).", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+# No emoji codes: ":warning:" in an id is text to show (``producer.terminal_text`` does the rest).
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 # Exit status of a command stopped by an unreachable service (database, broker): retrying may help,
@@ -72,9 +75,9 @@ EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    # Escaped: messages quote user input and commands such as pip install 'vitscope[report]', whose
-    # brackets rich would otherwise take for markup and drop. One line, for logs and scripts.
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    # Literal: messages quote user input (markup, escape sequences) and commands such as
+    # pip install 'vitscope[report]', whose brackets rich would otherwise take for markup and drop.
+    err.print(f"[red]error:[/red] {literal(message, newlines=True)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -167,7 +170,8 @@ def submit(
             name=name,
             metrics=_metric_settings(models_file, metrics),
         )
-        plan = plan_submission(dataset, options)
+        plan = plan_submission(dataset, options, check_s3=_s3_check(settings, distributed=distributed))
+        _warn_refused_s3(plan, distributed=distributed)
         db = open_database(settings)
         if distributed:
             _submit_distributed(settings, db, plan, options, wait=wait)
@@ -179,6 +183,30 @@ def submit(
         raise _fail(str(exc), EXIT_UNAVAILABLE) from None
     except (VitscopeError, ValueError) as exc:
         raise _fail(str(exc)) from None
+
+
+def _s3_check(settings: Settings, *, distributed: bool) -> Callable[[str], str | None] | None:
+    """The S3 sources' verdict on a URI, where this machine can tell what the readers will decide.
+
+    A local run reads with these very settings. Distributed workers have their own, and the
+    submitting machine's are a fair guess only when it names S3 sources or stores results on S3
+    itself (as the workers' machines do); otherwise nothing is said.
+    """
+    results = settings.resolved_storage_url()
+    if distributed and settings.s3_sources is None and not results.startswith("s3://"):
+        return None
+    return S3Sources(settings.s3_sources, results_url=results).refusal
+
+
+def _warn_refused_s3(plan: Plan, *, distributed: bool) -> None:
+    scan = plan.scan
+    if not scan.refused_s3_rows:
+        return
+    who = "the workers refuse them unless their own setting allows" if distributed else "their jobs will fail"
+    err.print(
+        f"[bold yellow]WARNING: {scan.refused_s3_rows:,} row(s) name S3 objects outside "
+        f"{S3_SOURCES_SETTING} ({who}); the first: {literal(scan.refused_s3_example)}[/bold yellow]"
+    )
 
 
 def _metric_settings(models_file: Path | None, option: str | None) -> MetricSettings:
@@ -234,7 +262,7 @@ def _submit_local(
         replacements = load_models(runtime, plan.specs, random_fallback=random_if_offline)
         for model in replacements:
             err.print(
-                f"[bold yellow]WARNING: pretrained weights for {model} are unreachable (offline?); using RANDOM "
+                f"[bold yellow]WARNING: pretrained weights for {literal(model)} are unreachable (offline?); using RANDOM "
                 "weights as --random-if-offline asked. Its maps show an untrained network, not what a trained "
                 "model attends to; jobs record weights_source = RANDOM.[/bold yellow]"
             )
@@ -283,8 +311,8 @@ def _run_local(settings: Settings, runtime: Runtime, batch_id: str) -> NoReturn:
     err.print(
         f"done in {run.seconds:.1f} s: {run.succeeded} computed, {run.reused} reused, {run.failed} failed "
         f"({(run.succeeded + run.reused) / max(run.seconds, 1e-9):.2f} images/s)\n"
-        f"artifacts: {storage}\n"
-        f"database:  {_safe_url(settings.resolved_database_url())}\n"
+        f"artifacts: {literal(storage)}\n"
+        f"database:  {literal(_safe_url(settings.resolved_database_url()))}\n"
         f"next:      producer status {batch_id}   ·   producer results {batch_id} --format csv"
     )
     out.print(batch_id)
@@ -410,7 +438,7 @@ def results(
             elif output is not None:
                 with output.open("w", newline="") as handle:
                     count = writers[fmt](jobs, handle)
-                err.print(f"wrote {count} job(s) to {output}")
+                err.print(f"wrote {count} job(s) to {literal(output)}")
             else:
                 writers[fmt](jobs, sys.stdout)
     except VitscopeError as exc:
@@ -450,7 +478,7 @@ def compare(
         elif output is not None:
             with output.open("w", newline="") as handle:
                 count = writers[fmt](summaries, handle, against)
-            err.print(f"wrote {count} row(s) to {output}")
+            err.print(f"wrote {count} row(s) to {literal(output)}")
         else:
             writers[fmt](summaries, sys.stdout, against)
     except VitscopeError as exc:
@@ -655,7 +683,7 @@ def report(
     except (VitscopeError, ValueError) as exc:
         raise _fail(str(exc)) from None
     err.print(f"{written.images} image(s), {written.jobs} job(s) on {written.pages} page(s)")
-    out.print(str(written.index))
+    out.print(literal(written.index))
 
 
 def _report_progress() -> Progress:
@@ -695,7 +723,7 @@ def figures(
     except (VitscopeError, ValueError) as exc:
         raise _fail(str(exc)) from None
     for path in written:
-        out.print(str(path))
+        out.print(literal(path))
 
 
 @app.command()
@@ -757,14 +785,14 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest)."""
     url = get_settings().resolved_database_url()
     upgrade(url, revision)
-    err.print(f"database at {revision}")
+    err.print(f"database at {literal(revision)}")
 
 
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
     """Revert migrations down to REVISION."""
     downgrade(get_settings().resolved_database_url(), revision)
-    err.print(f"database at {revision}")
+    err.print(f"database at {literal(revision)}")
 
 
 @db_app.command("current")

@@ -24,6 +24,8 @@ from rich.table import Table
 
 from common.db.metrics import MetricSummary
 from common.metrics import RANDOM_METHOD, Metric
+from producer.spreadsheet import spreadsheet_row
+from producer.terminal_text import terminal_literal as literal
 
 __all__ = [
     "COMPARE_COLUMNS",
@@ -85,7 +87,7 @@ def compare_table(summaries: Sequence[MetricSummary], console: Console, against:
     models = sorted({s.model for s in summaries})
     for model in models:
         table = Table(
-            title=f"{model}",
+            title=literal(model),
             title_justify="left",
             show_header=True,
             caption=f"Δ = method − {against} on the same images: mean, 95% interval (t; Newcombe's "
@@ -111,8 +113,8 @@ def compare_table(summaries: Sequence[MetricSummary], console: Console, against:
                 table.add_section()
             first = row.metric != previous
             reading = f"{BETTER.get(row.metric, '')}; {row.interval} interval"
-            label = f"{row.metric}\n[dim]{reading}[/dim]" if first else ""
-            method = method_label(row.method, row.metric)
+            label = f"{literal(row.metric)}\n[dim]{reading}[/dim]" if first else ""
+            method = literal(method_label(row.method, row.metric))
             if row.method == RANDOM_METHOD:
                 method = f"[dim]{method}[/dim]"
             interval = "-" if row.ci_low is None else f"[{_number(row.ci_low)}, {_number(row.ci_high)}]"
@@ -143,10 +145,12 @@ def _flat(summary: MetricSummary, against: str) -> dict[str, Any]:
 def write_compare_csv(
     summaries: Sequence[MetricSummary], handle: IO[str], against: str = RANDOM_METHOD
 ) -> int:
+    """One row per summary; a model (or method) named like a formula is written as text
+    (``producer.spreadsheet``), as in every CSV the producer writes."""
     writer = csv.DictWriter(handle, fieldnames=compare_columns(against), lineterminator="\n")
     writer.writeheader()
     for summary in summaries:
-        writer.writerow(_flat(summary, against))
+        writer.writerow(spreadsheet_row(_flat(summary, against)))
     return len(summaries)
 
 

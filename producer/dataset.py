@@ -18,12 +18,13 @@ submitted, and no row that pass 1 did not validate is ever run.
 What the CSV module already gets right, and the tests hold it to: a UTF-8 byte-order mark is
 dropped, CRLF and LF line ends are both fine, a quoted field may span lines (a row's line number is
 the physical line where its record starts, as an editor shows it), and cells are kept as given —
-``=1+1`` or ``@SUM(A1)`` is data here; only ``producer results --format csv`` escapes such cells
-for spreadsheets.
+``=1+1`` or ``@SUM(A1)`` is data here; only the CSV files the producer writes escape such cells
+for spreadsheets (``producer.spreadsheet``). A NUL character is the one thing no cell may hold
+(PostgreSQL cannot store it): it is reported with its line and column like any other problem.
 
 Two metadata columns are checked because the localization metrics read them (``docs/metrics.md``):
-``bbox`` (``x0,y0,x1,y1`` in the original image's pixels, quoted in the CSV) and ``mask_uri`` (a
-mask image, located like ``image_uri`` and stored as an absolute URI).
+``bbox`` (``x0,y0,x1,y1`` in the original image's pixels, ASCII decimal numbers, quoted in the CSV)
+and ``mask_uri`` (a mask image, located like ``image_uri`` and stored as an absolute URI).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import IO
 
 from common.errors import InvalidDatasetError, VitscopeError
 
-__all__ = ["Dataset", "DatasetRow", "DatasetScan", "iter_rows", "read_dataset", "scan_dataset"]
+__all__ = ["CheckS3", "Dataset", "DatasetRow", "DatasetScan", "iter_rows", "read_dataset", "scan_dataset"]
 
 IMAGE_COLUMN = "image_uri"
 MODEL_COLUMN = "model"
@@ -84,23 +85,35 @@ class DatasetScan:
     rows_without_model: int  # rows that take the submit's --models
     local_rows: int  # rows naming a local file (file:// or a path)
     sha256: str = ""  # of the bytes validated: the second pass must read the very same
+    # Rows whose s3:// image or mask the given S3 check refuses, and the first reason found.
+    refused_s3_rows: int = 0
+    refused_s3_example: str | None = None
 
 
 CheckModel = Callable[[str], object]
+# Why an s3:// URI would be refused by the workers' S3 sources, or None (``S3Sources.refusal``).
+CheckS3 = Callable[[str], str | None]
 
 
 def scan_dataset(
-    path: str | Path, *, target_column: str | None = None, check_model: CheckModel | None = None
+    path: str | Path,
+    *,
+    target_column: str | None = None,
+    check_model: CheckModel | None = None,
+    check_s3: CheckS3 | None = None,
 ) -> DatasetScan:
     """Validate the whole file, streaming; raise one InvalidDatasetError listing every bad line.
 
     ``check_model`` is called with each model name found in a ``model`` cell and raises a
     VitscopeError for names it does not know, so unknown models are reported with their line.
+    ``check_s3`` judges each ``s3://`` image and mask; rows it refuses are counted, not rejected: the
+    workers' own settings decide, and this is only what the submitting machine can tell.
     """
     path = Path(path)
     target_column = target_column or DEFAULT_TARGET_COLUMN
     errors: list[tuple[int, str]] = []
-    rows = rows_without_model = local_rows = 0
+    rows = rows_without_model = local_rows = refused_s3_rows = 0
+    refused_s3_example: str | None = None
     models: set[str] = set()
     digest = hashlib.sha256()
     with _parsed(path, target_column, check_model, digest) as (columns, header_line, parsed):
@@ -114,6 +127,10 @@ def scan_dataset(
             models.update(row.models)
             rows_without_model += not row.models
             local_rows += row.image_uri.startswith("file:")
+            if check_s3 is not None:
+                reason = _s3_refusal(row, check_s3)
+                refused_s3_rows += reason is not None
+                refused_s3_example = refused_s3_example or reason
     if errors:
         listing = "\n".join(f"  line {line}: {message}" for line, message in errors)
         more = f" (stopped at the first {MAX_REPORTED})" if len(errors) >= MAX_REPORTED else ""
@@ -133,7 +150,19 @@ def scan_dataset(
         rows_without_model=rows_without_model,
         local_rows=local_rows,
         sha256=digest.hexdigest(),
+        refused_s3_rows=refused_s3_rows,
+        refused_s3_example=refused_s3_example,
     )
+
+
+def _s3_refusal(row: DatasetRow, check_s3: CheckS3) -> str | None:
+    """The first refusal of the row's ``s3://`` image or mask, or ``None``."""
+    for uri in (row.image_uri, row.metadata.get(MASK_COLUMN) or ""):
+        if uri[:5].lower() == "s3://":
+            reason = check_s3(uri)
+            if reason is not None:
+                return reason
+    return None
 
 
 def iter_rows(scan: DatasetScan) -> Iterator[DatasetRow]:
@@ -229,6 +258,10 @@ def _parsed(
             )
         header_line, header = first
         columns = tuple(name.strip() for name in header)
+        if _nul_column(list(columns), columns) is not None:
+            raise InvalidDatasetError(
+                "a NUL character (\\x00) in the header: remove it", line=header_line, path=str(path)
+            )
         _check_header(
             columns,
             target_column,
@@ -250,6 +283,7 @@ class _RowReader:
         def position(name: str) -> int | None:
             return columns.index(name) if name in columns else None
 
+        self.columns = columns
         self.width = len(columns)
         self.image = columns.index(IMAGE_COLUMN)
         self.model = position(MODEL_COLUMN)
@@ -262,6 +296,10 @@ class _RowReader:
 
     def rows(self, records: Iterator[tuple[int, list[str]]]) -> ParsedRows:
         for line, values in records:
+            nul = _nul_column(values, self.columns)
+            if nul is not None:
+                yield line, nul
+                continue
             if len(values) != self.width:
                 yield line, f"expected {self.width} fields as in the header, found {len(values)}"
                 continue
@@ -293,6 +331,20 @@ class _RowReader:
             target=_cell(values, self.target),
             metadata=metadata,
         )
+
+
+def _nul_column(values: list[str], columns: tuple[str, ...]) -> str | None:
+    """The problem with a record holding a NUL character, or ``None``.
+
+    PostgreSQL cannot store NUL in text (the insert failed with a ``DataError`` traceback) while
+    SQLite stored it; no image URI, id or label holds one legitimately. So it is refused here, before
+    anything is written, on both databases alike, with its line and column.
+    """
+    for index, value in enumerate(values):
+        if "\x00" in value:
+            column = repr(columns[index]) if index < len(columns) else f"number {index + 1}"
+            return f"a NUL character (\\x00) in column {column}: remove it (binary data is not text)"
+    return None
 
 
 def _cell(values: list[str], index: int | None) -> str | None:
@@ -347,13 +399,16 @@ def _check_header(
         )
 
 
+# An ASCII decimal number, as documented: Python's float() also takes "1_0", Arabic-Indic digits
+# ("١٠") and full-width ones, which a reader of the CSV (or another tool reading it) sees otherwise.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
 def _bbox(value: str) -> str:
-    """Check ``x0,y0,x1,y1`` (pixels of the original image, ``x0 < x1``, ``y0 < y1``, none negative)."""
+    """Check ``x0,y0,x1,y1`` (pixels of the original image, ``x0 < x1``, ``y0 < y1``, none negative):
+    four ASCII decimal numbers."""
     parts = [part.strip() for part in value.split(",")]
-    try:
-        numbers = [float(part) for part in parts]
-    except ValueError:
-        numbers = []
+    numbers = [float(part) for part in parts] if all(_DECIMAL.fullmatch(part) for part in parts) else []
     if len(numbers) != 4 or not all(math.isfinite(n) for n in numbers):
         raise InvalidDatasetError(f"bbox {value!r} must be four numbers x0,y0,x1,y1 (quote the cell)")
     x0, y0, x1, y1 = numbers

@@ -8,10 +8,13 @@
 Both carry a colour bar of the jet scale, and say so in their titles when a model ran with RANDOM
 (untrained) weights: such a figure must not pass for a trained model's attention.
 
-Nothing is recomputed: the figures show exactly what the workers stored. matplotlib, numpy and
-Pillow come with the ``report`` extra (``pip install 'vitscope[report]'``), not with the producer's
-base install, so they are imported when a figure is drawn and their absence is a clear error. Only
-matplotlib's object API is used (``Figure``, no pyplot): no global state, no display needed.
+Nothing is recomputed: the figures show exactly what the workers stored. Every title is drawn with
+``parse_math=False``: image names, ids, labels and model names are users' text, and matplotlib
+would otherwise read ``$…$`` in them as mathtext (``cost$\\foo$.png`` aborted the command).
+matplotlib, numpy and Pillow come with the ``report`` extra (``pip install 'vitscope[report]'``),
+not with the producer's base install, so they are imported when a figure is drawn and their
+absence is a clear error. Only matplotlib's object API is used (``Figure``, no pyplot): no global
+state, no display needed.
 """
 
 from __future__ import annotations
@@ -188,12 +191,13 @@ def _layer_grid_figure(plot: _Plotting, entry: ImageEntry, job: dict[str, Any]) 
         spread = panel.max() - panel.min()
         normalized = (panel - panel.min()) / spread if spread > 0 else np.zeros_like(panel)
         ax.imshow(normalized, cmap="jet", vmin=0.0, vmax=1.0, interpolation="nearest")
-        ax.set_title(f"block {block}", fontsize=9)
+        ax.set_title(f"block {block}", fontsize=9, parse_math=False)
     figure.colorbar(plot.jet, ax=axes, shrink=0.6, label="score (each block scaled to its own range)")
     random = f"\n{_RANDOM_NOTE}" if is_random(job) else ""
     figure.suptitle(
         f"Per-layer scores · {job['model']} · {entry.name}\npredicted: {_prediction(job)}{random}",
         fontsize=11,
+        parse_math=False,
     )
     return figure
 
@@ -211,10 +215,18 @@ def _panels_figure(plot: _Plotting, entry: ImageEntry, jobs: list[dict[str, Any]
     for row, job in zip(axes, jobs, strict=True):
         for ax, (name, method) in zip(row, PICTURES, strict=True):
             ax.set_axis_off()
-            ax.set_title(_panel_title(job, name, method), fontsize=8)
+            ax.set_title(_panel_title(job, name, method), fontsize=8, parse_math=False)
             uri = job["artifacts"].get(name)
             if uri is None:  # batches from before input.png was stored
-                ax.text(0.5, 0.5, f"{method}\nnot stored", ha="center", va="center", transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    f"{method}\nnot stored",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    parse_math=False,
+                )
                 continue
             picture = plot.np.asarray(plot.image.open(io.BytesIO(read_uri(uri))).convert("RGB"))
             # Nearest: every figure pixel is a stored pixel, no smoothing of the maps.
@@ -225,7 +237,7 @@ def _panels_figure(plot: _Plotting, entry: ImageEntry, jobs: list[dict[str, Any]
     random = sorted(job["model"] for job in jobs if is_random(job))
     if random:
         title += f"\n{_RANDOM_NOTE}: {', '.join(random)}"
-    figure.suptitle(title, fontsize=11)
+    figure.suptitle(title, fontsize=11, parse_math=False)
     return figure
 
 

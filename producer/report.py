@@ -14,6 +14,8 @@ from rich.table import Table
 from common.db.models import WorkerHeartbeat
 from common.db.reports import BatchStatus
 from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
+from producer.spreadsheet import FORMULA_PREFIXES, spreadsheet_row, spreadsheet_safe
+from producer.terminal_text import terminal_literal as literal
 
 __all__ = [
     "CSV_COLUMNS",
@@ -65,13 +67,13 @@ def _duration(seconds: float | None) -> str:
 
 def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None) -> Group:
     """Counts by state and model, throughput, ETA, failures grouped by reason, live workers."""
-    title = f"batch {status.batch_id}" + (f" ({status.name})" if status.name else "")
+    title = f"batch {literal(status.batch_id)}" + (f" ({literal(status.name)})" if status.name else "")
     counts = status.counts
     summary = Table(title=title, show_header=True, title_justify="left")
     for column in ("model", "total", "queued", "running", "succeeded", "failed"):
         summary.add_column(column, justify="left" if column == "model" else "right")
     for model, by_state in status.models.items():
-        summary.add_row(model, str(sum(by_state.values())), *(str(by_state[s]) for s in counts))
+        summary.add_row(literal(model), str(sum(by_state.values())), *(str(by_state[s]) for s in counts))
     summary.add_row("[b]all[/b]", str(status.total), *(f"[b]{counts[s]}[/b]" for s in counts))
     rate = f"{status.jobs_per_second:.2f} jobs/s" if status.jobs_per_second else "-"
     lines = Table.grid(padding=(0, 2))
@@ -91,7 +93,7 @@ def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None) -> G
         for column in ("count", "error", "message", "example image"):
             failures.add_column(column, overflow="fold")
         for f in status.failures:
-            failures.add_row(str(f.count), f.error_class, f.message, f.example_uri)
+            failures.add_row(str(f.count), literal(f.error_class), literal(f.message), literal(f.example_uri))
         parts.append(failures)
     if workers is not None:
         table = Table(title="live workers", title_justify="left")
@@ -99,11 +101,11 @@ def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None) -> G
             table.add_column(column, overflow="fold")
         for w in workers:
             table.add_row(
-                f"{w.node} ({w.worker_id})" if w.node else w.worker_id,
-                w.device or "-",
-                _queues(w.queues),
+                literal(f"{w.node} ({w.worker_id})" if w.node else w.worker_id),
+                literal(w.device or "-"),
+                literal(_queues(w.queues)),
                 str(w.running_jobs),
-                w.current_model or "-",
+                literal(w.current_model or "-"),
                 str(w.jobs_done),
                 w.last_seen_at.strftime("%H:%M:%S"),
             )
@@ -130,23 +132,6 @@ def _flat(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-# OWASP "CSV Injection": a spreadsheet treats a cell starting with one of these as a formula (tab
-# and carriage return can hide one), so `=HYPERLINK(...)` in a dataset's id column would run on the
-# machine of whoever opens the results.
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(value: Any) -> Any:
-    """A text cell that starts like a formula, prefixed with a single quote (OWASP's rule), else as is.
-
-    Only text is touched: numbers the database produced (a negative duration, say) stay numbers.
-    Quotes and separators inside cells are escaped by the csv module's quoting.
-    """
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
-    return value
-
-
 def write_csv(jobs: Iterable[dict[str, Any]], out: IO[str]) -> int:
     """One row per job; text cells are made safe to open in a spreadsheet (``spreadsheet_safe``).
 
@@ -156,7 +141,7 @@ def write_csv(jobs: Iterable[dict[str, Any]], out: IO[str]) -> int:
     writer.writeheader()
     count = 0
     for job in jobs:
-        writer.writerow({key: spreadsheet_safe(value) for key, value in _flat(job).items()})
+        writer.writerow(spreadsheet_row(_flat(job)))
         count += 1
     return count
 
@@ -196,7 +181,14 @@ def results_table(jobs: Iterator[dict[str, Any]], console: Console, *, limit: in
         image = job["image_uri"].rsplit("/", 1)[-1]
         status = job["status"] + (" (reused)" if job["reused_from"] else "")
         table.add_row(
-            str(job["row"]), job["id"] or "-", image, job["model"], status, label, prob, job["error"] or ""
+            str(job["row"]),
+            literal(job["id"] or "-"),
+            literal(image),
+            literal(job["model"]),
+            literal(status),
+            literal(label),
+            prob,
+            literal(job["error"]),
         )
     console.print(table)
     if count > limit:

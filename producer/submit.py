@@ -29,7 +29,7 @@ from common.methods import MethodSettings, Preprocess
 from common.metrics import MetricSettings
 from common.modelspec import ModelSpec, load_models_file, resolve_model
 from common.publish import broker_lost_data, publish_jobs
-from producer.dataset import DatasetRow, DatasetScan, iter_rows, scan_dataset
+from producer.dataset import CheckS3, DatasetRow, DatasetScan, iter_rows, scan_dataset
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -132,10 +132,15 @@ class Plan:
 
 
 def plan_submission(
-    path: str | Path, options: SubmitOptions, *, replace: Mapping[str, ModelSpec] | None = None
+    path: str | Path,
+    options: SubmitOptions,
+    *,
+    replace: Mapping[str, ModelSpec] | None = None,
+    check_s3: CheckS3 | None = None,
 ) -> Plan:
     """Validate the dataset and every model name; ``replace`` swaps in specs by name
-    (the local runner's explicit random-weights fallback)."""
+    (the local runner's explicit random-weights fallback); ``check_s3`` counts the rows whose
+    ``s3://`` objects the S3 sources refuse (``Plan.scan.refused_s3_rows``), for a warning."""
     resolve_named = _resolver(options)
 
     def resolve(name: str) -> ModelSpec:
@@ -150,7 +155,7 @@ def plan_submission(
     default_models = list(options.models) or [DEFAULT_MODEL]
     for name in default_models:
         resolve(name)  # an unknown --models name is reported before the file is read
-    scan = scan_dataset(path, target_column=options.target_column, check_model=check_model)
+    scan = scan_dataset(path, target_column=options.target_column, check_model=check_model, check_s3=check_s3)
     names = set(scan.models) | (set(default_models) if scan.rows_without_model else set())
     return Plan(
         path=Path(path),

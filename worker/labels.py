@@ -29,13 +29,15 @@ def class_labels(spec: ModelSpec, model: torch.nn.Module) -> tuple[str, ...] | N
     return tuple(ImageNetInfo(subset).label_descriptions())
 
 
-_INDEX = re.compile(r"[+-]?\d+")
+# ASCII digits only: ``\d`` (and ``int``) also take Arabic-Indic or full-width digits, so a target
+# written "٢٨١" would have been read as class 281 although the CSV's reader sees a name.
+_INDEX = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 
 def resolve_target(target: str | int | None, labels: Sequence[str] | None, num_classes: int) -> int | None:
     """The class index a job's target names, or ``None`` for "the top-1 prediction".
 
-    ``None`` or blank -> ``None``; an integer or a string of digits -> that index, range-checked; a
+    ``None`` or blank -> ``None``; an integer or a string of ASCII digits -> that index, range-checked; a
     class name -> its index, matched case-insensitively against the whole label, then against each
     comma-separated synonym (ImageNet labels read ``"tabby, tabby cat"``). A name matching several
     classes (ImageNet has two ``"crane"``s) is refused as ambiguous rather than guessed.

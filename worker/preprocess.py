@@ -12,6 +12,7 @@ import io
 import math
 import struct
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,17 +131,52 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     white, the background a viewer shows them on; simply dropping alpha would expose whatever colour
     the encoder left under fully transparent pixels, often black. 16-bit grey levels are scaled to
     8 bits (``v / 257``, so 65535 -> 255). CMYK, L, 1, P and the rest use Pillow's own conversion.
+
+    These two are converted a band of rows at a time into the RGB result (``_by_bands``): done on
+    the whole picture, the float64 grey levels cost 8 bytes a pixel several times over (+972 MiB for
+    an 8000×8000 16-bit scan) and the RGBA copies and composite four pictures' worth (+1.09 GiB),
+    per decode slot. By bands, the peak is the decoded file plus the RGB result.
     """
     if image.mode == "RGB":
         return image
     if image.mode in _HIGH_DEPTH_GREY_MODES:
-        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+        return _by_bands(image, _grey_band)
     if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, _WHITE)
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _by_bands(image, _composite_band)
     return image.convert("RGB")
+
+
+# Rows converted at once by ``_by_bands``: a few MB of intermediates for the widest allowed image.
+_BAND_PIXELS = 1 << 20
+
+
+def _by_bands(image: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """``image`` as RGB, ``convert`` applied to one band of rows at a time and pasted into the result.
+
+    Both conversions are per pixel, so the bands' results are exactly the whole picture's.
+    """
+    width, height = image.size
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    result = Image.new("RGB", image.size)
+    for top in range(0, height, rows):
+        band = image.crop((0, top, width, min(top + rows, height)))
+        result.paste(convert(band), (0, top))
+    return result
+
+
+def _grey_band(band: Image.Image) -> Image.Image:
+    """16-bit grey levels to 8 bits, ``round(v / 257)`` in integers: ``(v + 128) // 257`` is exact for
+    every level since 257 is odd (no tie), and clipping matches the float form for 32-bit values."""
+    levels = np.asarray(band).astype(np.int64)
+    grey = np.clip((levels + 128) // 257, 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _composite_band(band: Image.Image) -> Image.Image:
+    """Transparent pixels composited on white, as a viewer shows them."""
+    rgba = band.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, _WHITE)
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 @dataclass(frozen=True)

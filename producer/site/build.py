@@ -26,6 +26,7 @@ from common.db import Database
 from common.db.batches import get_batch
 from common.db.models import Batch, Job, JobState
 from common.modelspec import RANDOM
+from common.storage.uri import uri_scheme
 from producer.site.links import MAX_PRESIGN_SECONDS, LinkMode, make_links
 from producer.site.present import (
     RANDOM_SOURCE,
@@ -36,7 +37,8 @@ from producer.site.present import (
     settings_text,
 )
 from producer.site.sections import Section, summary_sections
-from producer.site.selection import Selection, count_images, iter_images
+from producer.site.selection import Selection, count_images, image_name, iter_images
+from producer.terminal_text import show_controls
 
 __all__ = ["ReportOptions", "ReportSummary", "page_file", "write_report"]
 
@@ -82,14 +84,21 @@ def page_file(number: int) -> str:
 
 
 def _environment() -> jinja2.Environment:
-    # Autoescaping everywhere: image names, labels and error messages come from users' data.
-    return jinja2.Environment(
+    # Autoescaping everywhere: image names, labels and error messages come from users' data. The
+    # template also isolates each such text from the page's direction (<bdi>) and shows its control
+    # and bidi-override characters (the ``visible`` filter): "\u202egnp.exe" must not read "exe.png",
+    # nor a batch name with U+202E reverse the header line around it.
+    environment = jinja2.Environment(
         loader=jinja2.PackageLoader("producer.site", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    environment.filters["visible"] = lambda text: (
+        "" if text is None else show_controls(str(text), newlines=True)
+    )
+    return environment
 
 
 def _copy_assets(out: Path) -> None:
@@ -113,7 +122,8 @@ class _SearchIndex:
 
     def add(self, card: ImageCard, page: str) -> None:
         # "<" escaped: the names are users' text, and stay inert even if this is ever inlined in a page.
-        entry = json.dumps([card.name, card.row_id, page, card.row]).replace("<", "\\u003c")
+        names = [show_controls(card.name), show_controls(card.row_id)]  # shown as link text
+        entry = json.dumps([*names, page, card.row]).replace("<", "\\u003c")
         self._file.write(entry + ",\n")
 
     def __exit__(self, *exc: object) -> None:
@@ -169,10 +179,23 @@ def _batch_info(db: Database, batch_ref: str) -> tuple[str, dict[str, str], list
                 "name": batch.name or "",
                 "created": batch.created_at.strftime("%Y-%m-%d %H:%M UTC"),
                 "mode": batch.mode,
-                "source": hide_local_paths(batch.source),
+                # The dataset's own path: its file name only, whatever its folders (spaces included).
+                "source": _file_name(batch.source),
                 "settings": settings_text(batch.settings),
             },
         )
+
+
+def _file_name(source: str | None) -> str:
+    """The file name of a dataset path or URI (``…/alice home/secret project/sp.csv`` -> ``…/sp.csv``)."""
+    if not source:
+        return ""
+    scheme = uri_scheme(source)
+    if scheme == "":
+        return "…/" + Path(source).name
+    if scheme == "file":
+        return "…/" + image_name(source)
+    return hide_local_paths(source)
 
 
 def write_report(

@@ -685,8 +685,10 @@ def s3_image(s3_bucket: str) -> str:
 
 
 @pytest.mark.parametrize(("max_bytes", "fits"), [(len(IMAGE), True), (len(IMAGE) - 1, False)])
-def test_s3_images_are_read_with_the_size_limit(s3_image: str, max_bytes: int, fits: bool) -> None:
-    fetcher = DefaultFetcher(FetchPolicy(max_bytes=max_bytes))
+def test_s3_images_are_read_with_the_size_limit(
+    s3_image: str, s3_bucket: str, max_bytes: int, fits: bool
+) -> None:
+    fetcher = DefaultFetcher(FetchPolicy(max_bytes=max_bytes, s3_sources=(s3_bucket,)))
     if fits:
         assert fetcher.fetch(s3_image) == IMAGE
     else:
@@ -696,7 +698,7 @@ def test_s3_images_are_read_with_the_size_limit(s3_image: str, max_bytes: int, f
 
 def test_a_missing_s3_image_is_an_image_error(s3_bucket: str) -> None:
     with pytest.raises(ImageError, match="no such object"):
-        DefaultFetcher().fetch(f"s3://{s3_bucket}/images/missing.png")
+        DefaultFetcher(FetchPolicy(s3_sources=(s3_bucket,))).fetch(f"s3://{s3_bucket}/images/missing.png")
 
 
 @pytest.mark.parametrize(
@@ -726,6 +728,9 @@ def test_content_sha256_is_the_hex_sha256_of_the_bytes() -> None:
 
 def test_the_policy_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VITSCOPE_FILE_ROOTS", "/data/images:/mnt/scans")
+    monkeypatch.setenv("VITSCOPE_S3_SOURCES", "photos, scans/2024")
+    monkeypatch.setenv("VITSCOPE_ALLOW_HARD_LINKS", "true")
+    monkeypatch.setenv("VITSCOPE_STORAGE_URL", "s3://results/run")
     settings = Settings(max_image_bytes=1234, fetch_timeout_seconds=2.5, allow_private_networks=True)
     assert FetchPolicy.from_settings(settings) == FetchPolicy(
         max_bytes=1234,
@@ -733,8 +738,13 @@ def test_the_policy_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> 
         allow_private_networks=True,
         max_redirects=5,
         file_roots=(Path("/data/images"), Path("/mnt/scans")),
+        allow_hard_links=True,
+        s3_sources=("photos", "scans/2024"),
+        results_url="s3://results/run",
     )
 
 
 def test_the_default_policy_matches_the_default_settings() -> None:
-    assert FetchPolicy.from_settings(Settings()) == FetchPolicy()
+    """The same limits; the settings also say where results are stored, never to be read as inputs."""
+    settings = Settings()
+    assert FetchPolicy.from_settings(settings) == FetchPolicy(results_url=settings.resolved_storage_url())

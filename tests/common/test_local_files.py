@@ -171,3 +171,46 @@ def test_roots_given_through_links_are_resolved(tree: Path, tmp_path: Path) -> N
     assert fetcher.fetch(str(tmp_path / "data-link" / "images" / "cat.png")) == PICTURE
     with pytest.raises(ImageFetchRefusedError):
         fetcher.fetch(str(tmp_path / "other" / "secret.png"))
+
+
+# ---- hard links and the results folder ---------------------------------------------------------------
+
+
+def test_a_hard_link_to_a_file_outside_the_roots_is_refused_unopened_beyond_its_fstat(tree: Path) -> None:
+    """A hard link is the outside file under a second name: no path check sees it, the link count does."""
+    os.link(tree.parent / "other" / "secret.png", tree / "images" / "innocent.png")
+    with pytest.raises(ImageFetchRefusedError, match=r"2 hard links.*VITSCOPE_ALLOW_HARD_LINKS") as refused:
+        DefaultFetcher(FetchPolicy(file_roots=(tree,))).fetch(str(tree / "images" / "innocent.png"))
+    assert "secret" not in str(refused.value)
+
+
+def test_hard_links_are_read_when_the_setting_allows_them(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    os.link(tree / "images" / "cat.png", tree / "images" / "cat-again.png")  # a deduplicated tree
+    with pytest.raises(ImageFetchRefusedError, match="hard links"):
+        DefaultFetcher(FetchPolicy(file_roots=(tree,))).fetch(str(tree / "images" / "cat.png"))
+    monkeypatch.setenv("VITSCOPE_FILE_ROOTS", str(tree))
+    monkeypatch.setenv("VITSCOPE_ALLOW_HARD_LINKS", "true")
+    fetcher = DefaultFetcher(FetchPolicy.from_settings(Settings()))
+    assert fetcher.fetch(str(tree / "images" / "cat.png")) == PICTURE
+    assert fetcher.fetch(str(tree / "images" / "cat-again.png")) == PICTURE
+
+
+def test_the_results_folder_is_never_read_as_an_input_even_inside_a_root(
+    tree: Path, opened_files: list[str]
+) -> None:
+    """A local results store under a file root holds other batches' crops: a row must not read them."""
+    results = tree / "results"
+    (results / "artifacts" / "ab").mkdir(parents=True)
+    (results / "artifacts" / "ab" / "input.png").write_bytes(SECRET)
+    opened_files.clear()  # the write above
+    fetcher = DefaultFetcher(FetchPolicy(file_roots=(tree,), results_url=results.as_uri()))
+    for uri in (
+        (results / "artifacts" / "ab" / "input.png").as_uri(),
+        str(tree / "images/../results/artifacts/ab/input.png"),
+    ):
+        with pytest.raises(ImageFetchRefusedError, match="results store"):
+            fetcher.fetch(uri)
+    assert opened_files == []
+    assert fetcher.fetch(str(tree / "images" / "cat.png")) == PICTURE

@@ -120,6 +120,28 @@ def test_invalid_input_exits_2_and_creates_nothing(tmp_path: Path, csv_text: str
     assert not (tmp_path / "vitscope.db").exists() or _batches(tmp_path) == 0
 
 
+def test_a_nul_character_exits_2_naming_the_line_and_creates_nothing_on_either_database(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch, write_image
+) -> None:
+    """PostgreSQL failed the insert with a DataError traceback (exit 1); SQLite stored the NUL."""
+    write_image(tmp_path / "images" / "cat.png")
+    path = tmp_path / "nul.csv"
+    path.write_text("id,image_uri\ncat,images/cat.png\nc\x00t,images/cat.png\n")
+    monkeypatch.setenv("VITSCOPE_DATABASE_URL", database_url)
+    result = _invoke("submit", str(path), "--weights", "random", "--local")
+    assert result.exit_code == 2, result.output
+    assert "line 3: a NUL character" in result.output
+    assert "\x00" not in result.output  # shown as an escape, not written to the terminal
+    engine = sa.create_engine(database_url)
+    try:
+        tables = sa.inspect(engine).get_table_names()
+        if "batches" in tables:
+            with engine.connect() as conn:
+                assert conn.execute(sa.select(sa.func.count()).select_from(Batch)).scalar() == 0
+    finally:
+        engine.dispose()
+
+
 def test_unknown_models_option_is_refused(dataset: Path, tmp_path: Path) -> None:
     result = _invoke("submit", str(dataset), "--models", "deit_tiny_patch16_224,vit_nope")
     assert result.exit_code == 2
@@ -248,6 +270,25 @@ def test_a_distributed_submit_warns_about_local_paths(
         assert "local files" not in _invoke("submit", str(data), "--weights", "random").output
     finally:
         client.close()
+
+
+def test_a_distributed_submit_warns_about_s3_rows_outside_the_sources_when_it_can_tell(
+    tmp_path: Path, broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VITSCOPE_BROKER_URL", broker_url)
+    data = tmp_path / "data.csv"
+    data.write_text(
+        "image_uri,mask_uri\ns3://photos/a.png,\ns3://other/b.png,\ns3://photos/c.png,s3://other/m.png\n"
+    )
+    # The producer's own settings say nothing about S3: the workers' settings are unknown to it.
+    assert "S3" not in _invoke("submit", str(data), "--weights", "random").output
+    monkeypatch.setenv("VITSCOPE_S3_SOURCES", "photos")
+    result = _invoke("submit", str(data), "--weights", "random")
+    assert result.exit_code == 0, result.output  # advice: the workers decide
+    assert "WARNING: 2 row(s) name S3 objects outside VITSCOPE_S3_SOURCES" in result.output
+    assert "s3://other/b.png is outside the S3 sources" in result.output
+    monkeypatch.setenv("VITSCOPE_S3_SOURCES", "*")
+    assert "S3 objects outside" not in _invoke("submit", str(data), "--weights", "random").output
 
 
 # ---- every submit/status/results/retry option, run once with its effect checked ---------------------

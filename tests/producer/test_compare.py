@@ -309,3 +309,34 @@ def test_the_sanity_layers_setting_reaches_the_worker(
     }  # fmt: skip
     # The head's re-initialization changes every gradient the class-specific maps are made of.
     assert means["cascade"]["grad_rollout"] != pytest.approx(means["blocks"]["grad_rollout"], abs=1e-6)
+
+
+def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A mask outside the dataset's folder, or in a bucket no S3 source allows: ImageFetchRefusedError."""
+    from PIL import Image
+
+    written = write_task_images(tmp_path / "data" / "images", 2, seed=6)
+    outside = tmp_path / "outside" / "mask.png"
+    outside.parent.mkdir()
+    Image.new("L", Image.open(written[0][0]).size, 255).save(outside)
+    rows = ["id,image_uri,mask_uri"]
+    rows.append(f"local,images/{written[0][0].name},../outside/mask.png")
+    rows.append(f"bucket,images/{written[1][0].name},s3://elsewhere/mask.png")
+    (tmp_path / "data" / "regions.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "models.toml").write_text(models_file_entry("squares"))
+    result = _invoke(
+        "submit", str(tmp_path / "data" / "regions.csv"), "--local", "--models", "squares",
+        "--models-file", str(tmp_path / "models.toml"), "--metrics", "localization", database_url=sqlite_url,
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    batch_id = result.stdout.strip().splitlines()[-1]
+    jobs = json.loads(_invoke("results", batch_id, "--format", "json", database_url=sqlite_url).stdout)
+    errors = {job["id"]: job["error"] for job in jobs}
+    uris = {"local": outside.as_uri(), "bucket": "s3://elsewhere/mask.png"}
+    for row_id, uri in uris.items():
+        assert errors[row_id].startswith("ImageFetchRefusedError: mask_uri: "), errors[row_id]
+        assert errors[row_id].count(uri) == 1, errors[row_id]
+    assert "VITSCOPE_FILE_ROOTS" in errors["local"]
+    assert "VITSCOPE_S3_SOURCES" in errors["bucket"]

@@ -193,3 +193,29 @@ def test_a_file_changed_between_the_two_passes_is_refused(tmp_path: Path, edit: 
     path.write_text(edit)
     with pytest.raises(InvalidDatasetError, match="changed while it was submitted"):
         list(iter_rows(scan))
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ("id,image_uri\na,/x.png\nb\x00c,/y.png\n", 3, "'id'"),
+        ("image_uri,note\n/x.png,\x00\n", 2, "'note'"),
+        ('image_uri,note\n/x.png,"two\nlines\x00"\n', 2, "'note'"),  # the line where the record starts
+        ("image_uri,note\n/x.png,ok\n/y.png,ok,\x00\n", 3, "number 3"),  # a field past the header's
+    ],
+)
+def test_a_nul_character_is_refused_with_its_line_and_column(
+    tmp_path: Path, text: str, line: int, column: str
+) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(
+        InvalidDatasetError, match=rf"line {line}: a NUL character \(\\x00\) in column {column}"
+    ):
+        read_dataset(path)
+
+
+def test_a_nul_character_in_the_header_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, "image_uri,no\x00te\n/x.png,1\n")
+    with pytest.raises(InvalidDatasetError, match=r"NUL character .* in the header") as info:
+        read_dataset(path)
+    assert info.value.line == 1

@@ -33,6 +33,10 @@ def test_boxes_are_checked_and_masks_located_like_images(tmp_path: Path) -> None
         ('"5,2,3,4"', "0 <= x0 < x1"),
         ('"1,4,3,4"', "0 <= y0 < y1"),
         ('"-1,2,3,4"', "0 <= x0 < x1"),
+        # ASCII decimal numbers only, as documented: float() would take all of these.
+        ('"1_0,1_0,2_00,2_00"', "must be four numbers"),
+        ('"\u0661,\u0661,\u0662\u0660,\u0662\u0660"', "must be four numbers"),  # Arabic-Indic digits
+        ('"\uff11,1,20,20"', "must be four numbers"),  # a full-width one
     ],
 )
 def test_bad_boxes_are_reported_with_their_line(tmp_path: Path, cell: str, message: str) -> None:

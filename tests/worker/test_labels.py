@@ -48,6 +48,10 @@ def test_resolve_target(
         ("crane", IMAGENET, 1000, r"ambiguous.*\[134, 517\]"),
         ("dog", None, 5, "no class names.*0..4"),
         (True, LABELS, 3, "True"),
+        # Digits other than ASCII are not an index: a reader sees a name, and no class has it.
+        ("\u0662", LABELS, 3, "'\u0662'.*none named so"),  # Arabic-Indic two
+        ("\u0662\u0668\u0661", IMAGENET, 1000, "none named so"),  # 281 in Arabic-Indic digits
+        ("\uff12", LABELS, 3, "none named so"),  # full-width two
     ],
 )
 def test_resolve_target_refuses(

@@ -383,3 +383,103 @@ def test_normalize_batch_is_bit_identical_to_normalizing_each_crop(pipeline: Pre
     batched = preprocessor.normalize_batch(torch.from_numpy(crops))
     assert batched.is_contiguous()  # the model runs the same kernels on the same layout
     assert torch.equal(batched, one_by_one)
+
+
+# --- decode_image: memory of a large picture ---------------------------------------------------------
+
+
+def _big_png(path: str, width: int, height: int, *, color_type: int, bit_depth: int) -> None:
+    """An 8000×8000-class PNG written a row at a time (the test never holds its pixels): a gradient
+    row, repeated, compresses to a few hundred KB like the issue's 124 KB scan."""
+    channels = {0: 1, 6: 4}[color_type]
+    dtype = ">u2" if bit_depth == 16 else "u1"
+    top = 65535 if bit_depth == 16 else 255
+    row = np.linspace(0, top, width * channels).astype(dtype)
+    if color_type == 6:
+        row.reshape(width, 4)[:, 3] = np.linspace(0, 255, width).astype("u1")  # alpha from clear to opaque
+    line = b"\x00" + row.tobytes()  # filter type 0
+    compressor = zlib.compressobj(6)
+    data = b"".join(compressor.compress(line) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    with open(path, "wb") as handle:
+        handle.write(
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+        )
+
+
+# Runs in a fresh interpreter: resets the peak resident size after loading, decodes, prints the rise.
+_PEAK_SCRIPT = """
+import sys
+from worker.preprocess import decode_image
+
+data = open(sys.argv[1], "rb").read()
+with open("/proc/self/clear_refs", "w") as handle:
+    handle.write("5")  # resets VmHWM, the peak resident set size, to the current one
+
+def resident(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+before = resident("VmRSS")
+image = decode_image(data, max_pixels=64_000_000)
+assert image.mode == "RGB" and image.size == (8000, 8000)
+print(resident("VmHWM") - before)
+"""
+
+
+@pytest.mark.parametrize(("color_type", "bit_depth"), [(0, 16), (6, 8)], ids=["16-bit grey", "RGBA"])
+def test_decoding_the_largest_image_peaks_at_a_small_multiple_of_its_rgb_size(
+    tmp_path, color_type: int, bit_depth: int
+) -> None:
+    """An 8000×8000 picture (the default pixel limit) costs the decoded file plus its RGB result, not
+    float64 grey levels (+972 MiB) or RGBA copies (+1.09 GiB): at most 3× its 8-bit RGB size, 549 MiB."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "large.png"
+    _big_png(str(path), 8000, 8000, color_type=color_type, bit_depth=bit_depth)
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    rise = int(result.stdout.strip().splitlines()[-1])
+    rgb_bytes = 8000 * 8000 * 3
+    print(f"peak rise {rise / 2**20:.0f} MiB = {rise / rgb_bytes:.2f}x the 8-bit RGB size")
+    assert rise <= 3 * rgb_bytes, f"decoding peaked {rise / 2**20:.0f} MiB above the start"
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "RGBA", "LA", "P"])
+def test_band_conversion_equals_converting_the_whole_picture(mode: str, monkeypatch) -> None:
+    """Bands of a few rows give exactly the pixels of the whole-picture conversion."""
+    import worker.preprocess as preprocess
+
+    rng = np.random.default_rng(1)
+    if mode == "I;16":
+        levels = rng.integers(0, 65536, (37, 53), dtype=np.uint16)
+        levels[0, :4] = [128, 129, 385, 65535]  # around the rounding boundaries
+        source = Image.fromarray(levels)
+        expected = np.clip(np.rint(levels / 257.0), 0, 255).astype(np.uint8)[..., None].repeat(3, axis=-1)
+    elif mode == "I":
+        levels = rng.integers(-70_000, 200_000, (37, 53)).astype(np.int32)
+        source = Image.fromarray(levels, "I")
+        expected = np.clip(np.rint(levels / 257.0), 0, 255).astype(np.uint8)[..., None].repeat(3, axis=-1)
+    else:
+        source = Image.fromarray(rng.integers(0, 256, (37, 53, 4), dtype=np.uint8), "RGBA")
+        if mode == "LA":
+            source = source.convert("LA")
+        elif mode == "P":
+            source = source.convert("RGB").convert("P")
+            source.info["transparency"] = 3
+        rgba = source.convert("RGBA")
+        expected = np.asarray(
+            Image.alpha_composite(Image.new("RGBA", rgba.size, (255,) * 4), rgba).convert("RGB")
+        )
+    monkeypatch.setattr(preprocess, "_BAND_PIXELS", 5 * 53)  # bands of 5 rows, the last one shorter
+    assert np.array_equal(np.asarray(preprocess._to_rgb(source)), expected)

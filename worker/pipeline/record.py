@@ -74,8 +74,10 @@ class Recorder:
         settings = self.runtime.settings
         retryable = isinstance(exc, TransientError)
         message = str(exc) or repr(exc)
+        # %r: the URI, model and message are users' text, and a log is read on a terminal; repr shows
+        # escape sequences and bidi overrides as escapes instead of sending them to it.
         log.warning(
-            "job %s (%s, %s) failed: %s: %s",
+            "job %s (%r, %r) failed: %s: %r",
             ticket.job_id,
             ticket.image_uri,
             ticket.model,

@@ -96,7 +96,7 @@ class Runtime:
             store=store,
             store_target=target,
             shard_rules=ShardRules.from_settings(settings) if sharded else None,
-            fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings)),
+            fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings, results_url=store.url)),
             models=ModelCache(device=device, weights_dir=settings.weights_dir),
             device=device,
             autocast=autocast_dtype(settings.autocast, device),

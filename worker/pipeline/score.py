@@ -65,11 +65,15 @@ def region_coverage(runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image
         return box_coverage(mapped, preprocessor.input_size, (grid[0], grid[1]))
     assert ticket.mask_uri is not None
     try:
-        mask = decode_image(
-            runtime.fetcher.fetch(ticket.mask_uri), max_pixels=runtime.settings.max_image_pixels
-        )
+        # The fetcher's errors name the URI already, and keep their class: a mask refused by the
+        # file or S3 policy fails the job with ImageFetchRefusedError, exactly as an image would.
+        data = runtime.fetcher.fetch(ticket.mask_uri)
     except ImageError as exc:
-        raise ImageError(f"mask {ticket.mask_uri}: {exc}") from exc
+        raise type(exc)(f"mask_uri: {exc}") from exc
+    try:
+        mask = decode_image(data, max_pixels=runtime.settings.max_image_pixels)
+    except ImageError as exc:
+        raise type(exc)(f"mask {ticket.mask_uri}: {exc}") from exc
     if mask.size != image_size:
         raise ImageError(
             f"mask {ticket.mask_uri} is {mask.size[0]}×{mask.size[1]}, the image {image_size[0]}×{image_size[1]}"

@@ -23,6 +23,7 @@
       const link = document.createElement("a");
       link.href = page + "#row-" + line;
       link.textContent = name + (id ? " (" + id + ")" : "");
+      link.dir = "auto"; // isolated from the page's direction, like the names on the pages
       elsewhere.append(link);
     }
     if (found.length > MAX_ELSEWHERE) elsewhere.append("… " + (found.length - MAX_ELSEWHERE) + " more");

@@ -81,15 +81,22 @@ class DatasetScan:
 
 
 CheckModel = Callable[[str], object]
+# A check of a whole parsed row (raises VitscopeError), e.g. its local path against the file roots.
+CheckRow = Callable[[DatasetRow], object]
 
 
 def scan_dataset(
-    path: str | Path, *, target_column: str | None = None, check_model: CheckModel | None = None
+    path: str | Path,
+    *,
+    target_column: str | None = None,
+    check_model: CheckModel | None = None,
+    check_row: CheckRow | None = None,
 ) -> DatasetScan:
     """Validate the whole file, streaming; raise one InvalidDatasetError listing every bad line.
 
     ``check_model`` is called with each model name found in a ``model`` cell and raises a
-    VitscopeError for names it does not know, so unknown models are reported with their line.
+    VitscopeError for names it does not know, so unknown models are reported with their line;
+    ``check_row`` likewise with each parsed row.
     """
     path = Path(path)
     target_column = target_column or DEFAULT_TARGET_COLUMN
@@ -98,6 +105,11 @@ def scan_dataset(
     models: set[str] = set()
     with _parsed(path, target_column, check_model) as (columns, header_line, parsed):
         for line, row in parsed:
+            if check_row is not None and not isinstance(row, str):
+                try:
+                    check_row(row)
+                except VitscopeError as exc:
+                    row = str(exc)
             if isinstance(row, str):
                 errors.append((line, row))
                 if len(errors) >= MAX_REPORTED:

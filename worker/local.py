@@ -24,8 +24,9 @@ from common.errors import WeightsUnavailableError
 from common.fetch import DefaultFetcher
 from common.modelspec import RANDOM, ModelSpec
 from worker.pipeline import Runtime, process_chunks
+from worker.weights import check_pretrained_available
 
-__all__ = ["LocalRun", "dataset_folder_runtime", "load_models", "run_batch"]
+__all__ = ["LocalRun", "dataset_folder_runtime", "load_models", "run_batch", "unavailable_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,22 @@ class LocalRun:
     rounds: int = 0
     seconds: float = 0.0
     fallbacks: dict[str, str] = field(default_factory=dict)
+
+
+def unavailable_weights(specs: Mapping[str, ModelSpec], *, weights_dir: Path | None) -> dict[str, str]:
+    """Every model whose pretrained weights cannot be got (not in ``weights_dir``, not cached, the
+    download host unreachable), with why; checked before any model is built, seconds per model.
+
+    All of them, not the first: an offline user learns in one message every model they must give
+    weights for (or run with random ones), instead of one model per attempt.
+    """
+    missing: dict[str, str] = {}
+    for name, spec in specs.items():
+        try:
+            check_pretrained_available(spec, weights_dir=weights_dir)
+        except WeightsUnavailableError as exc:
+            missing[name] = str(exc)
+    return missing
 
 
 def load_models(

@@ -33,6 +33,7 @@ __all__ = [
     "ModelSpec",
     "check_explainable",
     "check_target",
+    "head_classes",
     "head_labels",
     "imagenet_labels",
     "is_timm_model",
@@ -252,17 +253,27 @@ def check_explainable(name: str, arch: str) -> None:
         )
 
 
-def head_labels(spec: ModelSpec) -> tuple[str, ...] | None:
-    """The class names a worker will give ``spec``'s model, where they are known without building it:
-    the spec's own ``labels``, or ImageNet-1k's when its head has 1000 classes (the spec's
-    ``num_classes``, else its architecture's pretrained head), as ``worker.labels.class_labels`` does."""
+def head_classes(spec: ModelSpec) -> int | None:
+    """How many classes ``spec``'s model will have, where known without building it: its own
+    ``labels`` or ``num_classes``, else its architecture's pretrained head (0: none); None when unknown
+    (hub ids, ``model_args`` that may resize it)."""
     if spec.labels is not None:
-        return spec.labels
+        return len(spec.labels)
+    if spec.num_classes is not None:
+        return spec.num_classes
     if spec.arch.startswith("hf-hub:") or spec.extra.get("model_args"):
         return None
     entry = _timm_heads().get(spec.arch) or _timm_heads().get(spec.arch.split(".", 1)[0])
-    classes = spec.num_classes if spec.num_classes is not None else (entry[1] if entry else None)
-    return imagenet_labels() if classes == len(imagenet_labels()) else None
+    return entry[1] if entry else None
+
+
+def head_labels(spec: ModelSpec) -> tuple[str, ...] | None:
+    """The class names a worker will give ``spec``'s model, where they are known without building it:
+    the spec's own ``labels``, or ImageNet-1k's when its head has 1000 classes (``head_classes``), as
+    ``worker.labels.class_labels`` does."""
+    if spec.labels is not None:
+        return spec.labels
+    return imagenet_labels() if head_classes(spec) == len(imagenet_labels()) else None
 
 
 _INDEX = re.compile(r"[+-]?\d+")
@@ -276,7 +287,7 @@ def check_target(spec: ModelSpec, target: str) -> None:
     case-insensitively; a name two classes share is ambiguous."""
     text = target.strip()
     labels = head_labels(spec)
-    classes = len(labels) if labels is not None else spec.num_classes
+    classes = head_classes(spec)
     if not text:
         return
     if classes == 0:
@@ -307,7 +318,7 @@ def check_target(spec: ModelSpec, target: str) -> None:
     if not matches:
         names = {part.strip(): None for label in labels for part in label.split(",") if part.strip()}
         by_folded = {name.casefold(): name for name in names}
-        close = [by_folded[c] for c in difflib.get_close_matches(wanted, list(by_folded), n=3, cutoff=0.7)]
+        close = [by_folded[c] for c in difflib.get_close_matches(wanted, list(by_folded), n=3)]
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         which = "ImageNet-1k" if labels == imagenet_labels() else "its"
         raise InvalidTargetError(

@@ -287,6 +287,12 @@ def _submit_local(
                 tally["ok" if state is JobState.SUCCEEDED else "failed"] += 1
                 progress.update(task, advance=1, **tally)
 
+            def on_score(what: str, done: int, total: int) -> None:
+                # Metrics can take minutes per micro-batch, whose jobs all finish at its end.
+                scoring = f"explaining · scoring ({what}) {done}/{total}"
+                progress.update(task, description="explaining" if done >= total else scoring)
+
+            runtime.on_score_progress = on_score
             run = run_batch(runtime, submission.batch_id, on_job=on_job)
     finally:
         runtime.close()

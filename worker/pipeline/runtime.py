@@ -23,11 +23,14 @@ from worker.pipeline.artifacts import StoreTarget
 from worker.pipeline.clock import StageClock
 from worker.pipeline.cpu import CpuPool, auto_cpu_workers
 
-__all__ = ["Explainer", "Runtime"]
+__all__ = ["Explainer", "Runtime", "ScoreProgress"]
 
 # ``explain_in_batches``'s signature: the compute stage calls whatever the runtime holds, so a
 # benchmark can stand in an infinitely fast device (``bench/bench_pipeline.py --modes null``).
 Explainer = Callable[..., list]
+# (what is being scored, work done, work in all) as a micro-batch's metrics are computed: scoring can
+# take minutes per micro-batch, and a progress bar that counts only finished jobs would stand still.
+ScoreProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Runtime:
     record_pool: ThreadPoolExecutor
     explainer: Explainer = explain_in_batches
     clock: StageClock = field(default_factory=StageClock)
+    on_score_progress: ScoreProgress | None = None  # set by a caller that shows progress (local runs)
     # Decoding is CPU-bound and releases the GIL: more images at once than the cores the CPU pool
     # leaves only makes them contend (``worker.cores.decode_threads``), while downloads still run on
     # every fetch thread.

@@ -270,8 +270,11 @@ def _submit_local(
     runtime = Runtime.from_settings(settings, db=db)
     try:
         err.print(f"loading {len(specs)} model(s) on {runtime.device} …")
+        warming = time.perf_counter()
         replacements = {name: specs[name] for name in missing}
         replacements |= load_models(runtime, specs, random_fallback=random_if_offline)
+        runtime.warm_up()
+        warmup = time.perf_counter() - warming
         _random_notice(specs, offline=sorted(replacements))
         if replacements:
             plan = plan_submission(plan.path, options, replace=replacements)
@@ -300,6 +303,7 @@ def _submit_local(
     err.print(
         f"done in {run.seconds:.1f} s: {run.succeeded} computed, {run.reused} reused, {run.failed} failed "
         f"({run.succeeded / max(run.seconds, 1e-9):.2f} computed images/s)\n"
+        f"warm-up:   {warmup:.1f} s before the first job (loading models, compiling image kernels)\n"
         f"artifacts: {storage}\n"
         f"database:  {_safe_url(settings.resolved_database_url())}"
     )
@@ -540,6 +544,7 @@ def retry(
 
         runtime = Runtime.from_settings(settings, db=db)
         try:
+            runtime.warm_up()
             run = run_batch(runtime, found.id)
         finally:
             runtime.close()

@@ -37,7 +37,13 @@ from common.db.models import JobState
 from common.db.reports import batch_contents, batch_status, iter_job_results, recent_batches
 from common.db.session import current_revision, downgrade, head_revision, upgrade
 from common.db.workers import live_workers
-from common.errors import DatabaseUnavailableError, TransientError, VitscopeError, WeightsUnavailableError
+from common.errors import (
+    DatabaseUnavailableError,
+    NotFoundError,
+    TransientError,
+    VitscopeError,
+    WeightsUnavailableError,
+)
 from common.local_files import FileRoots
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
 from common.metrics import MetricSettings, load_metrics_section, parse_metrics_option
@@ -178,9 +184,8 @@ def submit(
         )
         # Every refusal comes before any model loads and before the batch exists, cheapest first: the
         # --models names, the services (exit 3 in seconds, not after reading a million rows), the
-        # name, then each row (its models, its local file, its target).
-        # A database server is asked first; the embedded SQLite file, which cannot be unreachable, is
-        # opened (created) only once the input is known to be valid.
+        # name, then each row (its models, its local file, its target). The embedded SQLite file,
+        # which cannot be unreachable, is opened (created) only once the input is known to be valid.
         check_models(options)
         embedded = sa.make_url(settings.resolved_database_url()).get_backend_name() == "sqlite"
         db = None if embedded else _checked_database(settings, name)
@@ -434,36 +439,60 @@ def results(
             else:
                 count = writers[fmt](jobs, sys.stdout)
             if not count and (model is not None or state is not None):
-                err.print(escape(_nothing_matched(session, found.id, model=model, state=state)))
+                asked = {"models": [model] if model else [], "states": [state.value] if state else []}
+                err.print(escape(_nothing_matched(session, found.id, **asked)))
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
 
 
-def _nothing_matched(session: Session, batch_id: str, *, model: str | None, state: JobState | None) -> str:
-    """What a filter that matched no job could have matched: the batch's models (the closest first
-    when a model name was given) and its jobs by state."""
-    models, states = batch_contents(session, batch_id)
+def _nothing_matched(
+    session: Session, batch_id: str, *, models: Sequence[str] = (), states: Sequence[str] = ()
+) -> str:
+    """What a filter that matched no job could have matched: the batch's models (with the closest to
+    a model name given) and its jobs by state."""
+    present, counts = batch_contents(session, batch_id)
     asked = " and ".join(
         part
-        for part in (f"--model {model}" if model else "", f"--state {state.value}" if state else "")
+        for part in (
+            f"--model {','.join(models)}" if models else "",
+            f"--state {','.join(states)}" if states else "",
+        )
         if part
     )
-    hint = ""
-    if model is not None and model not in models:
-        close = [name for name in models if model in name] or difflib.get_close_matches(model, models, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    counts = ", ".join(f"{count} {name}" for name, count in states.items()) or "no jobs"
+    close: list[str] = []
+    for model in models:
+        if model not in present:
+            close += [name for name in present if model in name] or difflib.get_close_matches(
+                model, present, n=3
+            )
+    hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
+    jobs = ", ".join(f"{count} {name}" for name, count in counts.items()) or "no jobs"
     return (
         f"no job of batch {batch_id} matches {asked}{hint}. "
-        f"Its models: {', '.join(models) or 'none'}; its jobs: {counts}."
+        f"Its models: {', '.join(present) or 'none'}; its jobs: {jobs}."
     )
+
+
+def _require_match(
+    db: Database, batch: str, models: Sequence[str] | None, states: Sequence[str] | None
+) -> None:
+    """Refuse model or state filters under which the batch has no job at all, saying what it has."""
+    if not models and not states:
+        return
+    with db.session() as session:
+        found = get_batch(session, batch)
+        present, counts = batch_contents(session, found.id)
+        if any(model not in present for model in models or ()) or (
+            states and not any(counts.get(state) for state in states)
+        ):
+            raise NotFoundError(_nothing_matched(session, found.id, models=models or (), states=states or ()))
 
 
 @app.command()
 def batches(
     limit: Annotated[int, typer.Option(help="How many of the newest batches to list.")] = 20,
 ) -> None:
-    """The newest batches: id, name, mode, when created, models and jobs by state."""
+    """The newest batches: id, name, mode, when created, models, jobs done and failed."""
     try:
         db = open_database(get_settings(), create=False)
         with db.session() as session:
@@ -607,6 +636,7 @@ def report(
             expires_seconds=expires,
         )
         db = open_database(get_settings(), create=False)
+        _require_match(db, batch, options.models, [s.value for s in options.states or ()])
         with _report_progress() as progress:
             task = progress.add_task("writing report", total=None)
             written = write_report(
@@ -651,6 +681,7 @@ def figures(
         from producer.figures import FigureOptions, write_figures
 
         db = open_database(get_settings(), create=False)
+        _require_match(db, batch, _names(models), None)
         written = write_figures(
             db,
             batch,

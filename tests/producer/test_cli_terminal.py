@@ -181,3 +181,29 @@ def test_help_shows_boolean_flags_as_flags(command: str) -> None:
     for line in result.stdout.splitlines():
         if "--help" not in line:
             assert "<bool>" not in line, line
+
+
+@pytest.mark.parametrize(
+    ("command", "asked"),
+    [
+        (
+            ("report", "--out", "site", "--models", "deit_tiny"),
+            "--model deit_tiny (did you mean deit_tiny_patch16_224?)",
+        ),
+        (("report", "--out", "site", "--state", "running"), "--state running"),
+        (
+            ("figures", "--out", "figs", "--models", "vit_base"),
+            "--model vit_base (did you mean vit_base_patch16_224?)",
+        ),
+    ],
+)
+def test_report_and_figures_filters_that_match_nothing_are_refused(
+    tmp_path: Path, command: tuple[str, ...], asked: str
+) -> None:
+    batch_id = _commit(tmp_path, rows=4)
+    result = _invoke(command[0], batch_id, *command[1:])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert f"no job of batch {batch_id} matches {asked}. Its models: {', '.join(MODELS)}" in message
+    assert "its jobs: 4 queued, 2 succeeded, 2 failed." in message
+    assert not (tmp_path / command[2]).exists()

@@ -53,3 +53,30 @@ def test_written_rows_are_escaped_and_quoted() -> None:
     assert first["image_uri"] == "s3://b/=x.png"  # only a leading character matters
     assert first["error_message"] == "no such file: -x"
     assert (second["row_id"], second["target"]) == ("plain, with comma", "'@home")
+
+
+def test_csv_has_the_datasets_own_columns_after_the_result_columns() -> None:
+    """json keeps a row's other CSV columns under ``metadata``; csv gives each its own column, renamed
+    ``metadata.<name>`` when the name is already a result column."""
+    out = io.StringIO()
+    jobs = [
+        _job(
+            row_id="a", metadata={"site": "north", "state": "CA"}, artifacts={"rollout.png": "file:///r.png"}
+        ),
+        _job(row_id="b", metadata={"site": "south", "state": "=1+1"}, weights_source="timm hub: deit"),
+    ]
+    assert write_csv(jobs, out) == 2
+    header = out.getvalue().splitlines()[0].split(",")
+    assert header[: len(RESULT_COLUMNS)] == list(RESULT_COLUMNS)
+    assert header[-2:] == ["site", "metadata.state"]
+    first, second = csv.DictReader(io.StringIO(out.getvalue()))
+    assert (first["state"], first["metadata.state"], first["rollout_png_uri"]) == (
+        "failed",
+        "CA",
+        "file:///r.png",
+    )
+    assert (second["site"], second["metadata.state"], second["weights_source"]) == (
+        "south",
+        "'=1+1",
+        "timm hub: deit",
+    )

@@ -29,7 +29,7 @@ from rich.progress import (
 )
 from sqlalchemy.orm import Session
 
-from common.db import Database, open_database
+from common.db import Database, open_database, require_existing
 from common.db.batches import check_name_free, get_batch, retry_failed
 from common.db.jobs import republish_stale
 from common.db.metrics import metric_summaries
@@ -712,6 +712,10 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's schema revision and the newest one."""
+    try:
+        require_existing(get_settings())  # asking must not create it
+    except NotFoundError as exc:
+        raise _fail(str(exc)) from None
     db = Database(get_settings().resolved_database_url())
     out.print(f"current: {current_revision(db.engine) or 'none'}  head: {head_revision()}")
     db.dispose()

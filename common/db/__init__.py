@@ -11,7 +11,7 @@ from common.db.session import Database, current_revision, head_revision, upgrade
 from common.errors import DatabaseUnavailableError, NotFoundError, PermanentError
 from common.settings import Settings
 
-__all__ = ["Database", "open_database"]
+__all__ = ["Database", "open_database", "require_existing"]
 
 
 def open_database(settings: Settings, *, migrate: bool | None = None, create: bool = True) -> Database:
@@ -25,7 +25,7 @@ def open_database(settings: Settings, *, migrate: bool | None = None, create: bo
     """
     url = settings.resolved_database_url()
     if not create:
-        _require_sqlite_file(url, settings)
+        require_existing(settings)
     db = Database(url)
     if migrate is None:
         migrate = db.dialect == "sqlite"
@@ -45,8 +45,10 @@ def open_database(settings: Settings, *, migrate: bool | None = None, create: bo
     return db
 
 
-def _require_sqlite_file(url: str, settings: Settings) -> None:
-    parsed = sa.make_url(url)
+def require_existing(settings: Settings) -> None:
+    """Raise ``NotFoundError`` naming the file when the configured database is a SQLite file that does
+    not exist (connecting would create it); servers are not asked."""
+    parsed = sa.make_url(settings.resolved_database_url())
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return
     if parsed.database.startswith("file:") or Path(parsed.database).exists():

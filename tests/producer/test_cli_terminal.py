@@ -131,6 +131,7 @@ def test_batches_on_an_empty_database_says_how_to_make_one(tmp_path: Path) -> No
         ("figures", "b1", "--out", "figs"),
         ("retry", "b1"),
         ("batches",),
+        ("db", "current"),
     ],
 )
 def test_read_only_commands_never_create_a_database(tmp_path: Path, command: tuple[str, ...]) -> None:

@@ -53,7 +53,7 @@ def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None, *, w
     title = f"batch {status.batch_id}" + (f" ({status.name})" if status.name else "")
     counts = status.counts
     rows = [
-        (model, str(sum(by_state.values())), *(str(by_state[s]) for s in counts))
+        (cell(model), str(sum(by_state.values())), *(str(by_state[s]) for s in counts))
         for model, by_state in status.models.items()
     ]
     rows.append(("all", str(status.total), *(str(counts[s]) for s in counts)))

@@ -17,6 +17,7 @@ imports ``transformers`` either.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -28,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from common.errors import InvalidModelSpecError, UnknownModelError
+from common.errors import InvalidModelSpecError, InvalidTargetError, UnknownModelError, UnsupportedModelError
 from common.methods import Preprocess
 
 __all__ = [
@@ -37,12 +38,18 @@ __all__ = [
     "PRETRAINED",
     "RANDOM",
     "ModelSpec",
+    "check_explainable",
+    "check_target",
+    "head_classes",
+    "head_labels",
+    "imagenet_labels",
     "is_timm_model",
     "is_transformers_model",
     "load_models_file",
     "read_models_toml",
     "resolve_model",
     "resolve_models_option",
+    "timm_family",
     "timm_model_names",
     "transformers_arch",
     "transformers_spec_extra",
@@ -212,6 +219,195 @@ def timm_model_names() -> frozenset[str]:
     return frozenset(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
 
 
+@functools.cache
+def _timm_heads() -> dict[str, tuple[str, int]]:
+    """name -> (timm module, classes of its pretrained head), for architectures and pretrained tags."""
+    text = resources.files("common").joinpath("data/timm_heads.txt").read_text()
+    heads: dict[str, tuple[str, int]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, module, classes = line.split()
+            heads[name] = (module, int(classes))
+    return heads
+
+
+@functools.cache
+def imagenet_labels() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names, as timm gives them to a model with a 1000-class head."""
+    text = resources.files("common").joinpath("data/imagenet1k_labels.txt").read_text()
+    return tuple(text.splitlines())
+
+
+def timm_family(arch: str) -> str | None:
+    """The timm module an architecture comes from (``resnet``, ``vision_transformer``, …); None if unknown."""
+    entry = _timm_heads().get(arch.split(".", 1)[0])
+    return entry[0] if entry else None
+
+
+# timm modules whose models have no self-attention at all, and what they are instead. Refused before
+# any model loads; every other family is judged by the worker from the built model's structure.
+_CONVOLUTIONAL = frozenset(
+    [
+        "convmixer",
+        "convnext",
+        "cspnet",
+        "cspnext",
+        "densenet",
+        "dla",
+        "dpn",
+        "efficientnet",
+        "fasternet",
+        "ghostnet",
+        "hardcorenas",
+        "hgnet",
+        "hrnet",
+        "inception_next",
+        "inception_resnet_v2",
+        "inception_v3",
+        "inception_v4",
+        "lcnetv2",
+        "mobilenetv3",
+        "nasnet",
+        "nfnet",
+        "pnasnet",
+        "rdnet",
+        "regnet",
+        "repghost",
+        "repvit",
+        "res2net",
+        "resnest",
+        "resnet",
+        "resnetv2",
+        "rexnet",
+        "selecsls",
+        "senet",
+        "sknet",
+        "starnet",
+        "tresnet",
+        "vgg",
+        "vovnet",
+        "xception",
+        "xception_aligned",
+    ]
+)
+_NOT_TRANSFORMERS: dict[str, str] = {
+    **dict.fromkeys(_CONVOLUTIONAL, "a convolutional network (CNN)"),
+    "mlp_mixer": "an MLP-Mixer (token-mixing MLPs)",
+    "sequencer": "a Sequencer (LSTM token mixing)",
+}
+# Transformers whose attention is windowed or pooled stage by stage, so there is no one token-to-token
+# map per block for rollout to multiply.
+_HIERARCHICAL = frozenset(
+    {
+        "swin_transformer",
+        "swin_transformer_v2",
+        "swin_transformer_v2_cr",
+        "maxxvit",
+        "davit",
+        "gcvit",
+        "nest",
+        "twins",
+        "pvt_v2",
+        "hiera",
+        "mvitv2",
+    }
+)
+
+
+def check_explainable(name: str, arch: str) -> None:
+    """Refuse, before any model loads, an architecture of a family known to have no global self-attention,
+    saying what it is (``UnsupportedModelError``). Other families pass: the worker decides from the
+    built model's structure (``worker.attention.support``)."""
+    family = timm_family(arch)
+    what = _NOT_TRANSFORMERS.get(family or "")
+    label = repr(name) if name == arch else f"{name!r} ({arch})"
+    if what is not None:
+        raise UnsupportedModelError(
+            f"model {label} is {what} from timm's {family} family, not a vision transformer: "
+            "it has no self-attention for vitscope to explain; choose a ViT such as deit_tiny_patch16_224"
+        )
+    if family in _HIERARCHICAL:
+        raise UnsupportedModelError(
+            f"model {label} is a hierarchical transformer (timm's {family} family): its attention "
+            "works within windows, stage by stage, so there is no token-to-token map per block to roll out; "
+            "choose a ViT such as deit_tiny_patch16_224"
+        )
+
+
+def head_classes(spec: ModelSpec) -> int | None:
+    """How many classes ``spec``'s model will have, where known without building it: its own
+    ``labels`` or ``num_classes``, else its architecture's pretrained head (0: none); None when unknown
+    (hub ids, ``model_args`` that may resize it)."""
+    if spec.labels is not None:
+        return len(spec.labels)
+    if spec.num_classes is not None:
+        return spec.num_classes
+    if spec.arch.startswith("hf-hub:") or spec.extra.get("model_args"):
+        return None
+    entry = _timm_heads().get(spec.arch) or _timm_heads().get(spec.arch.split(".", 1)[0])
+    return entry[1] if entry else None
+
+
+def head_labels(spec: ModelSpec) -> tuple[str, ...] | None:
+    """The class names a worker will give ``spec``'s model, where they are known without building it:
+    the spec's own ``labels``, or ImageNet-1k's when its head has 1000 classes (``head_classes``), as
+    ``worker.labels.class_labels`` does."""
+    if spec.labels is not None:
+        return spec.labels
+    return imagenet_labels() if head_classes(spec) == len(imagenet_labels()) else None
+
+
+_INDEX = re.compile(r"[+-]?\d+")
+
+
+def check_target(spec: ModelSpec, target: str) -> None:
+    """Refuse a dataset's target that ``spec``'s model will not have, before any model loads: an index
+    out of range, or a name none of its class names (where known, ``head_labels``) matches, with the
+    closest names. The matching rules are ``worker.labels.resolve_target``'s, which decides for the
+    models whose names are known only once built: the whole label, then each comma-separated synonym,
+    case-insensitively; a name two classes share is ambiguous."""
+    text = target.strip()
+    labels = head_labels(spec)
+    classes = head_classes(spec)
+    if not text:
+        return
+    if classes == 0:
+        raise InvalidTargetError(
+            f"target {text!r}: model {spec.name!r} has no classification head (num_classes 0)"
+        )
+    if _INDEX.fullmatch(text):
+        if classes is not None and not 0 <= int(text) < classes:
+            raise InvalidTargetError(
+                f"target class {text} is out of range for model {spec.name!r}: it has {classes} classes "
+                f"(0..{classes - 1})"
+            )
+        return
+    if labels is None:
+        return
+    wanted = text.casefold()
+    matches = [i for i, label in enumerate(labels) if label.strip().casefold() == wanted]
+    if not matches:
+        matches = [
+            i
+            for i, label in enumerate(labels)
+            if wanted in (part.strip().casefold() for part in label.split(","))
+        ]
+    if len(matches) > 1:
+        raise InvalidTargetError(
+            f"target {text!r} is ambiguous for model {spec.name!r}: classes {matches} match; give the index"
+        )
+    if not matches:
+        names = {part.strip(): None for label in labels for part in label.split(",") if part.strip()}
+        by_folded = {name.casefold(): name for name in names}
+        close = [by_folded[c] for c in difflib.get_close_matches(wanted, list(by_folded), n=3)]
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        which = "ImageNet-1k" if labels == imagenet_labels() else "its"
+        raise InvalidTargetError(
+            f"target {text!r} is not a class of model {spec.name!r} (none of {which} {len(labels)} class "
+            f"names){hint}"
+        )
+
+
 def is_timm_model(arch: str) -> bool:
     """True for timm architecture names, with or without a pretrained tag (``name.tag``), and hub ids."""
     if arch.startswith("hf-hub:"):
@@ -362,12 +558,9 @@ def resolve_model(
         spec = ModelSpec(name=name, arch=arch, extra=transformers_spec_extra(arch))
     if spec is None:
         if not is_timm_model(name):
-            known = f"; models file entries: {', '.join(sorted(models))}" if models else ""
-            raise UnknownModelError(
-                f"unknown model {name!r}: not a timm architecture name (a transformers model is "
-                f"hf:<hub id or folder>){known}"
-            )
+            raise UnknownModelError(_unknown(name, models or {}))
         spec = ModelSpec(name=name, arch=name)
+    check_explainable(spec.name, spec.arch)
     if preprocess is not None or weights is not None:
         data = spec.to_dict()
         if preprocess is not None:
@@ -376,6 +569,20 @@ def resolve_model(
             data["weights"] = weights
         spec = ModelSpec.from_dict(data)
     return spec
+
+
+def _unknown(name: str, models: Mapping[str, ModelSpec]) -> str:
+    """An unknown name's message: the closest timm or models-file names first (a prefix such as
+    ``deit_tiny_patch16`` lists what it begins), then the models file's entries."""
+    candidates = sorted({*timm_model_names(), *models})
+    close = [c for c in candidates if c.startswith(name)][:5] if len(name) >= 4 else []
+    close = close or difflib.get_close_matches(name, candidates, n=5, cutoff=0.75)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    known = f"; models file entries: {', '.join(sorted(models))}" if models else ""
+    return (
+        f"unknown model {name!r}: not a timm architecture name (a transformers model is "
+        f"hf:<hub id or folder>){hint}{known}"
+    )
 
 
 def resolve_models_option(option: str | None) -> list[str]:

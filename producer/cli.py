@@ -8,15 +8,17 @@ broker) imports the worker package to run the same pipeline in this process.
 
 from __future__ import annotations
 
+import difflib
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
+import sqlalchemy as sa
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -27,29 +29,47 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from sqlalchemy.orm import Session
 
-from common.db import Database, open_database
-from common.db.batches import get_batch, retry_failed
+from common.db import Database, open_database, require_existing
+from common.db.batches import check_name_free, get_batch, retry_failed
 from common.db.jobs import reap_expired
 from common.db.metrics import metric_summaries
 from common.db.models import JobState
-from common.db.reports import batch_status, iter_job_results
+from common.db.reports import batch_contents, batch_status, iter_job_results, recent_batches
 from common.db.session import current_revision, downgrade, head_revision, upgrade
 from common.db.workers import live_workers
-from common.errors import DatabaseUnavailableError, TransientError, VitscopeError
+from common.errors import (
+    DatabaseUnavailableError,
+    NotFoundError,
+    TransientError,
+    VitscopeError,
+    WeightsUnavailableError,
+)
+from common.local_files import FileRoots
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
 from common.metrics import METHODS, RANDOM_METHOD, MetricSettings, load_metrics_section, parse_metrics_option
-from common.modelspec import ModelSpec, resolve_models_option
+from common.modelspec import RANDOM, ModelSpec, resolve_models_option
 from common.s3_sources import SETTING as S3_SOURCES_SETTING
 from common.s3_sources import S3Sources
 from common.settings import Settings, get_settings
 from producer.compare import compare_table, write_compare_csv, write_compare_json
-from producer.report import results_table, status_view, write_csv, write_json, write_jsonl
+from producer.report import batches_table, results_table, status_view, write_csv, write_json, write_jsonl
 from producer.site.links import MAX_PRESIGN_SECONDS, LinkMode
-from producer.submit import Plan, SubmitOptions, commit_plan, enqueue, plan_submission
+from producer.submit import (
+    Plan,
+    RowChecks,
+    SubmitOptions,
+    check_models,
+    commit_plan,
+    enqueue,
+    plan_submission,
+)
 from producer.terminal_text import terminal_literal as literal
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from worker.pipeline import Runtime
 
 __all__ = ["app", "main"]
@@ -72,6 +92,12 @@ err = Console(stderr=True, highlight=False, emoji=False)
 EXIT_UNAVAILABLE = 3
 # Exit status of a local run stopped by Ctrl-C (128 + SIGINT, as shells report it).
 EXIT_INTERRUPTED = 130
+
+
+def _flag(*names: str, help: str) -> typer.models.OptionInfo:
+    """A boolean option shown in help as the flag it is: typer labels every option with its type,
+    and ``--local <bool>`` reads as if it took a value (``--local true`` is refused)."""
+    return typer.Option(*names, help=help, metavar="")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -106,11 +132,9 @@ def submit(
         Path | None, typer.Option(help="TOML file of named models (or VITSCOPE_MODELS_FILE).")
     ] = None,
     local: Annotated[
-        bool, typer.Option("--local", help="Process in this process (default when no broker is set).")
+        bool, _flag("--local", help="Process in this process (default when no broker is set).")
     ] = False,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Follow a distributed batch until it is done.")
-    ] = False,
+    wait: Annotated[bool, _flag("--wait", help="Follow a distributed batch until it is done.")] = False,
     name: Annotated[str | None, typer.Option(help="A unique name to refer to the batch by.")] = None,
     head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout head fusion.")] = HeadFusion.MEAN,
     discard_ratio: Annotated[
@@ -120,7 +144,7 @@ def submit(
         Preprocess | None, typer.Option(help="Override every model's preprocessing.")
     ] = None,
     raw_attention: Annotated[
-        bool, typer.Option("--raw-attention", help="Also store attention.npy [L,H,N,N] (large).")
+        bool, _flag("--raw-attention", help="Also store attention.npy [L,H,N,N] (large).")
     ] = False,
     target_column: Annotated[
         str | None, typer.Option(help="Column with the target class (default: target).")
@@ -134,7 +158,7 @@ def submit(
     ] = None,
     random_if_offline: Annotated[
         bool,
-        typer.Option(
+        _flag(
             "--random-if-offline",
             help="--local only: use RANDOM weights (labelled) when pretrained ones are unreachable.",
         ),
@@ -170,11 +194,25 @@ def submit(
             name=name,
             metrics=_metric_settings(models_file, metrics),
         )
-        plan = plan_submission(dataset, options, check_s3=_s3_check(settings, distributed=distributed))
+        # Every refusal comes before any model loads and before the batch exists, cheapest first: the
+        # --models names, the services (exit 3 in seconds, not after reading a million rows), the
+        # name, then each row (its models, its local file, its target). The embedded SQLite file,
+        # which cannot be unreachable, is opened (created) only once the input is known to be valid.
+        check_models(options)
+        embedded = sa.make_url(settings.resolved_database_url()).get_backend_name() == "sqlite"
+        db = None if embedded else _checked_database(settings, name)
+        celery = _reachable_broker(settings) if distributed else None
+        roots = None if distributed else FileRoots(settings.file_roots or [dataset.resolve().parent])
+        plan = plan_submission(
+            dataset,
+            options,
+            check_s3=_s3_check(settings, distributed=distributed),
+            checks=RowChecks(file_roots=roots),
+        )
         _warn_refused_s3(plan, distributed=distributed)
-        db = open_database(settings)
-        if distributed:
-            _submit_distributed(settings, db, plan, options, wait=wait)
+        db = db or _checked_database(settings, name)
+        if celery is not None:
+            _submit_distributed(settings, db, celery, plan, options, wait=wait)
         else:
             _submit_local(settings, db, plan, options, random_if_offline=random_if_offline)
     except KeyboardInterrupt:
@@ -215,14 +253,29 @@ def _metric_settings(models_file: Path | None, option: str | None) -> MetricSett
     return base if option is None else base.with_families(parse_metrics_option(option))
 
 
-def _submit_distributed(
-    settings: Settings, db: Database, plan: Plan, options: SubmitOptions, *, wait: bool
-) -> None:
+def _checked_database(settings: Settings, name: str | None) -> Database:
+    """The database, opened (exit 3 if unreachable), with ``--name`` known to be free in it."""
+    db = open_database(settings)
+    if name is not None:
+        with db.session() as session:
+            check_name_free(session, name)
+    return db
+
+
+def _reachable_broker(settings: Settings) -> Celery:
+    """The Celery app, once its broker has answered: an unreachable one stops the submission before
+    the dataset is read and leaves no batch behind."""
     from common.celery_app import make_celery
     from common.publish import check_broker
 
     celery = make_celery(settings)
-    check_broker(celery)  # before anything is written: an unreachable broker leaves no batch behind
+    check_broker(celery)
+    return celery
+
+
+def _submit_distributed(
+    settings: Settings, db: Database, celery: Celery, plan: Plan, options: SubmitOptions, *, wait: bool
+) -> None:
     if plan.local_rows:
         err.print(
             f"[bold yellow]WARNING: {plan.local_rows:,} row(s) name local files (file:// or paths). Workers read "
@@ -245,6 +298,8 @@ def _submit_distributed(
         f"enqueued {submission.jobs} job(s) in {messages} message(s) in {elapsed:.1f} s "
         f"({submission.jobs / max(elapsed, 1e-9):,.0f} jobs/s)"
     )
+    if not wait:
+        _next(f"producer status {submission.batch_id} --watch")
     code = _follow(db, submission.batch_id) if wait else 0
     out.print(submission.batch_id)
     raise typer.Exit(code)
@@ -253,29 +308,35 @@ def _submit_distributed(
 def _submit_local(
     settings: Settings, db: Database, plan: Plan, options: SubmitOptions, *, random_if_offline: bool
 ) -> None:
-    from worker.local import load_models
+    from worker.local import load_models, unavailable_weights
     from worker.pipeline import Runtime
 
+    specs = dict(plan.specs)
+    missing = unavailable_weights(specs, weights_dir=settings.weights_dir)
+    if missing and not random_if_offline:
+        raise WeightsUnavailableError(_offline_message(missing))
+    specs |= {name: ModelSpec.from_dict({**specs[name].to_dict(), "weights": RANDOM}) for name in missing}
     runtime = Runtime.from_settings(settings, db=db)
     try:
-        err.print(f"loading {len(plan.specs)} model(s) on {runtime.device} …")
-        replacements = load_models(runtime, plan.specs, random_fallback=random_if_offline)
-        for model in replacements:
-            err.print(
-                f"[bold yellow]WARNING: pretrained weights for {literal(model)} are unreachable (offline?); using RANDOM "
-                "weights as --random-if-offline asked. Its maps show an untrained network, not what a trained "
-                "model attends to; jobs record weights_source = RANDOM.[/bold yellow]"
-            )
+        err.print(f"loading {len(specs)} model(s) on {runtime.device} …")
+        warming = time.perf_counter()
+        replacements = {name: specs[name] for name in missing}
+        replacements |= load_models(runtime, specs, random_fallback=random_if_offline)
+        runtime.warm_up()
+        warmup = time.perf_counter() - warming
+        _random_notice(specs, offline=sorted(replacements))
         if replacements:
             plan = plan_submission(plan.path, options, replace=replacements)
         submission = commit_plan(db, plan, options, mode="local")
         err.print(f"batch {submission.batch_id}: {submission.jobs} job(s)")
-        _run_local(settings, runtime, submission.batch_id)
+        _run_local(settings, runtime, submission.batch_id, warmup=warmup)
     finally:
         runtime.close()
 
 
-def _run_local(settings: Settings, runtime: Runtime, batch_id: str) -> NoReturn:
+def _run_local(
+    settings: Settings, runtime: Runtime, batch_id: str, *, warmup: float | None = None
+) -> NoReturn:
     """Run the batch's queued jobs here with a progress bar, then say how it went and exit: 0 when
     every job succeeded, 1 when some failed, 130 when Ctrl-C stopped it (the jobs in hand handed back;
     ``producer resume`` runs the rest). ``submit --local`` and ``resume`` share it, output and all."""
@@ -294,6 +355,12 @@ def _run_local(settings: Settings, runtime: Runtime, batch_id: str) -> NoReturn:
             tally["ok" if state is JobState.SUCCEEDED else "failed"] += 1
             progress.update(task, advance=1, **tally)
 
+        def on_score(what: str, done: int, total: int) -> None:
+            # Metrics can take minutes per micro-batch, whose jobs all finish at its end.
+            scoring = f"explaining · scoring ({what}) {done}/{total}"
+            progress.update(task, description="explaining" if done >= total else scoring)
+
+        runtime.on_score_progress = on_score
         try:
             run = run_batch(runtime, batch_id, on_job=on_job)
         except RunInterrupted as stopped:
@@ -310,11 +377,16 @@ def _run_local(settings: Settings, runtime: Runtime, batch_id: str) -> NoReturn:
     storage = settings.resolved_storage_url()
     err.print(
         f"done in {run.seconds:.1f} s: {run.succeeded} computed, {run.reused} reused, {run.failed} failed "
-        f"({(run.succeeded + run.reused) / max(run.seconds, 1e-9):.2f} images/s)\n"
-        f"artifacts: {literal(storage)}\n"
-        f"database:  {literal(_safe_url(settings.resolved_database_url()))}\n"
-        f"next:      producer status {batch_id}   ·   producer results {batch_id} --format csv"
+        f"({run.succeeded / max(run.seconds, 1e-9):.2f} computed images/s)\n"
+        + (
+            f"warm-up:   {warmup:.1f} s before the first job (loading models, compiling image kernels)\n"
+            if warmup is not None
+            else ""
+        )
+        + f"artifacts: {literal(storage)}\n"
+        f"database:  {literal(_safe_url(settings.resolved_database_url()))}"
     )
+    _next(f"producer status {batch_id}", f"producer results {batch_id} --format csv")
     out.print(batch_id)
     raise typer.Exit(1 if run.failed else 0)
 
@@ -353,9 +425,41 @@ def _exit_at_once(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _safe_url(url: str) -> str:
-    import sqlalchemy as sa
+def _next(*commands: str) -> None:
+    """``next:`` hints, one command per line, each printed whole: a terminal may break the line at
+    its edge, but never inside a command at a space, where a copy would lose its second half."""
+    for index, command in enumerate(commands):
+        err.print(f"{'next:' if index == 0 else '':<11}{literal(command)}", soft_wrap=True)
 
+
+def _offline_message(missing: Mapping[str, str]) -> str:
+    """One message for every model whose pretrained weights cannot be got, and the two ways on."""
+    reasons = "; ".join(f"{name}: {reason.split(' Options: ', 1)[0]}" for name, reason in missing.items())
+    names = ", ".join(missing)
+    return (
+        f"cannot get pretrained weights for {len(missing)} model(s) ({names}). {reasons}. To run anyway: "
+        f"--random-if-offline uses RANDOM weights for just these, or --weights random for every model "
+        "(smoke runs: maps of an untrained network); or put <arch>.safetensors in VITSCOPE_WEIGHTS_DIR"
+    )
+
+
+def _random_notice(specs: Mapping[str, ModelSpec], *, offline: Sequence[str]) -> None:
+    """One warning for every model running with RANDOM weights, however many there are."""
+    chosen = [name for name, spec in specs.items() if spec.is_random and name not in offline]
+    parts = []
+    if offline:
+        parts.append(f"{', '.join(offline)} (pretrained weights unreachable, as --random-if-offline allows)")
+    if chosen:
+        parts.append(f"{', '.join(chosen)} (asked for)")
+    if parts:
+        err.print(
+            f"[bold yellow]WARNING: RANDOM weights for {'; '.join(literal(p) for p in parts)}. Their maps show an "
+            "untrained network, not what a trained model attends to; their jobs record weights_source = "
+            "RANDOM.[/bold yellow]"
+        )
+
+
+def _safe_url(url: str) -> str:
     return sa.make_url(url).render_as_string(hide_password=True)
 
 
@@ -390,14 +494,12 @@ def _follow(db: Database, batch_id: str, poll_seconds: float = 1.0) -> int:
 @app.command()
 def status(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
-    watch: Annotated[
-        bool, typer.Option("--watch", help="Refresh every 2 s until the batch is done.")
-    ] = False,
+    watch: Annotated[bool, _flag("--watch", help="Refresh every 2 s until the batch is done.")] = False,
 ) -> None:
     """Counts by state, throughput, ETA, failures with reasons, live workers."""
     settings = get_settings()
     try:
-        db = open_database(settings)
+        db = open_database(settings, create=False)
         while True:
             with db.session() as session:
                 found = get_batch(session, batch)
@@ -405,7 +507,7 @@ def status(
                 workers = None
                 if found.mode == "distributed":
                     workers = live_workers(session, stale_after_seconds=3 * settings.heartbeat_seconds)
-            out.print(status_view(state, workers))
+            out.print(status_view(state, workers, width=out.width))
             if not watch or state.finished:
                 break
             time.sleep(2)
@@ -417,30 +519,93 @@ def status(
 def results(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     model: Annotated[str | None, typer.Option(help="Only this model's jobs.")] = None,
-    status: Annotated[JobState | None, typer.Option("--status", help="Only jobs in this state.")] = None,
+    state: Annotated[
+        JobState | None, typer.Option("--state", "--status", help="Only jobs in this state.")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv, json (an array) or jsonl.")] = "table",
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")
     ] = None,
     limit: Annotated[int, typer.Option(help="Rows shown by --format table.")] = 50,
 ) -> None:
-    """Every job's status, prediction and artifact URIs (member URIs for shards: docs/storage.md)."""
+    """Every job's state, prediction and artifact URIs (member URIs for shards: docs/storage.md); csv
+    and json have the same columns, named as in the job_results SQL view, and the dataset's own columns."""
     writers = {"csv": write_csv, "json": write_json, "jsonl": write_jsonl}
     if fmt not in (*writers, "table"):
         raise _fail(f"unknown --format {fmt!r}: use table, csv, json or jsonl")
     try:
-        db = open_database(get_settings())
+        db = open_database(get_settings(), create=False)
         with db.session() as session:
             found = get_batch(session, batch)
-            jobs = iter_job_results(session, found.id, model=model, state=status)
+            jobs = iter_job_results(session, found.id, model=model, state=state)
             if fmt == "table":
-                results_table(jobs, out, limit=limit)
+                count = results_table(jobs, out, limit=limit)
             elif output is not None:
                 with output.open("w", newline="") as handle:
                     count = writers[fmt](jobs, handle)
                 err.print(f"wrote {count} job(s) to {literal(output)}")
             else:
-                writers[fmt](jobs, sys.stdout)
+                count = writers[fmt](jobs, sys.stdout)
+            if not count and (model is not None or state is not None):
+                asked = {"models": [model] if model else [], "states": [state.value] if state else []}
+                err.print(literal(_nothing_matched(session, found.id, **asked)))
+    except VitscopeError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _nothing_matched(
+    session: Session, batch_id: str, *, models: Sequence[str] = (), states: Sequence[str] = ()
+) -> str:
+    """What a filter that matched no job could have matched: the batch's models (with the closest to
+    a model name given) and its jobs by state."""
+    present, counts = batch_contents(session, batch_id)
+    asked = " and ".join(
+        part
+        for part in (
+            f"--model {','.join(models)}" if models else "",
+            f"--state {','.join(states)}" if states else "",
+        )
+        if part
+    )
+    close: list[str] = []
+    for model in models:
+        if model not in present:
+            close += [name for name in present if model in name] or difflib.get_close_matches(
+                model, present, n=3
+            )
+    hint = f" (did you mean {', '.join(dict.fromkeys(close))}?)" if close else ""
+    jobs = ", ".join(f"{count} {name}" for name, count in counts.items()) or "no jobs"
+    return (
+        f"no job of batch {batch_id} matches {asked}{hint}. "
+        f"Its models: {', '.join(present) or 'none'}; its jobs: {jobs}."
+    )
+
+
+def _require_match(
+    db: Database, batch: str, models: Sequence[str] | None, states: Sequence[str] | None
+) -> None:
+    """Refuse model or state filters under which the batch has no job at all, saying what it has."""
+    if not models and not states:
+        return
+    with db.session() as session:
+        found = get_batch(session, batch)
+        present, counts = batch_contents(session, found.id)
+        if any(model not in present for model in models or ()) or (
+            states and not any(counts.get(state) for state in states)
+        ):
+            raise NotFoundError(_nothing_matched(session, found.id, models=models or (), states=states or ()))
+
+
+@app.command()
+def batches(
+    limit: Annotated[int, typer.Option(help="How many of the newest batches to list.")] = 20,
+) -> None:
+    """The newest batches: id, name, mode, when created, models, jobs done and failed."""
+    try:
+        db = open_database(get_settings(), create=False)
+        with db.session() as session:
+            found = recent_batches(session, limit=limit)
+        batches_table(found, out)
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
 
@@ -469,7 +634,7 @@ def compare(
     if against not in METHODS:
         raise _fail(f"unknown --against method {against!r}: use one of {', '.join(METHODS)}")
     try:
-        db = open_database(get_settings())
+        db = open_database(get_settings(), create=False)
         with db.session() as session:
             found = get_batch(session, batch)
             summaries = metric_summaries(session, found.id, against=against)
@@ -489,11 +654,9 @@ def compare(
 def resume(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     local: Annotated[
-        bool, typer.Option("--local", help="Run a distributed batch's jobs in this process instead.")
+        bool, _flag("--local", help="Run a distributed batch's jobs in this process instead.")
     ] = False,
-    wait: Annotated[
-        bool, typer.Option("--wait", help="Follow a distributed batch until it is done.")
-    ] = False,
+    wait: Annotated[bool, _flag("--wait", help="Follow a distributed batch until it is done.")] = False,
 ) -> None:
     """Run every job of the batch that has not succeeded: one command for any interrupted batch.
 
@@ -505,7 +668,7 @@ def resume(
     """
     settings = get_settings()
     try:
-        db = open_database(settings)
+        db = open_database(settings, create=False)
         with db.session() as session:
             found = get_batch(session, batch)
             batch_id, mode = found.id, found.mode
@@ -527,8 +690,8 @@ def resume(
 @app.command(hidden=True)
 def retry(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
-    local: Annotated[bool, typer.Option("--local", help="Run the jobs in this process.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow a distributed batch.")] = False,
+    local: Annotated[bool, _flag("--local", help="Run the jobs in this process.")] = False,
+    wait: Annotated[bool, _flag("--wait", help="Follow a distributed batch.")] = False,
 ) -> None:
     """The former name of ``resume``, kept so that scripts go on working."""
     resume(batch, local=local, wait=wait)
@@ -606,15 +769,18 @@ def _resume_local(settings: Settings, db: Database, batch_id: str, specs: dict[s
         err.print(f"loading {len(specs)} model(s) on {runtime.device} …")
         # The batch's recorded weights, as submitted: falling back to random weights now would mix
         # trained and untrained maps in one batch, so unreachable weights stop the resume instead.
+        warming = time.perf_counter()
         load_models(runtime, specs, random_fallback=False)
+        runtime.warm_up()
+        warmup = time.perf_counter() - warming
         random = sorted(name for name, spec in specs.items() if spec.is_random)
         if random:
             err.print(
-                f"[bold yellow]WARNING: {', '.join(random)} run(s) with RANDOM weights, as the batch was "
+                f"[bold yellow]WARNING: {literal(', '.join(random))} run(s) with RANDOM weights, as the batch was "
                 "submitted. Their maps show an untrained network, not what a trained model attends to; "
                 "jobs record weights_source = RANDOM.[/bold yellow]"
             )
-        _run_local(settings, runtime, batch_id)
+        _run_local(settings, runtime, batch_id, warmup=warmup)
     finally:
         runtime.close()
 
@@ -669,7 +835,8 @@ def report(
             links=links,
             expires_seconds=expires,
         )
-        db = open_database(get_settings())
+        db = open_database(get_settings(), create=False)
+        _require_match(db, batch, options.models, [s.value for s in options.states or ()])
         with _report_progress() as progress:
             task = progress.add_task("writing report", total=None)
             written = write_report(
@@ -707,13 +874,14 @@ def figures(
     ] = None,
     first: Annotated[int, typer.Option(help="How many images when --images is not given.")] = 4,
     models: Annotated[str | None, typer.Option(help="Only these models (comma-separated).")] = None,
-    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also write each figure as PDF.")] = True,
+    pdf: Annotated[bool, _flag("--pdf/--no-pdf", help="Also write each figure as PDF.")] = True,
 ) -> None:
     """The paper's figures from a batch: Fig. 4.1 layer-score grids, Figs. 4.2-4.3 map panels (PNG, PDF)."""
     try:
         from producer.figures import FigureOptions, write_figures
 
-        db = open_database(get_settings())
+        db = open_database(get_settings(), create=False)
+        _require_match(db, batch, _names(models), None)
         written = write_figures(
             db,
             batch,
@@ -737,7 +905,7 @@ def artifacts(
     from producer.artifacts import materialize_artifacts
 
     try:
-        db = open_database(get_settings())
+        db = open_database(get_settings(), create=False)
         with db.session() as session:
             found = get_batch(session, batch)
             written = materialize_artifacts(
@@ -754,7 +922,7 @@ def shards_orphans(
     older_than: Annotated[
         float, typer.Option(help="Only shards written more than this many hours ago (their commit is over).")
     ] = 24.0,
-    delete: Annotated[bool, typer.Option("--delete", help="Delete them (default: only list them).")] = False,
+    delete: Annotated[bool, _flag("--delete", help="Delete them (default: only list them).")] = False,
 ) -> None:
     """List (or delete) the shards under the storage URL that no artifact row points into."""
     from datetime import timedelta
@@ -767,7 +935,7 @@ def shards_orphans(
     try:
         settings = get_settings()
         store = open_store(settings.resolved_storage_url())
-        db = open_database(settings)
+        db = open_database(settings, create=False)
         with db.session() as session:
             keys = orphan_shards(session, store, older_than=timedelta(hours=older_than))
         for key in keys:
@@ -798,6 +966,10 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
 @db_app.command("current")
 def db_current() -> None:
     """Print the database's schema revision and the newest one."""
+    try:
+        require_existing(get_settings())  # asking must not create it
+    except NotFoundError as exc:
+        raise _fail(str(exc)) from None
     db = Database(get_settings().resolved_database_url())
     out.print(f"current: {current_revision(db.engine) or 'none'}  head: {head_revision()}")
     db.dispose()

@@ -93,6 +93,8 @@ class DatasetScan:
 CheckModel = Callable[[str], object]
 # Why an s3:// URI would be refused by the workers' S3 sources, or None (``S3Sources.refusal``).
 CheckS3 = Callable[[str], str | None]
+# A check of a whole parsed row (raises VitscopeError), e.g. its local path against the file roots.
+CheckRow = Callable[[DatasetRow], object]
 
 
 def scan_dataset(
@@ -101,13 +103,15 @@ def scan_dataset(
     target_column: str | None = None,
     check_model: CheckModel | None = None,
     check_s3: CheckS3 | None = None,
+    check_row: CheckRow | None = None,
 ) -> DatasetScan:
     """Validate the whole file, streaming; raise one InvalidDatasetError listing every bad line.
 
     ``check_model`` is called with each model name found in a ``model`` cell and raises a
-    VitscopeError for names it does not know, so unknown models are reported with their line.
-    ``check_s3`` judges each ``s3://`` image and mask; rows it refuses are counted, not rejected: the
-    workers' own settings decide, and this is only what the submitting machine can tell.
+    VitscopeError for names it does not know, so unknown models are reported with their line;
+    ``check_row`` likewise with each parsed row. ``check_s3`` judges each ``s3://`` image and mask;
+    rows it refuses are counted, not rejected: the workers' own settings decide, and this is only
+    what the submitting machine can tell.
     """
     path = Path(path)
     target_column = target_column or DEFAULT_TARGET_COLUMN
@@ -118,6 +122,11 @@ def scan_dataset(
     digest = hashlib.sha256()
     with _parsed(path, target_column, check_model, digest) as (columns, header_line, parsed):
         for line, row in parsed:
+            if check_row is not None and not isinstance(row, str):
+                try:
+                    check_row(row)
+                except VitscopeError as exc:
+                    row = str(exc)
             if isinstance(row, str):
                 errors.append((line, row))
                 if len(errors) >= MAX_REPORTED:

@@ -25,17 +25,21 @@ from common.db.jobs import republish_queued
 from common.db.records import NewJob, QueuedJob
 from common.errors import InvalidDatasetError, VitscopeError
 from common.keys import config_fingerprint, new_batch_id
+from common.local_files import FileRoots
 from common.methods import MethodSettings, Preprocess
 from common.metrics import MetricSettings
-from common.modelspec import ModelSpec, load_models_file, resolve_model
+from common.modelspec import ModelSpec, check_target, load_models_file, resolve_model
 from common.publish import broker_lost_data, publish_jobs
-from producer.dataset import CheckS3, DatasetRow, DatasetScan, iter_rows, scan_dataset
+from common.storage.uri import file_uri_path
+from producer.dataset import MASK_COLUMN, CheckRow, CheckS3, DatasetRow, DatasetScan, iter_rows, scan_dataset
 
 __all__ = [
     "DEFAULT_MODEL",
     "Plan",
+    "RowChecks",
     "Submission",
     "SubmitOptions",
+    "check_models",
     "commit_plan",
     "enqueue",
     "plan_jobs",
@@ -110,6 +114,48 @@ def plan_jobs(
 
 
 @dataclass(frozen=True)
+class RowChecks:
+    """Row checks that need to know where the jobs will run, asked for by the CLI before any model loads.
+
+    ``file_roots``: the folders a local run may read images from; a row naming a local file outside
+    them is refused with its line (None: not checked, as for distributed workers, whose roots are
+    their own). ``targets``: refuse a target that a model's class names, where known without building
+    it, lack (``common.modelspec.check_target``); otherwise the worker fails that job alone.
+    """
+
+    file_roots: FileRoots | None = None
+    targets: bool = True
+
+    def checker(self, default_models: Sequence[str], resolve: Callable[[str], ModelSpec]) -> CheckRow:
+        """One row's check; a target is judged once per model, however many rows repeat it."""
+        verdicts: dict[tuple[str, str], str | None] = {}
+
+        def check(row: DatasetRow) -> None:
+            if self.file_roots is not None:
+                for uri in (row.image_uri, row.metadata.get(MASK_COLUMN) or ""):
+                    if uri.startswith("file:"):
+                        try:
+                            path = file_uri_path(uri)
+                        except ValueError as exc:  # file://otherhost/x
+                            raise InvalidDatasetError(str(exc)) from None
+                        self.file_roots.check(uri, path)
+            if not (self.targets and row.target):
+                return
+            for name in row.models or default_models:
+                key = (name, row.target)
+                if key not in verdicts:
+                    try:
+                        check_target(resolve(name), row.target)
+                        verdicts[key] = None
+                    except VitscopeError as exc:
+                        verdicts[key] = str(exc)
+                if verdicts[key] is not None:
+                    raise InvalidDatasetError(verdicts[key] or "")
+
+        return check
+
+
+@dataclass(frozen=True)
 class Plan:
     """A validated dataset and how its rows become jobs, before anything is written.
 
@@ -131,16 +177,26 @@ class Plan:
         return plan_jobs(iter_rows(self.scan), self.options, self.resolve)
 
 
+def check_models(options: SubmitOptions) -> None:
+    """Resolve every ``--models`` name (and the models file), raising for an unknown or unexplainable
+    one: instant, so the CLI asks before it opens a database or reads the dataset."""
+    resolve = _resolver(options)
+    for name in list(options.models) or [DEFAULT_MODEL]:
+        resolve(name)
+
+
 def plan_submission(
     path: str | Path,
     options: SubmitOptions,
     *,
     replace: Mapping[str, ModelSpec] | None = None,
     check_s3: CheckS3 | None = None,
+    checks: RowChecks | None = None,
 ) -> Plan:
     """Validate the dataset and every model name; ``replace`` swaps in specs by name
     (the local runner's explicit random-weights fallback); ``check_s3`` counts the rows whose
-    ``s3://`` objects the S3 sources refuse (``Plan.scan.refused_s3_rows``), for a warning."""
+    ``s3://`` objects the S3 sources refuse (``Plan.scan.refused_s3_rows``), for a warning;
+    ``checks`` adds per-row checks."""
     resolve_named = _resolver(options)
 
     def resolve(name: str) -> ModelSpec:
@@ -155,7 +211,14 @@ def plan_submission(
     default_models = list(options.models) or [DEFAULT_MODEL]
     for name in default_models:
         resolve(name)  # an unknown --models name is reported before the file is read
-    scan = scan_dataset(path, target_column=options.target_column, check_model=check_model, check_s3=check_s3)
+    check_row = checks.checker(default_models, resolve) if checks is not None else None
+    scan = scan_dataset(
+        path,
+        target_column=options.target_column,
+        check_model=check_model,
+        check_s3=check_s3,
+        check_row=check_row,
+    )
     names = set(scan.models) | (set(default_models) if scan.rows_without_model else set())
     return Plan(
         path=Path(path),

@@ -33,8 +33,16 @@ from common.fetch import DefaultFetcher
 from common.modelspec import RANDOM, ModelSpec
 from worker.keeper import current_identity
 from worker.pipeline import Runtime, process_chunks
+from worker.weights import check_pretrained_available
 
-__all__ = ["LocalRun", "RunInterrupted", "dataset_folder_runtime", "load_models", "run_batch"]
+__all__ = [
+    "LocalRun",
+    "RunInterrupted",
+    "dataset_folder_runtime",
+    "load_models",
+    "run_batch",
+    "unavailable_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,22 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, run: LocalRun) -> None:
         super().__init__(f"interrupted; {run.released} job(s) handed back to the queue")
         self.run = run
+
+
+def unavailable_weights(specs: Mapping[str, ModelSpec], *, weights_dir: Path | None) -> dict[str, str]:
+    """Every model whose pretrained weights cannot be got (not in ``weights_dir``, not cached, the
+    download host unreachable), with why; checked before any model is built, seconds per model.
+
+    All of them, not the first: an offline user learns in one message every model they must give
+    weights for (or run with random ones), instead of one model per attempt.
+    """
+    missing: dict[str, str] = {}
+    for name, spec in specs.items():
+        try:
+            check_pretrained_available(spec, weights_dir=weights_dir)
+        except WeightsUnavailableError as exc:
+            missing[name] = str(exc)
+    return missing
 
 
 def load_models(

@@ -60,8 +60,12 @@ def runtime() -> Runtime:
 
 @worker_process_init.connect
 def _start_child(**_kwargs: object) -> None:
-    """Open connections and select the device in the child, then start heartbeats and the reaper."""
-    runtime().keeper.start()
+    """Open connections and select the device in the child, warm up the image kernels (so no job is
+    charged for compiling them), then start heartbeats and the reaper."""
+    current = runtime()
+    seconds = current.warm_up()
+    log.info("warm-up (compiled image kernels, CPU pool started) in %.1f s", seconds)
+    current.keeper.start()
 
 
 @worker_process_shutdown.connect

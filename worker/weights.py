@@ -44,7 +44,7 @@ from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 from common.errors import NotFoundError, UnknownModelError, WeightsUnavailableError
 from common.modelspec import PRETRAINED, ModelSpec
 
-__all__ = ["build_model", "check_arch"]
+__all__ = ["build_model", "check_arch", "check_pretrained_available"]
 
 _HF_HUB_PREFIX = "hf-hub:"
 _DEFAULT_CACHE_DIR = Path("~/.cache/vitscope/weights")
@@ -107,6 +107,20 @@ def build_model(
     return _from_file(spec, path), f"file: {path}"
 
 
+def check_pretrained_available(spec: ModelSpec, *, weights_dir: Path | None) -> None:
+    """Raise ``WeightsUnavailableError`` now if ``build_model`` could not get timm's pretrained weights
+    for ``spec`` (not in ``weights_dir``, not cached, download host unreachable), without building it.
+
+    Seconds per model at most, so a local run can name every model it cannot load before it spends a
+    minute loading the others. Other weight sources (files, s3://, hub ids) are checked when loaded.
+    """
+    if spec.weights != PRETRAINED or spec.arch.startswith(_HF_HUB_PREFIX):
+        return
+    if _find_in_weights_dir(spec.arch, weights_dir) is not None:
+        return
+    _check_timm_pretrained(spec)
+
+
 def _create(spec: ModelSpec, *, pretrained: bool, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model`` with the spec's head size, input size and ``model_args`` when it sets them."""
     if spec.num_classes is not None:
@@ -137,8 +151,18 @@ def _from_timm_pretrained(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
     timm quietly keeps the random initialization when an architecture has no pretrained weights;
     that would produce confident-looking nonsense, so it is an error here.
     """
+    cfg = _check_timm_pretrained(spec)
+    name = spec.arch if "." in spec.arch else f"{spec.arch}.{cfg.tag}"
+    model = _create_downloading(spec)
+    source = f"timm hub: {name}"
+    if spec.num_classes is not None and spec.num_classes != cfg.num_classes:
+        source += f" (classifier head RANDOM: num_classes {spec.num_classes} != pretrained {cfg.num_classes})"
+    return model, source
+
+
+def _check_timm_pretrained(spec: ModelSpec) -> Any:
+    """timm's pretrained config for ``spec.arch``, once its weights are known to be cached or reachable."""
     cfg = get_pretrained_cfg(spec.arch)
-    name = spec.arch if "." in spec.arch or cfg is None else f"{spec.arch}.{cfg.tag}"
     if cfg is not None and cfg.hf_hub_id:
         filenames = _hub_filenames(cfg.hf_hub_filename)
         _require_reachable_or_cached(
@@ -150,11 +174,7 @@ def _from_timm_pretrained(spec: ModelSpec) -> tuple[torch.nn.Module, str]:
         raise WeightsUnavailableError(
             f"timm has no pretrained weights for {spec.arch}. {_options(spec.arch)}"
         )
-    model = _create_downloading(spec)
-    source = f"timm hub: {name}"
-    if spec.num_classes is not None and spec.num_classes != cfg.num_classes:
-        source += f" (classifier head RANDOM: num_classes {spec.num_classes} != pretrained {cfg.num_classes})"
-    return model, source
+    return cfg
 
 
 def _from_hub(

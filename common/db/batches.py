@@ -18,6 +18,7 @@ from common.keys import new_job_id
 
 __all__ = [
     "add_jobs",
+    "check_name_free",
     "create_batch",
     "get_batch",
     "iter_queued_jobs",
@@ -25,6 +26,13 @@ __all__ = [
     "queued_jobs",
     "retry_failed",
 ]
+
+
+def check_name_free(session: Session, name: str) -> None:
+    """Raise ``PermanentError`` if a batch already has ``name`` (names are unique, ids and names share
+    one namespace for ``get_batch``); the producer asks before reading a dataset."""
+    if session.scalar(sa.select(Batch.id).where(Batch.name == name)) is not None:
+        raise PermanentError(f"a batch named {name!r} already exists; choose another --name")
 
 
 def create_batch(
@@ -37,8 +45,8 @@ def create_batch(
     settings: dict[str, Any],
     models: dict[str, Any],
 ) -> Batch:
-    if name is not None and session.scalar(sa.select(Batch.id).where(Batch.name == name)) is not None:
-        raise PermanentError(f"a batch named {name!r} already exists; choose another --name")
+    if name is not None:
+        check_name_free(session, name)
     batch = Batch(
         id=batch_id, name=name, source=source, mode=mode, settings=settings, models=models, total_jobs=0
     )
@@ -144,7 +152,8 @@ def get_batch(session: Session, ref: str) -> Batch:
     """A batch by id, or by name (names are unique)."""
     batch = session.get(Batch, ref) or session.scalar(sa.select(Batch).where(Batch.name == ref))
     if batch is None:
-        raise NotFoundError(f"no batch with id or name {ref!r}")
+        database = session.get_bind().url.render_as_string(hide_password=True)
+        raise NotFoundError(f"no batch with id or name {ref!r} in the database {database}")
     return batch
 
 

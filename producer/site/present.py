@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from common.db.reports import job_error
 from common.metrics import METHODS, Metric
 from common.storage.uri import uri_scheme
 from producer.compare import BETTER
@@ -127,18 +128,17 @@ def _target(job: dict[str, Any]) -> str:
     """Which class the gradient maps explain, and whether the CSV asked for it or it is the top-1."""
     index = job["target_index"]
     if index is None:
-        return "-" if job["status"] != "succeeded" else "top-1"
+        return "-" if job["state"] != "succeeded" else "top-1"
     named = next((p for p in job["predictions"] if p["index"] == index), None)
     what = f"{index} ({_label(named)})" if named and named["label"] else str(index)
     return f"{what}, as asked ({job['target']})" if job["target"] else f"{what}, the top-1"
 
 
 def _timings(job: dict[str, Any]) -> str:
-    t = job["timings"]
     parts = [
-        f"{stage} {t[f'{stage}_seconds']:.2f} s"
+        f"{stage} {job[f'{stage}_seconds']:.2f} s"
         for stage in ("fetch", "compute", "store")
-        if t.get(f"{stage}_seconds") is not None
+        if job.get(f"{stage}_seconds") is not None
     ]
     return " · ".join(parts)
 
@@ -213,7 +213,7 @@ def job_card(job: dict[str, Any], links: ArtifactLinks) -> JobCard:
         PredictionLine(rank, _label(p), p["index"], round(100 * p["prob"], 1))
         for rank, p in enumerate(job["predictions"], 1)
     ]
-    state = REUSED if job["status"] == "succeeded" and job["reused_from"] else job["status"]
+    state = REUSED if job["state"] == "succeeded" and job["reused_from"] else job["state"]
     return JobCard(
         model=job["model"],
         state=state,
@@ -222,7 +222,7 @@ def job_card(job: dict[str, Any], links: ArtifactLinks) -> JobCard:
         predictions=predictions,
         top1=predictions[0].label if predictions else "",
         target=_target(job),
-        error=hide_local_paths(job["error"]),
+        error=hide_local_paths(job_error(job)),
         weights=hide_local_paths(job["weights_source"]),
         timings=_timings(job),
         note=hide_local_paths(job.get("note")),

@@ -141,12 +141,14 @@ def _iter_entries(session: Session, selection: Selection, page_size: int) -> Ite
     )
     current: ImageEntry | None = None
     for job in jobs:
-        if selection.last_row is not None and job["row"] > selection.last_row:
+        if selection.last_row is not None and job["row_number"] > selection.last_row:
             break
-        if current is None or job["row"] != current.row:
+        if current is None or job["row_number"] != current.row:
             if current is not None:
                 yield current
-            current = ImageEntry(job["row"], job["id"], job["image_uri"], image_name(job["image_uri"]))
+            current = ImageEntry(
+                job["row_number"], job["row_id"], job["image_uri"], image_name(job["image_uri"])
+            )
         current.jobs.append(job)
     if current is not None:
         yield current

@@ -7,16 +7,20 @@ from pathlib import Path
 import pytest
 
 from common.celery_app import TRANSFORMERS_QUEUE, known_queues, queue_for
-from common.errors import InvalidModelSpecError, UnknownModelError
+from common.errors import InvalidModelSpecError, InvalidTargetError, UnknownModelError
 from common.methods import Preprocess
 from common.modelspec import (
     PAPER_MODELS,
     ModelSpec,
+    check_explainable,
+    check_target,
+    head_labels,
     is_timm_model,
     is_transformers_model,
     load_models_file,
     resolve_model,
     resolve_models_option,
+    timm_family,
     timm_model_names,
 )
 
@@ -239,3 +243,78 @@ def test_a_model_saved_again_into_the_same_folder_is_a_different_model(tmp_path:
     assert resolve_model("hf:my-vit").fingerprint() != first.fingerprint()
     # A hub id has no folder to read: its fingerprint is its name's.
     assert resolve_model("hf:facebook/dinov2-small").extra == {}
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_heads_and_imagenet_labels_match_the_installed_timm() -> None:
+    """The producer's early checks read timm's families and heads from files; regenerate them with
+    scripts/gen_timm_heads.py."""
+    module = _script("gen_timm_heads")
+    assert module.HEADS.read_text() == module.render_heads()
+    assert module.LABELS.read_text() == module.render_labels()
+
+
+def test_no_explainable_family_is_refused_up_front() -> None:
+    """The early refusal only names families with no global attention: every ViT, DeiT, BEiT and EVA
+    name passes, to be judged by the worker from its structure."""
+    for name in timm_model_names():
+        if timm_family(name) in {"vision_transformer", "deit", "beit", "eva"}:
+            check_explainable(name, name)
+
+
+@pytest.mark.parametrize(
+    ("spec", "labels"),
+    [
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224"), 1000),
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224", weights="random"), 1000),
+        (
+            ModelSpec(name="v", arch="vit_base_patch16_224.augreg_in21k"),
+            None,
+        ),  # 21,843 classes: not known here
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224", num_classes=10), None),
+        (ModelSpec(name="p", arch="deit_tiny_patch16_224", labels=("cat", "dog")), 2),
+        (ModelSpec(name="h", arch="hf-hub:timm/vit_base_patch16_224.augreg_in21k"), None),
+    ],
+)
+def test_head_labels_are_known_without_weights_where_timm_says(spec: ModelSpec, labels: int | None) -> None:
+    found = head_labels(spec)
+    assert (len(found) if found is not None else None) == labels
+
+
+@pytest.mark.parametrize(
+    ("spec", "target", "message"),
+    [
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224"), "espresso", None),
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224"), "Tabby Cat", None),  # a synonym, any case
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224"), "967", None),
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224"), "espreso", "did you mean 'espresso'"),
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224"), "crane", r"ambiguous.*\[134, 517\]"),
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224"), "-1", "out of range"),
+        (
+            ModelSpec(name="d", arch="deit_tiny_patch16_224", num_classes=10),
+            "unicorn",
+            None,
+        ),  # labels unknown
+        (ModelSpec(name="d", arch="deit_tiny_patch16_224", num_classes=10), "10", r"10 classes \(0..9\)"),
+        (ModelSpec(name="h", arch="vit_small_patch14_dinov2"), "1", "no classification head"),
+    ],
+)
+def test_targets_are_checked_as_the_worker_resolves_them(
+    spec: ModelSpec, target: str, message: str | None
+) -> None:
+    if message is None:
+        check_target(spec, target)
+    else:
+        with pytest.raises(InvalidTargetError, match=message):
+            check_target(spec, target)

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from common.db.models import Artifact, Batch, Job
+from common.db.reports import RESULT_COLUMNS
 from common.settings import get_settings
 from producer.cli import app
 
@@ -51,30 +52,25 @@ def test_local_run_on_embedded_defaults(dataset: Path, tmp_path: Path) -> None:
     assert "ImageError" in status.stdout
 
     as_json = json.loads(_invoke("results", batch_id, "--format", "json").stdout)
-    assert [job["id"] for job in as_json] == ["cat", "dog", "broken"]
-    assert [job["status"] for job in as_json] == ["succeeded", "succeeded", "failed"]
-    assert set(as_json[0]) >= {
-        "job_id",
-        "batch_id",
-        "image_uri",
-        "model",
-        "status",
-        "error",
-        "target",
-        "predictions",
-        "artifacts",
-        "timings",
-    }
+    assert [job["row_id"] for job in as_json] == ["cat", "dog", "broken"]
+    assert [job["state"] for job in as_json] == ["succeeded", "succeeded", "failed"]
+    assert set(as_json[0]) == {*RESULT_COLUMNS, "predictions", "artifacts", "metadata"}
     assert len(as_json[0]["predictions"]) == 5
     assert as_json[0]["metadata"] == {"site": "a"}
-    assert "ImageError" in as_json[2]["error"]
+    assert as_json[2]["error_class"] == "ImageError"
 
     rows = list(csv.DictReader(io.StringIO(_invoke("results", "first", "--format", "csv").stdout)))
-    assert [row["status"] for row in rows] == ["succeeded", "succeeded", "failed"]
-    assert rows[0]["rollout.png"].startswith("file://")
+    assert [row["state"] for row in rows] == ["succeeded", "succeeded", "failed"]
+    assert rows[0]["rollout_png_uri"].startswith("file://")
+    # What json has, csv has, under the same names: weights_source and the dataset's own columns too.
+    assert [row["weights_source"] for row in rows] == [job["weights_source"] or "" for job in as_json]
+    assert [row["site"] for row in rows] == ["a", "b", "c"]
+    assert {key: rows[2][key] for key in RESULT_COLUMNS} == {
+        key: "" if value is None else str(value) for key, value in as_json[2].items() if key in RESULT_COLUMNS
+    }
 
     lines = _invoke("results", "first", "--format", "jsonl", "--status", "failed").stdout.splitlines()
-    assert [json.loads(line)["id"] for line in lines] == ["broken"]
+    assert [json.loads(line)["row_id"] for line in lines] == ["broken"]
 
     out = tmp_path / "out.csv"
     assert _invoke("results", "first", "--format", "csv", "-o", str(out)).exit_code == 0
@@ -99,7 +95,7 @@ def test_resume_reruns_only_failed_jobs_with_submits_output(dataset: Path, tmp_p
     assert "done in" in result.output
     assert "1 reused" in result.output
     assert result.stdout.strip().splitlines()[-1] == batch_id
-    statuses = [job["status"] for job in json.loads(_invoke("results", batch_id, "--format", "json").stdout)]
+    statuses = [job["state"] for job in json.loads(_invoke("results", batch_id, "--format", "json").stdout)]
     assert statuses == ["succeeded"] * 3
 
 
@@ -167,11 +163,12 @@ def test_offline_pretrained_stops_with_instructions_before_submitting(
     assert "RANDOM" in fallback.output
     batch_id = fallback.stdout.strip().splitlines()[-1]
     jobs = json.loads(_invoke("results", batch_id, "--format", "json").stdout)
-    assert [job["status"] for job in jobs] == ["succeeded", "succeeded", "failed"]
+    assert [job["state"] for job in jobs] == ["succeeded", "succeeded", "failed"]
     assert ["RANDOM" in job["weights_source"] for job in jobs[:2]] == [True, True]
 
 
 def test_not_found_batch_is_a_clear_error(tmp_path: Path) -> None:
+    assert _invoke("db", "upgrade").exit_code == 0
     result = _invoke("status", "nope")
     assert result.exit_code == 2
     assert "no batch with id or name 'nope'" in result.output
@@ -242,11 +239,11 @@ def test_formula_cells_are_kept_in_the_database_and_escaped_in_csv_results(
     batch_id = result.stdout.strip().splitlines()[-1]
 
     as_json = json.loads(_invoke("results", batch_id, "--format", "json").stdout)
-    assert [job["id"] for job in as_json] == ids  # stored and returned as given
+    assert [job["row_id"] for job in as_json] == ids  # stored and returned as given
     assert [job["reused_from"] is None for job in as_json].count(True) == 1  # one image: computed once
 
     rows = list(csv.DictReader(io.StringIO(_invoke("results", batch_id, "--format", "csv").stdout)))
-    assert [row["id"] for row in rows] == ["'" + cell for cell in ids[:-1]] + ["plain"]
+    assert [row["row_id"] for row in rows] == ["'" + cell for cell in ids[:-1]] + ["plain"]
     for row in rows:
         for value in row.values():
             assert not value.startswith(("=", "+", "-", "@", "\t", "\r"))
@@ -408,7 +405,7 @@ def test_models_file_results_filters_and_an_empty_retry(dataset: Path, tmp_path:
     batch_id = result.stdout.strip().splitlines()[-1]
 
     pets = json.loads(_invoke("results", batch_id, "--model", "pets", "--format", "json").stdout)
-    assert [(job["id"], job["model"], job["status"]) for job in pets] == [
+    assert [(job["row_id"], job["model"], job["state"]) for job in pets] == [
         ("cat", "pets", "succeeded"),
         ("dog", "pets", "succeeded"),
     ]

@@ -269,10 +269,10 @@ def test_a_mask_scores_like_the_box_it_draws(tmp_path: Path, sqlite_url: str) ->
     assert result.exit_code == 1, result.output  # the wrong-size mask fails its own job
     batch_id = result.stdout.strip().splitlines()[-1]
     jobs = json.loads(_invoke("results", batch_id, "--format", "json", database_url=sqlite_url).stdout)
-    failed = [job for job in jobs if job["status"] == "failed"]
-    assert [job["id"] for job in failed] == ["wrong-size"]
-    assert "mask" in failed[0]["error"]
-    assert "10×10" in failed[0]["error"]
+    failed = [job for job in jobs if job["state"] == "failed"]
+    assert [job["row_id"] for job in failed] == ["wrong-size"]
+    assert "mask" in failed[0]["error_message"]
+    assert "10×10" in failed[0]["error_message"]
     engine = sa.create_engine(sqlite_url)
     with engine.connect() as conn:
         values = conn.execute(

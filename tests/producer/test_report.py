@@ -7,7 +7,8 @@ import io
 
 import pytest
 
-from producer.report import CSV_COLUMNS, spreadsheet_safe, write_csv
+from common.db.reports import RESULT_COLUMNS
+from producer.report import spreadsheet_safe, write_csv
 
 
 @pytest.mark.parametrize(
@@ -31,8 +32,8 @@ def test_formula_like_text_is_prefixed_with_a_quote(value: object, expected: obj
 
 
 def _job(**fields: object) -> dict:
-    base = {key: None for key in CSV_COLUMNS}
-    base |= {"predictions": [], "timings": {}, "artifacts": {}, "row": 2, "status": "failed"}
+    base = {key: None for key in RESULT_COLUMNS}
+    base |= {"predictions": [], "artifacts": {}, "metadata": {}, "row_number": 2, "state": "failed"}
     return base | fields
 
 
@@ -40,15 +41,42 @@ def test_written_rows_are_escaped_and_quoted() -> None:
     out = io.StringIO()
     jobs = [
         _job(
-            id='=HYPERLINK("http://evil","x")',
+            row_id='=HYPERLINK("http://evil","x")',
             image_uri="s3://b/=x.png",
-            error="ImageError: no such file: -x",
+            error_message="no such file: -x",
         ),
-        _job(id="plain, with comma", target="@home"),
+        _job(row_id="plain, with comma", target="@home"),
     ]
     assert write_csv(jobs, out) == 2
     first, second = csv.DictReader(io.StringIO(out.getvalue()))
-    assert first["id"] == '\'=HYPERLINK("http://evil","x")'
+    assert first["row_id"] == '\'=HYPERLINK("http://evil","x")'
     assert first["image_uri"] == "s3://b/=x.png"  # only a leading character matters
-    assert first["error"] == "ImageError: no such file: -x"
-    assert (second["id"], second["target"]) == ("plain, with comma", "'@home")
+    assert first["error_message"] == "no such file: -x"
+    assert (second["row_id"], second["target"]) == ("plain, with comma", "'@home")
+
+
+def test_csv_has_the_datasets_own_columns_after_the_result_columns() -> None:
+    """json keeps a row's other CSV columns under ``metadata``; csv gives each its own column, renamed
+    ``metadata.<name>`` when the name is already a result column."""
+    out = io.StringIO()
+    jobs = [
+        _job(
+            row_id="a", metadata={"site": "north", "state": "CA"}, artifacts={"rollout.png": "file:///r.png"}
+        ),
+        _job(row_id="b", metadata={"site": "south", "state": "=1+1"}, weights_source="timm hub: deit"),
+    ]
+    assert write_csv(jobs, out) == 2
+    header = out.getvalue().splitlines()[0].split(",")
+    assert header[: len(RESULT_COLUMNS)] == list(RESULT_COLUMNS)
+    assert header[-2:] == ["site", "metadata.state"]
+    first, second = csv.DictReader(io.StringIO(out.getvalue()))
+    assert (first["state"], first["metadata.state"], first["rollout_png_uri"]) == (
+        "failed",
+        "CA",
+        "file:///r.png",
+    )
+    assert (second["site"], second["metadata.state"], second["weights_source"]) == (
+        "south",
+        "'=1+1",
+        "timm hub: deit",
+    )

@@ -125,3 +125,78 @@ def test_a_batch_survives_a_pool_process_killed_mid_run(write_image, tmp_path: P
     assert (run.succeeded, run.failed) == (count, 0)
     assert {state for state, _ in states} == {JobState.SUCCEEDED}
     assert max(attempts for _, attempts in states) <= 2  # at most the one retry the death cost
+
+
+# Runs in a fresh interpreter: in this one, earlier tests have already compiled the kernels.
+_WARM_UP_THEN_RUN = """
+import json, sys
+from pathlib import Path
+
+from numba.core.registry import CPUDispatcher
+from PIL import Image
+
+import worker.png, worker.render, worker.resample
+from common.db import open_database
+from producer.submit import SubmitOptions, commit_plan, plan_submission
+from tests.conftest import _write_image
+from tests.worker.conftest import embedded_settings
+from worker.local import run_batch
+from worker.pipeline import Runtime
+
+def signatures():
+    modules = (worker.png, worker.render, worker.resample)
+    return {f"{m.__name__}.{n}": len(o.signatures) for m in modules for n, o in vars(m).items()
+            if isinstance(o, CPUDispatcher)}
+
+tmp = Path(sys.argv[1])
+settings = embedded_settings(tmp, cpu_workers=0, batch_size=2)
+db = open_database(settings, migrate=True)
+runtime = Runtime.from_settings(settings, db=db)
+runtime.warm_up()
+before = signatures()
+_write_image(tmp / "wide.png", size=(300, 120), seed=1)
+_write_image(tmp / "tall.png", size=(90, 260), seed=2)
+Image.open(tmp / "wide.png").convert("RGB").save(tmp / "photo.jpg", quality=90)
+(tmp / "data.csv").write_text("image_uri\\nwide.png\\ntall.png\\nphoto.jpg\\n")
+options = SubmitOptions(models=["deit_tiny_patch16_224"], weights="random")
+submission = commit_plan(db, plan_submission(tmp / "data.csv", options), options, mode="local")
+run = run_batch(runtime, submission.batch_id)
+runtime.close()
+after = signatures()
+print(json.dumps({"succeeded": run.succeeded, "warm": before,
+                  "compiled_during_jobs": {k: after[k] - before[k] for k in after if after[k] != before[k]}}))
+"""
+
+
+def test_warm_up_leaves_no_kernel_to_compile_inside_a_job(tmp_path: Path) -> None:
+    """After ``Runtime.warm_up`` a real run compiles nothing more: no job's fetch or store seconds
+    carry a compilation (17.9 s per job after a fresh install)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _WARM_UP_THEN_RUN, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["succeeded"] == 3
+    entry_kernels = (
+        "png._huffman_deflate",
+        "render._compose_kernel",
+        "render._paint_panels",
+        "resample._resize_crop_kernel",
+    )
+    assert all(report["warm"][f"worker.{name}"] >= 1 for name in entry_kernels), report["warm"]
+    assert report["compiled_during_jobs"] == {}

@@ -302,7 +302,7 @@ def test_headless_average_pooled_and_unexplainable_models_each_get_what_they_can
                 )
             }
             reported = {
-                (job["id"], job["model"]): job for job in iter_job_results(session, submission.batch_id)
+                (job["row_id"], job["model"]): job for job in iter_job_results(session, submission.batch_id)
             }
             csv_out = io.StringIO()
             write_csv(reported.values(), csv_out)

@@ -120,6 +120,14 @@ def _readout(model: nn.Module, label: str, has_class_token: bool) -> Readout:
     )
 
 
+def _has_attention(model: nn.Module) -> bool:
+    """Whether any submodule is an attention layer, by the names timm and torch give them."""
+    return any(
+        "attn" in name.rsplit(".", 1)[-1].lower() or "attention" in type(module).__name__.lower()
+        for name, module in model.named_modules()
+    )
+
+
 def model_layout(model: nn.Module, name: str | None = None) -> ModelLayout:
     """The model's hook points, prefix count, patch grid and readout; ``UnsupportedModelError`` if none.
 
@@ -132,6 +140,11 @@ def model_layout(model: nn.Module, name: str | None = None) -> ModelLayout:
     label = _model_label(model, name)
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential | nn.ModuleList) or len(blocks) == 0:
+        if not _has_attention(model):
+            raise UnsupportedModelError(
+                f"model {label!r} is not supported: it has no transformer `blocks` and no self-attention at "
+                "all (a convolutional or MLP network, not a vision transformer)"
+            )
         raise UnsupportedModelError(
             f"model {label!r} is not supported: it has no transformer `blocks` of global self-attention "
             "(hierarchical models such as Swin attend within windows, stage by stage)"

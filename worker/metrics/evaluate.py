@@ -7,7 +7,7 @@ calls ``evaluate`` right after ``explain`` with the same input tensors, on the s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +94,12 @@ def evaluate(
     method_settings: MethodSettings | None = None,
     randomized: nn.Module | None = None,
     autocast_dtype: torch.dtype | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[list[MetricValue]]:
     """The metric values of each image of ``images`` ``[B, 3, H, W]`` (the model's inputs), in order.
+
+    ``on_progress(what, done, total)`` is told how far the slow parts are: the perturbation curves'
+    forward passes, then the sanity check's second explanation.
 
     Images whose available maps differ (rare: a model either has gradient maps or not) are evaluated
     in groups of equal method sets. ``randomized`` is the sanity check's re-initialized copy of
@@ -116,6 +120,7 @@ def evaluate(
             method_settings or MethodSettings(),
             randomized,
             autocast_dtype,
+            on_progress or _ignore,
         )
         for index, image_values in zip(indices, values, strict=True):
             results[index] = image_values
@@ -131,6 +136,7 @@ def _evaluate_group(
     method_settings: MethodSettings,
     randomized: nn.Module | None,
     autocast_dtype: torch.dtype | None,
+    on_progress: Callable[[str, int, int], None],
 ) -> list[list[MetricValue]]:
     device = images.device
     B = len(inputs)
@@ -185,6 +191,7 @@ def _evaluate_group(
             insertion=insertion,
             max_batch=settings.max_batch,
             autocast_dtype=autocast_dtype,
+            on_progress=lambda done, total: on_progress(_curves_label(deletion, insertion), done, total),
         )
         if curves.deletion_auc is not None:
             extend(Metric.DELETION_AUC, curves.deletion_auc, classified)
@@ -194,6 +201,7 @@ def _evaluate_group(
     if settings.wants(MetricFamily.SANITY) and classified and names:
         if randomized is None:
             raise ValueError("the sanity check needs the randomized copy of the model")
+        on_progress("sanity", 0, 1)
         again = explain(
             randomized,
             images[classified],
@@ -201,6 +209,7 @@ def _evaluate_group(
             [inputs[b].target for b in classified],
             autocast_dtype=autocast_dtype,
         )
+        on_progress("sanity", 1, 1)
         remade = [explanation_maps(e) for e in again]
         compared = [i for i, n in enumerate(names) if n in remade[0]]  # maps the explanation makes
         if not compared:
@@ -215,6 +224,14 @@ def _evaluate_group(
         scores = spearman(maps[classified][:, compared], counterparts)
         extend(Metric.SANITY_SPEARMAN, scores, classified, [names[i] for i in compared])
     return out
+
+
+def _ignore(_what: str, _done: int, _total: int) -> None:
+    return None
+
+
+def _curves_label(deletion: bool, insertion: bool) -> str:
+    return "deletion, insertion" if deletion and insertion else "deletion" if deletion else "insertion"
 
 
 def _grid_of(model: nn.Module) -> tuple[int, int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,12 +157,14 @@ def perturbation_curves(
     insertion: bool = True,
     max_batch: int = 256,
     autocast_dtype: torch.dtype | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> PerturbationCurves:
     """Deletion and insertion curves of ``maps`` ``[B, M, gh, gw]`` for ``images`` ``[B, 3, H, W]``.
 
     ``targets[b]`` is the class whose probability is followed; ``tie_breaks`` ``[B, P]`` orders equal
     map values; the canvases are ``[B, 3, H, W]`` (see ``canvas``). Everything runs on ``images``'
-    device, which must be the model's.
+    device, which must be the model's. ``on_progress(done, total)`` follows the forward passes, one
+    call per chunk of ``max_batch`` perturbed images.
     """
     B, M, gh, gw = maps.shape
     P = gh * gw
@@ -215,6 +217,8 @@ def perturbation_curves(
             size //= 2
             continue
         start = stop
+        if on_progress is not None:
+            on_progress(stop, len(image_id))
 
     original, deleted, bare = probs[:B], probs[B : 2 * B], probs[2 * B : 3 * B]
     offset = 3 * B

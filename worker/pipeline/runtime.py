@@ -21,14 +21,17 @@ from worker.keeper import LeaseKeeper
 from worker.models import ModelCache
 from worker.pipeline.artifacts import StoreTarget
 from worker.pipeline.clock import StageClock
-from worker.pipeline.cpu import CpuPool, auto_cpu_workers
+from worker.pipeline.cpu import CpuPool, auto_cpu_workers, compile_kernels
 from worker.pipeline.shard import ShardRules
 
-__all__ = ["Explainer", "Runtime"]
+__all__ = ["Explainer", "Runtime", "ScoreProgress"]
 
 # ``explain_in_batches``'s signature: the compute stage calls whatever the runtime holds, so a
 # benchmark can stand in an infinitely fast device (``bench/bench_pipeline.py --modes null``).
 Explainer = Callable[..., list]
+# (what is being scored, work done, work in all) as a micro-batch's metrics are computed: scoring can
+# take minutes per micro-batch, and a progress bar that counts only finished jobs would stand still.
+ScoreProgress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -54,6 +57,10 @@ class Runtime:
     record_pool: ThreadPoolExecutor
     explainer: Explainer = explain_in_batches
     clock: StageClock = field(default_factory=StageClock)
+    on_score_progress: ScoreProgress | None = None  # set by a caller that shows progress (local runs)
+    # Seconds of one-off start-up work done before any job (``warm_up``): reported on its own, since
+    # charged to the first jobs it would swamp their stage seconds.
+    warmup_seconds: float = 0.0
     # Decoding is CPU-bound and releases the GIL: more images at once than the cores the CPU pool
     # leaves only makes them contend (``worker.cores.decode_threads``), while downloads still run on
     # every fetch thread.
@@ -123,6 +130,13 @@ class Runtime:
                 settings.decode_threads or decode_threads(workers, available_cores())
             ),
         )
+
+    def warm_up(self) -> float:
+        """Compile (or load from cache) the image kernels here and in every CPU-pool process, before
+        the first job; adds the seconds to ``warmup_seconds`` and returns them."""
+        seconds = compile_kernels(self.settings.png_level) + self.cpu.start()
+        self.warmup_seconds += seconds
+        return seconds
 
     @property
     def stage_seconds(self) -> dict[str, float]:

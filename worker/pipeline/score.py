@@ -125,5 +125,6 @@ def score(
         method_settings=tickets[0].settings,
         randomized=randomized,
         autocast_dtype=runtime.autocast,
+        on_progress=runtime.on_score_progress,
     )
     return [[MetricRecord(v.method, v.metric.value, v.value) for v in image] for image in values]

@@ -10,8 +10,10 @@ from common.db.batches import get_batch
 from common.db.jobs import claim_jobs, record_failure, record_success
 from common.db.models import JobState, utcnow
 from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, WorkerIdentity
-from common.db.reports import batch_status, iter_job_results
+from common.db.reports import RESULT_COLUMNS, artifact_column, batch_status, iter_job_results
 from common.db.workers import live_workers, record_heartbeat
+from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
+from producer.report import CSV_COLUMNS
 
 W = WorkerIdentity("gpu-1", "gpu-1:42")
 
@@ -75,12 +77,13 @@ def test_results_stream_one_object_per_job_in_csv_order(db, make_batch) -> None:
         failed = list(iter_job_results(s, batch_id, state=JobState.FAILED))
     assert [r["job_id"] for r in rows] == ids
     first = rows[0]
-    assert first["status"] == "succeeded"
-    assert first["error"] is None
+    assert first["state"] == "succeeded"
+    assert (first["error_class"], first["error_message"]) == (None, None)
     assert first["predictions"][0] == {"index": 0, "label": "class 0", "prob": 0.9}
+    assert (first["top1_index"], first["top1_label"], first["top1_prob"]) == (0, "class 0", 0.9)
     assert first["artifacts"] == {"rollout.npy": "s3://b/0/rollout.npy"}
-    assert set(first["timings"]) >= {"started_at", "finished_at", "fetch_seconds", "compute_seconds"}
-    assert [r["error"] for r in failed] == ["ImageError: not an image"]
+    assert set(first) == {*RESULT_COLUMNS, "predictions", "artifacts", "metadata"}
+    assert [(r["error_class"], r["error_message"]) for r in failed] == [("ImageError", "not an image")]
 
 
 def test_views_join_jobs_with_predictions_and_artifacts(db, make_batch) -> None:
@@ -106,6 +109,31 @@ def test_views_join_jobs_with_predictions_and_artifacts(db, make_batch) -> None:
     ]
     assert preds.scalar() == 4
     assert [tuple(a) for a in arts] == [("rollout.npy", "s3://b/1/rollout.npy")]
+
+
+def test_exports_and_the_job_results_view_share_one_set_of_columns(db, make_batch) -> None:
+    """The names a user meets in `results --format csv/json` are the view's, with the same values."""
+    batch_id, ids = make_batch(3)
+    _finish_batch(db, ids, fail={0})
+    with db.engine.connect() as conn:
+        result = conn.execute(
+            sa.text("SELECT * FROM job_results WHERE batch_id = :b ORDER BY row_number"), {"b": batch_id}
+        )
+        columns = list(result.keys())
+        view = [dict(row._mapping) for row in result]
+    with db.session() as s:
+        jobs = list(iter_job_results(s, batch_id))
+    artifact_columns = {artifact_column(name) for name in (*ARRAY_ARTIFACTS, *IMAGE_ARTIFACTS)}
+    assert [c for c in columns if c != "batch_name" and c not in artifact_columns] == list(RESULT_COLUMNS)
+    assert set(columns) - {"batch_name"} <= set(CSV_COLUMNS)
+    timestamps = {"created_at", "started_at", "finished_at"}
+    for row, job in zip(view, jobs, strict=True):
+        assert {c: row[c] for c in RESULT_COLUMNS if c not in timestamps} == {
+            c: job[c] for c in RESULT_COLUMNS if c not in timestamps
+        }
+        assert {c: row[c] for c in artifact_columns & set(columns) if row[c]} == {
+            artifact_column(name): uri for name, uri in job["artifacts"].items()
+        }
 
 
 def test_live_workers_are_those_with_recent_heartbeats(db) -> None:

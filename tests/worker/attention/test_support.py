@@ -77,7 +77,11 @@ def _with_cross_covariance_attention() -> nn.Module:
 @pytest.mark.parametrize(
     ("build", "name", "reason"),
     [
-        (lambda: timm.create_model("resnet18", pretrained=False), "resnet18", "no transformer `blocks`"),
+        (
+            lambda: timm.create_model("resnet18", pretrained=False),
+            "resnet18",
+            "no transformer `blocks` and no self-attention at all (a convolutional or MLP network",
+        ),
         (
             lambda: timm.create_model(
                 "swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1, 1, 1), embed_dim=32

@@ -148,6 +148,29 @@ def test_batched_evaluation_equals_one_image_at_a_time(trained_model: VisionTran
     assert any(v.metric == Metric.POINTING_GAME for v in together[1])
 
 
+def test_scoring_reports_its_progress_as_it_goes(trained_model: VisionTransformer) -> None:
+    """A progress bar can move while a micro-batch is scored: the curves' forward passes are reported
+    chunk by chunk up to their total, then the sanity check; the values are those of a silent run."""
+    images, _, _ = TASK.sample(3, torch.Generator().manual_seed(5))
+    explanations = explain(trained_model, images, MethodSettings(top_k=1))
+    inputs = [
+        ImageInputs(maps=explanation_maps(e), target=e.target, seed=i) for i, e in enumerate(explanations)
+    ]
+    settings = MetricSettings(families=frozenset(MetricFamily), steps=4, max_batch=5)
+    randomized = randomized_copy(trained_model, blocks=1, seed=5)
+    calls: list[tuple[str, int, int]] = []
+    values = evaluate(
+        trained_model, images, inputs, settings, randomized=randomized, on_progress=lambda *c: calls.append(c)
+    )
+    curves = [(done, total) for what, done, total in calls if what == "deletion, insertion"]
+    total = curves[-1][1]
+    assert len(curves) == -(-total // 5) > 2  # one call per chunk of max_batch forward passes
+    assert [done for done, _ in curves] == sorted({done for done, _ in curves})
+    assert curves[-1] == (total, total)
+    assert calls[-2:] == [("sanity", 0, 1), ("sanity", 1, 1)]
+    assert values == evaluate(trained_model, images, inputs, settings, randomized=randomized)
+
+
 def _keyed(values: list[MetricValue]) -> dict[tuple[str, str], float]:
     return {(v.method, v.metric.value): v.value for v in values}
 

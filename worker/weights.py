@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 
 from common.errors import NotFoundError, UnknownModelError, WeightsUnavailableError
-from common.modelspec import PRETRAINED, ModelSpec
+from common.modelspec import PRETRAINED, ModelSpec, is_transformers_model
 
 __all__ = ["build_model", "check_arch", "check_pretrained_available"]
 
@@ -112,9 +112,10 @@ def check_pretrained_available(spec: ModelSpec, *, weights_dir: Path | None) -> 
     for ``spec`` (not in ``weights_dir``, not cached, download host unreachable), without building it.
 
     Seconds per model at most, so a local run can name every model it cannot load before it spends a
-    minute loading the others. Other weight sources (files, s3://, hub ids) are checked when loaded.
+    minute loading the others. Other weight sources (files, s3://, hub ids, ``hf:`` transformers
+    models, whose loader gives its own offline error) are checked when loaded.
     """
-    if spec.weights != PRETRAINED or spec.arch.startswith(_HF_HUB_PREFIX):
+    if spec.weights != PRETRAINED or spec.arch.startswith(_HF_HUB_PREFIX) or is_transformers_model(spec.arch):
         return
     if _find_in_weights_dir(spec.arch, weights_dir) is not None:
         return

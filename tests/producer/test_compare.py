@@ -333,7 +333,7 @@ def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
     assert result.exit_code == 1, result.output
     batch_id = result.stdout.strip().splitlines()[-1]
     jobs = json.loads(_invoke("results", batch_id, "--format", "json", database_url=sqlite_url).stdout)
-    errors = {job["id"]: job["error"] for job in jobs}
+    errors = {job["row_id"]: f"{job['error_class']}: {job['error_message']}" for job in jobs}
     uris = {"local": outside.as_uri(), "bucket": "s3://elsewhere/mask.png"}
     for row_id, uri in uris.items():
         assert errors[row_id].startswith("ImageFetchRefusedError: mask_uri: "), errors[row_id]

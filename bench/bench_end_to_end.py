@@ -126,6 +126,7 @@ def main() -> None:
             batch_size=args.batch_size,
             device="cpu",
             file_roots=[work / "files"],  # what `--local` allows by default: the CSV's folder
+            s3_sources=[f"{bucket}/embedded"],  # results are local: S3 inputs need naming (docs/security.md)
         )
         runtime = Runtime.from_settings(embedded, db=open_database(embedded))
         try:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import sqlalchemy as sa
 import typer
@@ -74,12 +74,34 @@ if TYPE_CHECKING:
 
 __all__ = ["app", "main"]
 
+
+class _Command(typer.core.TyperCommand):
+    """A command whose flags typer adds itself (``--help``) are listed as flags, like ``_flag``'s."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:  # typer's vendored click.Parameter
+        return _bare_flags(super().get_params(ctx))
+
+
+class _Group(typer.core.TyperGroup):
+    """The same for a group's ``--help``, ``--install-completion`` and ``--show-completion``."""
+
+    def get_params(self, ctx: typer.Context) -> list[Any]:  # typer's vendored click.Parameter
+        return _bare_flags(super().get_params(ctx))
+
+
+def _bare_flags(params: list[Any]) -> list[Any]:
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""  # typer would label it ``<bool>``, as if it took a value
+    return params
+
+
 app = typer.Typer(
-    help="Submit ViT attention-explanation batches and read their results.", no_args_is_help=True
+    cls=_Group, help="Submit ViT attention-explanation batches and read their results.", no_args_is_help=True
 )
-db_app = typer.Typer(help="Database schema migrations (Alembic).", no_args_is_help=True)
+db_app = typer.Typer(cls=_Group, help="Database schema migrations (Alembic).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-shards_app = typer.Typer(help="Artifact shards (docs/storage.md).", no_args_is_help=True)
+shards_app = typer.Typer(cls=_Group, help="Artifact shards (docs/storage.md).", no_args_is_help=True)
 app.add_typer(shards_app, name="shards")
 
 # No emoji codes: ":warning:" in an id is text to show (``producer.terminal_text`` does the rest).
@@ -119,7 +141,7 @@ def _progress() -> Progress:
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def submit(
     dataset: Annotated[Path, typer.Argument(help="CSV with an image_uri column (see README).")],
     models: Annotated[
@@ -491,7 +513,7 @@ def _follow(db: Database, batch_id: str, poll_seconds: float = 1.0) -> int:
     return 1 if status.counts[JobState.FAILED] else 0
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     watch: Annotated[bool, _flag("--watch", help="Refresh every 2 s until the batch is done.")] = False,
@@ -515,7 +537,7 @@ def status(
         raise _fail(str(exc)) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def results(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     model: Annotated[str | None, typer.Option(help="Only this model's jobs.")] = None,
@@ -596,7 +618,7 @@ def _require_match(
             raise NotFoundError(_nothing_matched(session, found.id, models=models or (), states=states or ()))
 
 
-@app.command()
+@app.command(cls=_Command)
 def batches(
     limit: Annotated[int, typer.Option(help="How many of the newest batches to list.")] = 20,
 ) -> None:
@@ -610,7 +632,7 @@ def batches(
         raise _fail(str(exc)) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def compare(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json (a list of objects).")] = "table",
@@ -650,7 +672,7 @@ def compare(
         raise _fail(str(exc)) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def resume(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     local: Annotated[
@@ -687,7 +709,7 @@ def resume(
         raise _fail(str(exc)) from None
 
 
-@app.command(hidden=True)
+@app.command(cls=_Command, hidden=True)
 def retry(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     local: Annotated[bool, _flag("--local", help="Run the jobs in this process.")] = False,
@@ -803,7 +825,7 @@ def _states(option: str | None) -> tuple[JobState, ...] | None:
     return tuple(JobState(name) for name in names)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the site into (created).")],
@@ -864,7 +886,7 @@ def _report_progress() -> Progress:
     )
 
 
-@app.command()
+@app.command(cls=_Command)
 def figures(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the figures into (created).")],
@@ -894,7 +916,7 @@ def figures(
         out.print(literal(path))
 
 
-@app.command()
+@app.command(cls=_Command)
 def artifacts(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to write the files into (created).")],
@@ -917,7 +939,7 @@ def artifacts(
     out.print(str(out_dir))
 
 
-@shards_app.command("orphans")
+@shards_app.command("orphans", cls=_Command)
 def shards_orphans(
     older_than: Annotated[
         float, typer.Option(help="Only shards written more than this many hours ago (their commit is over).")
@@ -948,7 +970,7 @@ def shards_orphans(
         raise _fail(str(exc)) from None
 
 
-@db_app.command("upgrade")
+@db_app.command("upgrade", cls=_Command)
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: the newest)."""
     url = get_settings().resolved_database_url()
@@ -956,14 +978,14 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     err.print(f"database at {literal(revision)}")
 
 
-@db_app.command("downgrade")
+@db_app.command("downgrade", cls=_Command)
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
     """Revert migrations down to REVISION."""
     downgrade(get_settings().resolved_database_url(), revision)
     err.print(f"database at {literal(revision)}")
 
 
-@db_app.command("current")
+@db_app.command("current", cls=_Command)
 def db_current() -> None:
     """Print the database's schema revision and the newest one."""
     try:

@@ -23,7 +23,7 @@ from common.db import Database
 from common.db.batches import add_jobs, create_batch, iter_queued_jobs, mark_published
 from common.db.jobs import republish_queued
 from common.db.records import NewJob, QueuedJob
-from common.errors import InvalidDatasetError, VitscopeError
+from common.errors import ImageFetchRefusedError, InvalidDatasetError, VitscopeError
 from common.keys import config_fingerprint, new_batch_id
 from common.local_files import FileRoots
 from common.methods import MethodSettings, Preprocess
@@ -132,13 +132,18 @@ class RowChecks:
 
         def check(row: DatasetRow) -> None:
             if self.file_roots is not None:
-                for uri in (row.image_uri, row.metadata.get(MASK_COLUMN) or ""):
+                for column, uri in (
+                    ("", row.image_uri),
+                    (f"{MASK_COLUMN}: ", row.metadata.get(MASK_COLUMN) or ""),
+                ):
                     if uri.startswith("file:"):
                         try:
                             path = file_uri_path(uri)
+                            self.file_roots.check(uri, path)
                         except ValueError as exc:  # file://otherhost/x
-                            raise InvalidDatasetError(str(exc)) from None
-                        self.file_roots.check(uri, path)
+                            raise InvalidDatasetError(f"{column}{exc}") from None
+                        except ImageFetchRefusedError as exc:  # the mask's column named, as the worker does
+                            raise type(exc)(f"{column}{exc}") from None
             if not (self.targets and row.target):
                 return
             for name in row.models or default_models:

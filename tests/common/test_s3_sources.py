@@ -178,13 +178,13 @@ def test_a_run_refuses_other_buckets_and_the_results_prefix_and_submit_warns(
         env=env,
         catch_exceptions=False,
     )
-    jobs = {job["id"]: job for job in json.loads(listed.stdout)}
-    assert jobs["mine"]["status"] == "succeeded"
+    jobs = {job["row_id"]: job for job in json.loads(listed.stdout)}
+    assert jobs["mine"]["state"] == "succeeded"
     for refused in ("theirs", "crop", "title"):
-        assert jobs[refused]["status"] == "failed"
-        assert jobs[refused]["error"].startswith("ImageFetchRefusedError: ")
+        assert jobs[refused]["state"] == "failed"
+        assert jobs[refused]["error_class"] == "ImageFetchRefusedError"
         assert jobs[refused]["image_sha256"] is None  # never read: nothing of it is known
-    assert "results store" in jobs["crop"]["error"]
+    assert "results store" in jobs["crop"]["error_message"]
     logged = [
         record.getMessage()
         for record in caplog.records

@@ -311,10 +311,10 @@ def test_the_sanity_layers_setting_reaches_the_worker(
     assert means["cascade"]["grad_rollout"] != pytest.approx(means["blocks"]["grad_rollout"], abs=1e-6)
 
 
-def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
+def test_a_local_mask_outside_the_roots_is_refused_at_submit_naming_its_line_and_column(
     tmp_path: Path, sqlite_url: str
 ) -> None:
-    """A mask outside the dataset's folder, or in a bucket no S3 source allows: ImageFetchRefusedError."""
+    """A local run knows its own file roots: the row is refused before any model loads (exit 2)."""
     from PIL import Image
 
     written = write_task_images(tmp_path / "data" / "images", 2, seed=6)
@@ -322,7 +322,28 @@ def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
     outside.parent.mkdir()
     Image.new("L", Image.open(written[0][0]).size, 255).save(outside)
     rows = ["id,image_uri,mask_uri"]
+    rows.append(f"inside,images/{written[1][0].name},")
     rows.append(f"local,images/{written[0][0].name},../outside/mask.png")
+    (tmp_path / "data" / "regions.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "models.toml").write_text(models_file_entry("squares"))
+    result = _invoke(
+        "submit", str(tmp_path / "data" / "regions.csv"), "--local", "--models", "squares",
+        "--models-file", str(tmp_path / "models.toml"), "--metrics", "localization", database_url=sqlite_url,
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert f"line 3: mask_uri: {outside.as_uri()} leads outside" in result.output
+    assert "VITSCOPE_FILE_ROOTS" in result.output
+    assert "nothing was submitted" in result.output
+    assert result.output.count(outside.as_uri()) == 1
+
+
+def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """A mask in a bucket no S3 source allows: the worker fails that job with ImageFetchRefusedError."""
+    written = write_task_images(tmp_path / "data" / "images", 2, seed=6)
+    rows = ["id,image_uri,mask_uri"]
+    rows.append(f"plain,images/{written[0][0].name},")
     rows.append(f"bucket,images/{written[1][0].name},s3://elsewhere/mask.png")
     (tmp_path / "data" / "regions.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "models.toml").write_text(models_file_entry("squares"))
@@ -333,10 +354,10 @@ def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
     assert result.exit_code == 1, result.output
     batch_id = result.stdout.strip().splitlines()[-1]
     jobs = json.loads(_invoke("results", batch_id, "--format", "json", database_url=sqlite_url).stdout)
-    errors = {job["row_id"]: f"{job['error_class']}: {job['error_message']}" for job in jobs}
-    uris = {"local": outside.as_uri(), "bucket": "s3://elsewhere/mask.png"}
-    for row_id, uri in uris.items():
-        assert errors[row_id].startswith("ImageFetchRefusedError: mask_uri: "), errors[row_id]
-        assert errors[row_id].count(uri) == 1, errors[row_id]
-    assert "VITSCOPE_FILE_ROOTS" in errors["local"]
-    assert "VITSCOPE_S3_SOURCES" in errors["bucket"]
+    states = {job["row_id"]: job["state"] for job in jobs}
+    assert states == {"plain": "succeeded", "bucket": "failed"}
+    (refused,) = (job for job in jobs if job["row_id"] == "bucket")
+    error = f"{refused['error_class']}: {refused['error_message']}"
+    assert error.startswith("ImageFetchRefusedError: mask_uri: "), error
+    assert error.count("s3://elsewhere/mask.png") == 1, error
+    assert "VITSCOPE_S3_SOURCES" in error

@@ -175,7 +175,7 @@ def test_the_status_view_shows_the_name_and_failures_literally_on_a_terminal(hos
         status = batch_status(session, get_batch(session, hostile.batch_id))
     db.dispose()
     console = _terminal()
-    console.print(status_view(status, workers=None))
+    console.print(status_view(status, workers=None, width=console.width))  # as `status` does
     shown = console.file.getvalue()
     _no_live_sequences(shown)
     assert show_controls(NAME) in shown

@@ -328,7 +328,7 @@ def test_every_stored_map_matches_transformers_own_attention_and_gradients(
 ) -> None:
     for index, image in enumerate(batch.images):
         job = batch.jobs[family.name, image.name]
-        assert job["status"] == "succeeded", job
+        assert job["state"] == "succeeded", job
         target = TARGET_INDICES[index] if family.has_head else None
         reference = _reference(family, batch.folders[family.name], image, target)
         stored = {

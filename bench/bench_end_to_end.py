@@ -63,10 +63,16 @@ def core_rate(runtime: Runtime, bucket: str, count: int, model: str, batch_size:
         data = s3.get_object(Bucket=bucket, Key=f"core/{i}.jpg")["Body"].read()
         images.append(loaded.preprocessor(decode_image(data, max_pixels=10**8)))
     batch = torch.stack(images)
-    explain_in_batches(loaded.model, batch[:batch_size], MethodSettings(), batch_size=batch_size)  # warm-up
-    start = time.perf_counter()
+    # One whole pass to warm up: the first passes run 20-30 % slower (allocator, oneDNN's kernel
+    # choices), which made compute alone look slower than the pipelines timed after it. Then the
+    # best of three, so the pipelines are compared with the most the model can do.
     explain_in_batches(loaded.model, batch, MethodSettings(), batch_size=batch_size)
-    return count / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        explain_in_batches(loaded.model, batch, MethodSettings(), batch_size=batch_size)
+        best = min(best, time.perf_counter() - start)
+    return count / best
 
 
 def local_rate(runtime: Runtime, csv: Path, options: SubmitOptions) -> float:

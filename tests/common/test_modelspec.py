@@ -133,6 +133,12 @@ num_classes = 10
         ),
         ("[other]\n", "no \\[models.<name>\\] tables"),
         ("[models.x\n", "invalid TOML"),
+        # transformers models (hf:): the folder or hub id holds the weights and the preprocessing
+        ("[models.x]\narch = 'vit_tiny_patch16_224'\ntransformers = 'a/b'\n", "both arch and transformers"),
+        ("[models.x]\ntransformers = ''\n", "transformers must be a hub id or folder"),
+        ("[models.x]\ntransformers = 'a/b'\nweights = 's3://bucket/w.safetensors'\n", "holds the weights"),
+        ("[models.x]\ntransformers = 'a/b'\nimg_size = 384\n", "config.json and image-processor"),
+        ("[models.x]\ntransformers = 'a/b'\nmodel_args = { depth = 2 }\n", "config.json and image-processor"),
     ],
 )
 def test_models_file_errors(tmp_path: Path, toml: str, message: str) -> None:
@@ -196,23 +202,6 @@ weights = "random"
     assert models["mine"].arch == f"hf:{tmp_path / 'checkpoints' / 'fine-tuned'}"
     assert (models["mine"].labels, models["mine"].num_classes) == (("healthy", "lesion"), 2)
     assert (models["clip"].arch, models["clip"].weights) == ("hf:openai/clip-vit-base-patch32", "random")
-
-
-@pytest.mark.parametrize(
-    ("toml", "message"),
-    [
-        ("[models.x]\narch = 'vit_tiny_patch16_224'\ntransformers = 'a/b'\n", "both arch and transformers"),
-        ("[models.x]\ntransformers = ''\n", "transformers must be a hub id or folder"),
-        ("[models.x]\ntransformers = 'a/b'\nweights = 's3://bucket/w.safetensors'\n", "holds the weights"),
-        ("[models.x]\ntransformers = 'a/b'\nimg_size = 384\n", "config.json and image-processor"),
-        ("[models.x]\ntransformers = 'a/b'\nmodel_args = { depth = 2 }\n", "config.json and image-processor"),
-    ],
-)
-def test_models_file_transformers_errors(tmp_path: Path, toml: str, message: str) -> None:
-    path = tmp_path / "models.toml"
-    path.write_text(toml)
-    with pytest.raises(InvalidModelSpecError, match=message):
-        load_models_file(path)
 
 
 def test_a_weights_override_that_a_transformers_model_cannot_use_is_refused() -> None:

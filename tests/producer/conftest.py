@@ -33,11 +33,16 @@ class ReportBatch:
     reused_batch_id: str  # the first model again: every readable image reused
 
     def invoke(self, *args: str):
+        return invoke_in(self.env, *args)
+
+
+def invoke_in(env: dict[str, str], *args: str):
+    """``producer ARGS`` with ``env``, settings read afresh before and forgotten after."""
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+    finally:
         get_settings.cache_clear()
-        try:
-            return CliRunner().invoke(app, list(args), env=self.env, catch_exceptions=False)
-        finally:
-            get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

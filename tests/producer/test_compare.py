@@ -311,25 +311,32 @@ def test_the_sanity_layers_setting_reaches_the_worker(
     assert means["cascade"]["grad_rollout"] != pytest.approx(means["blocks"]["grad_rollout"], abs=1e-6)
 
 
+def _submit_masks(tmp_path: Path, database_url: str, masks: dict[str, str]):
+    """``submit --local`` of one task image per row id, each with its ``mask_uri`` (may be empty)."""
+    written = write_task_images(tmp_path / "data" / "images", len(masks), seed=6)
+    rows = ["id,image_uri,mask_uri"]
+    rows += [
+        f"{row_id},images/{image.name},{mask}"
+        for (row_id, mask), (image, _, _) in zip(masks.items(), written, strict=True)
+    ]
+    (tmp_path / "data" / "regions.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "models.toml").write_text(models_file_entry("squares"))
+    return _invoke(
+        "submit", str(tmp_path / "data" / "regions.csv"), "--local", "--models", "squares",
+        "--models-file", str(tmp_path / "models.toml"), "--metrics", "localization", database_url=database_url,
+    )  # fmt: skip
+
+
 def test_a_local_mask_outside_the_roots_is_refused_at_submit_naming_its_line_and_column(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     """A local run knows its own file roots: the row is refused before any model loads (exit 2)."""
     from PIL import Image
 
-    written = write_task_images(tmp_path / "data" / "images", 2, seed=6)
     outside = tmp_path / "outside" / "mask.png"
     outside.parent.mkdir()
-    Image.new("L", Image.open(written[0][0]).size, 255).save(outside)
-    rows = ["id,image_uri,mask_uri"]
-    rows.append(f"inside,images/{written[1][0].name},")
-    rows.append(f"local,images/{written[0][0].name},../outside/mask.png")
-    (tmp_path / "data" / "regions.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "models.toml").write_text(models_file_entry("squares"))
-    result = _invoke(
-        "submit", str(tmp_path / "data" / "regions.csv"), "--local", "--models", "squares",
-        "--models-file", str(tmp_path / "models.toml"), "--metrics", "localization", database_url=sqlite_url,
-    )  # fmt: skip
+    Image.new("L", (64, 64), 255).save(outside)  # never opened: refused by where it lies
+    result = _submit_masks(tmp_path, sqlite_url, {"inside": "", "local": "../outside/mask.png"})
     assert result.exit_code == 2, result.output
     assert f"line 3: mask_uri: {outside.as_uri()} leads outside" in result.output
     assert "VITSCOPE_FILE_ROOTS" in result.output
@@ -341,16 +348,7 @@ def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
     tmp_path: Path, sqlite_url: str
 ) -> None:
     """A mask in a bucket no S3 source allows: the worker fails that job with ImageFetchRefusedError."""
-    written = write_task_images(tmp_path / "data" / "images", 2, seed=6)
-    rows = ["id,image_uri,mask_uri"]
-    rows.append(f"plain,images/{written[0][0].name},")
-    rows.append(f"bucket,images/{written[1][0].name},s3://elsewhere/mask.png")
-    (tmp_path / "data" / "regions.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "models.toml").write_text(models_file_entry("squares"))
-    result = _invoke(
-        "submit", str(tmp_path / "data" / "regions.csv"), "--local", "--models", "squares",
-        "--models-file", str(tmp_path / "models.toml"), "--metrics", "localization", database_url=sqlite_url,
-    )  # fmt: skip
+    result = _submit_masks(tmp_path, sqlite_url, {"plain": "", "bucket": "s3://elsewhere/mask.png"})
     assert result.exit_code == 1, result.output
     batch_id = result.stdout.strip().splitlines()[-1]
     jobs = json.loads(_invoke("results", batch_id, "--format", "json", database_url=sqlite_url).stdout)
@@ -361,3 +359,41 @@ def test_a_refused_mask_fails_like_a_refused_image_without_repeating_its_uri(
     assert error.startswith("ImageFetchRefusedError: mask_uri: "), error
     assert error.count("s3://elsewhere/mask.png") == 1, error
     assert "VITSCOPE_S3_SOURCES" in error
+
+
+def test_a_local_run_with_metrics_shows_scoring_as_it_goes(
+    square_dataset: tuple[Path, Path], sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bar's line names what is being scored and how far it is, between the jobs' ticks, then
+    goes back to "explaining": scoring a micro-batch takes minutes on a large model."""
+    import producer.cli
+
+    dataset, models = square_dataset
+    descriptions: list[str] = []
+    make_progress = producer.cli._progress
+
+    def recording_progress():
+        progress = make_progress()
+        update = progress.update
+
+        def recorded(task, **fields):
+            if "description" in fields:
+                descriptions.append(fields["description"])
+            return update(task, **fields)
+
+        progress.update = recorded  # type: ignore[method-assign]
+        return progress
+
+    monkeypatch.setattr(producer.cli, "_progress", recording_progress)
+    result = _invoke(
+        "submit", str(dataset), "--local", "--models", "squares", "--models-file", str(models),
+        "--metrics", "deletion,sanity", database_url=sqlite_url,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    curves = [d for d in descriptions if d.startswith("explaining · scoring (deletion) ")]
+    sanity = [d for d in descriptions if d.startswith("explaining · scoring (sanity) ")]
+    assert curves, descriptions
+    assert sanity, descriptions
+    counts = [tuple(int(n) for n in d.rsplit(" ", 1)[1].split("/")) for d in curves]
+    assert all(0 < done < total for done, total in counts)  # a finished step shows "explaining" again
+    assert descriptions[-1] == "explaining"

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
 from common.db.metrics import MetricSummary
-from common.settings import get_settings
-from producer.cli import app
 from producer.compare import compare_table, write_compare_csv
 from producer.report import results_table
 from producer.terminal_text import show_controls, terminal_literal
-from tests.producer.conftest import _write_image
+from tests.producer.conftest import _write_image, invoke_in
 
 CLOSING = "[/x]"
 LINK = "[link=https://example.invalid/]click me[/link]"
@@ -50,11 +47,7 @@ class HostileBatch:
     batch_id: str
 
     def invoke(self, *args: str):
-        get_settings.cache_clear()
-        try:
-            return CliRunner().invoke(app, list(args), env=self.env, catch_exceptions=False)
-        finally:
-            get_settings.cache_clear()
+        return invoke_in(self.env, *args)
 
 
 @pytest.fixture(scope="module")

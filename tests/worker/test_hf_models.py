@@ -558,17 +558,6 @@ def test_families_without_one_attention_map_per_block_are_refused_with_the_reaso
 # --- offline --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def unreachable_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The hub at a closed local port and an empty hub cache: offline, even on a machine that is not."""
-    from tests.worker.test_models import closed_port_url
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed_port_url())
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-
-
 @pytest.mark.usefixtures("unreachable_hub")
 def test_an_offline_hub_id_fails_fast_naming_random_if_offline(tmp_path: Path) -> None:
     started = time.monotonic()

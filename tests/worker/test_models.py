@@ -8,7 +8,6 @@ empty hub cache), so they behave the same on a machine that is online.
 from __future__ import annotations
 
 import argparse
-import socket
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -65,12 +64,6 @@ def assert_weights_equal(model: torch.nn.Module, expected: Mapping[str, torch.Te
         assert torch.equal(actual[key], tensor), key
 
 
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 @pytest.fixture(scope="module")
 def state() -> StateDict:
     """A 3-class deit_tiny state dict, the custom checkpoint most tests load."""
@@ -81,16 +74,6 @@ def state() -> StateDict:
 def imagenet_state() -> StateDict:
     """A deit_tiny state dict with timm's own 1000-class head, standing in for downloaded weights."""
     return tiny_state(num_classes=None, seed=1)
-
-
-@pytest.fixture
-def unreachable_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """The hub at a closed local port and an empty hub cache: offline, even on a machine that is not."""
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed_port_url())
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 # --- random weights ---------------------------------------------------------------------------------

@@ -308,11 +308,24 @@ class S3Store:
                     raise ObjectTooLargeError(
                         f"s3://{self.bucket}/{object_key} is {size} bytes, over the limit of {max_bytes}"
                     )
-            body = self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"]
+            answer = self.client.get_object(Bucket=self.bucket, Key=object_key)
+            body = answer["Body"]
             try:
-                return body.read() if max_bytes is None else body.read(max_bytes + 1)
+                data = body.read() if max_bytes is None else body.read(max_bytes + 1)
             finally:
                 body.close()
+            # botocore checks the length only of a read to the end: a capped read of a connection
+            # that dropped mid-body returns what arrived, and a cut-off image must not be decoded.
+            expected = answer.get("ContentLength")
+            if (
+                expected is not None
+                and len(data) < expected
+                and (max_bytes is None or len(data) <= max_bytes)
+            ):
+                raise StorageUnavailableError(
+                    f"s3://{self.bucket}/{object_key} broke off after {len(data)} of {expected} bytes"
+                )
+            return data
 
         data = self._retrying(object_key, download)
         if max_bytes is not None and len(data) > max_bytes:
@@ -329,16 +342,17 @@ class S3Store:
             )
             body = answer["Body"]
             try:
-                return body.read(length + 1)
+                data = body.read(length + 1)
             finally:
                 body.close()
+            if len(data) != length:  # inside the retry: a connection that dropped mid-body
+                raise StorageUnavailableError(
+                    f"s3://{self.bucket}/{object_key} gave {len(data)} bytes at offset {offset}, "
+                    f"not the {length} asked"
+                )
+            return data
 
-        data = self._retrying(object_key, download)
-        if len(data) != length:
-            raise StorageUnavailableError(
-                f"s3://{self.bucket}/{object_key} gave {len(data)} bytes at offset {offset}, not the {length} asked"
-            )
-        return data
+        return self._retrying(object_key, download)
 
     def list_objects(self, object_prefix: str = "") -> list[str]:
         """Full keys in the bucket starting with ``object_prefix``, sorted."""

@@ -11,6 +11,7 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
 )
@@ -71,9 +72,10 @@ def translate_s3_error(
         return _from_client_error(exc, bucket=bucket, where=where)
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         return StorageConfigError(f"no usable S3 credentials for bucket {bucket!r}: {exc}")
-    if isinstance(exc, BotoConnectionError | HTTPClientError):
-        # Refused or reset connections, DNS failures, connect and read timeouts: after botocore's
-        # own retries, still worth retrying the job later.
+    if isinstance(exc, BotoConnectionError | HTTPClientError | IncompleteReadError):
+        # Refused or reset connections, DNS failures, connect and read timeouts, and a body cut off
+        # before its Content-Length (the connection dropped mid-download): after botocore's own
+        # retries, still worth retrying the job later.
         return StorageUnavailableError(f"S3 endpoint unreachable for {where}: {exc}")
     return StorageConfigError(f"S3 client misconfigured for bucket {bucket!r}: {exc}")
 

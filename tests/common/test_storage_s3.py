@@ -21,6 +21,7 @@ import pytest
 from botocore.exceptions import (
     ClientError,
     EndpointConnectionError,
+    IncompleteReadError,
     NoCredentialsError,
     ReadTimeoutError,
 )
@@ -175,6 +176,81 @@ def test_an_unreachable_endpoint_is_transient_and_fails_fast(
     assert time.monotonic() - started < 30
 
 
+class _TruncatingS3:
+    """An HTTP endpoint whose first ``cut`` GET answers promise 1000 bytes, send 10 and hang up —
+    what a worker saw when S3 went away mid-download — and whose later answers are whole."""
+
+    BODY = bytes(range(256)) * 3 + bytes(232)
+
+    def __init__(self, cut: int) -> None:
+        import http.server
+
+        outer = self
+        self.cut, self.gets = cut, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                outer.gets += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(outer.BODY)))
+                self.end_headers()
+                if outer.gets <= outer.cut:
+                    self.wfile.write(outer.BODY[:10])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.wfile.write(outer.BODY)
+
+            def do_HEAD(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(outer.BODY)))
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_READS: dict[str, Callable[[S3Store], Callable[[], bytes]]] = {
+    "get": lambda store: lambda: store.get("k.png"),
+    "capped": lambda store: lambda: store.read_object("k.png", max_bytes=10_000),  # an image source
+    "ranged": lambda store: lambda: store.read_object("k.png", byte_range=(0, 1000)),  # a shard member
+}
+
+
+@pytest.mark.parametrize("read", list(_READS))
+def test_a_download_cut_off_mid_body_is_transient_and_retried(
+    s3_env: str, monkeypatch: pytest.MonkeyPatch, read: str
+) -> None:
+    endpoint = _TruncatingS3(cut=10**6)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.url)
+    try:
+        store = S3Store("bucket", max_attempts=1, read_timeout=5, retry_seconds=0)
+        store._bucket_exists = True
+        fetch = _READS[read](store)
+        with pytest.raises(StorageUnavailableError):  # not a configuration error failing the job
+            fetch()
+        assert endpoint.gets >= 1
+        endpoint.cut, endpoint.gets = 1, 0  # the next download is whole: the store's own retry gets it
+        store = S3Store("bucket", max_attempts=1, read_timeout=5, retry_seconds=30)
+        store._bucket_exists = True
+        fetch = _READS[read](store)
+        assert fetch() == _TruncatingS3.BODY
+        assert endpoint.gets == 2
+    finally:
+        endpoint.close()
+
+
 @pytest.mark.parametrize("operation", list(STORE_OPERATIONS))
 def test_a_missing_bucket_is_a_permanent_error_naming_the_bucket(s3_env: str, operation: str) -> None:
     bucket = f"missing-{uuid.uuid4().hex[:12]}"
@@ -240,6 +316,8 @@ def _error_id(value: object) -> str:
         (_client_error("RequestTimeout", 400), StorageUnavailableError),
         (EndpointConnectionError(endpoint_url="http://minio:9000"), StorageUnavailableError),
         (ReadTimeoutError(endpoint_url="http://minio:9000"), StorageUnavailableError),
+        # a download whose connection dropped mid-body (seen when S3 went away during a GET)
+        (IncompleteReadError(actual_bytes=0, expected_bytes=12074), StorageUnavailableError),
         (NoCredentialsError(), StorageConfigError),
     ],
     ids=lambda value: _error_id(value),

@@ -84,8 +84,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
 def _jet_table() -> tuple[np.ndarray, int]:
     """matplotlib's jet lookup table ``[N + 3, 3]`` float64 (the last three rows: under, over, bad) and N."""
     colormap = matplotlib.colormaps["jet"]
-    colormap._init()  # builds ``_lut``; calling the colormap does the same on first use
-    return np.ascontiguousarray(colormap._lut[:, :3], dtype=np.float64), colormap.N
+    rows = [colormap(np.arange(colormap.N)), colormap.get_under(), colormap.get_over(), colormap.get_bad()]
+    table = np.vstack([np.asarray(row, dtype=np.float64).reshape(-1, 4)[:, :3] for row in rows])
+    return np.ascontiguousarray(table), colormap.N
 
 
 def _jet_indices(values: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The SQL side of vitscope: schema (``models``), sessions and migrations (``session``), and the
-functions that read and change job state (``repository``)."""
+functions that read and change state: ``jobs`` (claims, leases, outcomes), ``batches``,
+``workers``, ``reports`` and ``metrics`` (queries for the commands that show results)."""
 
 from __future__ import annotations
 

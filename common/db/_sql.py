@@ -1,4 +1,4 @@
-"""Small SQL helpers shared by the repository modules."""
+"""Small SQL helpers shared by the query modules (jobs, batches, workers, reports, metrics)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Plain records passed between the producer, the worker and the repository functions."""
+"""Plain records passed between the producer, the worker and the query functions of ``common.db``."""
 
 from __future__ import annotations
 

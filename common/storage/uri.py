@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -21,13 +22,23 @@ from common.errors import ObjectTooLargeError
 from common.storage.base import ObjectStore
 from common.storage.local import LocalStore, list_files, read_file, read_file_range
 from common.storage.memory import MemoryStore, read_memory_object, read_memory_range
-from common.storage.s3 import S3Store
 from common.storage.shards import MemberRef, parse_member_uri
+
+if TYPE_CHECKING:
+    from common.storage.s3 import S3Store
 
 __all__ = ["file_uri_path", "list_uri", "open_store", "read_uri", "uri_scheme"]
 
 _SUPPORTED = "file:///absolute/dir (or a plain directory path), s3://bucket[/prefix] or memory://name"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _s3_store(bucket: str, prefix: str = "", **options: object) -> S3Store:
+    """An ``S3Store``, importing boto3 only now: it is a quarter of the producer's start-up, and
+    most commands (``status``, ``results``, a local run on files) never talk to S3."""
+    from common.storage.s3 import S3Store
+
+    return S3Store(bucket, prefix, **options)  # type: ignore[arg-type]
 
 
 def uri_scheme(uri: str) -> str:
@@ -53,7 +64,7 @@ def open_store(url: str, *, upload_threads: int = 8, retry_seconds: float | None
         bucket, _, prefix = _after_scheme(url).partition("/")
         if not bucket:
             raise ValueError(f"storage URL {url!r} names no bucket: use s3://bucket[/prefix]")
-        return S3Store(bucket, prefix, upload_threads=upload_threads, retry_seconds=retry_seconds)
+        return _s3_store(bucket, prefix, upload_threads=upload_threads, retry_seconds=retry_seconds)
     if scheme == "memory":
         name, _, rest = _after_scheme(url).partition("/")
         if rest:
@@ -85,7 +96,7 @@ def read_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
         if not container or not key:
             raise ValueError(f"{uri!r} does not name an object: use {scheme}://<name>/<key>")
         if scheme == "s3":
-            return S3Store(container).read_object(key, max_bytes=max_bytes)
+            return _s3_store(container).read_object(key, max_bytes=max_bytes)
         return read_memory_object(container, key, max_bytes=max_bytes)
     raise ValueError(f"cannot read {uri!r}: use an s3://, file:// or memory:// URI or a local path")
 
@@ -101,7 +112,7 @@ def _read_member(member: MemberRef, *, max_bytes: int | None) -> bytes:
     if not container or not key:
         raise ValueError(f"{member.uri!r} does not name a shard: use {scheme}://<name>/<key>#member=…")
     if scheme == "s3":
-        return S3Store(container).read_object(key, byte_range=(member.offset, member.length))
+        return _s3_store(container).read_object(key, byte_range=(member.offset, member.length))
     return read_memory_range(container, key, member.offset, member.length)
 
 
@@ -126,7 +137,7 @@ def list_uri(prefix_uri: str) -> list[str]:
         if not container:
             raise ValueError(f"{prefix_uri!r} names no bucket or store: use {scheme}://<name>/<prefix>")
         if scheme == "s3":
-            return [f"s3://{container}/{key}" for key in S3Store(container).list_objects(prefix)]
+            return [f"s3://{container}/{key}" for key in _s3_store(container).list_objects(prefix)]
         store = MemoryStore(container)
         return [store.uri(key) for key in store.list(prefix)]
     raise ValueError(f"cannot list {prefix_uri!r}: use an s3://, file:// or memory:// URI or a local path")

@@ -24,10 +24,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError
-
 from common.errors import StorageConfigError
 from common.storage import read_uri
 from common.storage.shards import parse_member_uri
@@ -111,6 +107,10 @@ class PresignedLinks:
         _refuse_member(uri, "presigned")
         bucket, _, key = uri.split("://", 1)[1].partition("/")
         if self._client is None:
+            import boto3  # here: the producer's other commands start faster without it
+            from botocore.config import Config
+            from botocore.exceptions import BotoCoreError
+
             try:
                 self._client = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
             except (BotoCoreError, ValueError) as exc:

@@ -1,5 +1,6 @@
 """The producer runs where torch is not installed: it must never import torch, timm, transformers or
-worker code (also for ``hf:`` names, which it routes to the transformers queue)."""
+worker code (also for ``hf:`` names, which it routes to the transformers queue). A submit that
+does not talk to S3 does not import boto3 either: it was a quarter of the command's start-up."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ SCRIPT = textwrap.dedent(
         m for m in sys.modules if m.split(".")[0] in ("torch", "timm", "torchvision", "transformers", "worker")
     )
     print("HEAVY:", heavy)
+    print("S3:", sorted(m for m in sys.modules if m.split(".")[0] in ("boto3", "botocore", "s3transfer")))
     """
 )
 
@@ -43,6 +45,7 @@ def test_distributed_submit_imports_no_torch(tmp_path: Path, broker_url: str) ->
     try:
         assert result.returncode == 0, result.stderr
         assert "HEAVY: []" in result.stdout
+        assert "S3: []" in result.stdout
         assert client.llen("vitscope.deit_tiny") == 1
         assert client.llen("vitscope.vit_base") == 1
         assert client.llen("vitscope.transformers") == 1

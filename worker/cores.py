@@ -4,8 +4,19 @@ so ``worker start`` can size pools without importing it)."""
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
-__all__ = ["available_cores", "cpu_workers_per_gpu", "decode_threads"]
+__all__ = [
+    "PIPELINE_NICENESS",
+    "available_cores",
+    "cpu_workers_per_gpu",
+    "decode_threads",
+    "yield_cores_to_the_model",
+]
+
+# How far a CPU worker's pipeline threads step back for the model's threads (``nice`` units).
+PIPELINE_NICENESS = 10
 
 
 def available_cores() -> int:
@@ -43,3 +54,28 @@ def decode_threads(cpu_workers: int, cores: int) -> int:
     214.8 (203.9-228.9), eight (every fetch thread) 194.4.
     """
     return max(1, cores - cpu_workers)
+
+
+def yield_cores_to_the_model() -> None:
+    """Lower the calling thread's scheduling priority by ``PIPELINE_NICENESS``: the initializer of
+    the fetch, store and record threads of a worker whose model runs on the CPU.
+
+    There the model's OpenMP threads and the pipeline's threads (decoding, drawing, uploading,
+    recording) share the same cores, and a parallel region ends only when its slowest thread does:
+    each time a pipeline thread takes one of the cores, the whole forward or backward pass waits.
+    At a lower priority the pipeline runs when a model thread sleeps, and the bounded queues between
+    the stages keep it from falling behind. Measured with one Celery worker on S3 + PostgreSQL on two
+    cores (deit_tiny, 128 images, five interleaved pairs): +3 to +8 % images/s, every pair faster.
+    On a GPU worker the model's threads mostly wait for the device, so nothing changes there.
+
+    Linux only (per-thread ``nice`` values); elsewhere, or where it is refused, a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(
+            os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + PIPELINE_NICENESS)
+        )
+    except OSError:
+        pass

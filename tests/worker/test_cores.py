@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
+from tests.worker.conftest import embedded_settings
 from worker.cli import worker_commands
-from worker.cores import available_cores, cpu_workers_per_gpu, decode_threads
+from worker.cores import (
+    PIPELINE_NICENESS,
+    available_cores,
+    cpu_workers_per_gpu,
+    decode_threads,
+    yield_cores_to_the_model,
+)
 
 
 @pytest.mark.parametrize(
@@ -111,3 +120,44 @@ def test_importing_the_worker_makes_openmp_threads_wait_passively_unless_told_ot
         check=True,
     )
     assert chosen.stdout.strip() == "ACTIVE"
+
+
+def _niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_a_cpu_runtimes_pipeline_threads_yield_the_cores_to_the_models_threads(tmp_path: Path) -> None:
+    """On a CPU device the fetch, store and record threads run ``PIPELINE_NICENESS`` below the
+    thread that runs the model; the model's own thread is left as it was."""
+    from common.db import open_database
+    from worker.pipeline import Runtime
+
+    settings = embedded_settings(tmp_path, device="cpu")
+    runtime = Runtime.from_settings(settings, db=open_database(settings, migrate=True))
+    try:
+        mine = _niceness()
+        for pool in (runtime.fetch_pool, runtime.store_pool, runtime.record_pool):
+            assert pool.submit(_niceness).result() == min(19, mine + PIPELINE_NICENESS)
+        assert _niceness() == mine
+    finally:
+        runtime.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_yielding_raises_only_the_calling_threads_niceness_and_stops_at_19() -> None:
+    seen: list[int] = []
+
+    def twice() -> None:
+        yield_cores_to_the_model()
+        seen.append(_niceness())
+        for _ in range(3):
+            yield_cores_to_the_model()
+        seen.append(_niceness())
+
+    before = _niceness()
+    thread = threading.Thread(target=twice)
+    thread.start()
+    thread.join()
+    assert seen == [min(19, before + PIPELINE_NICENESS), 19]
+    assert _niceness() == before

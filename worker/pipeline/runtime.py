@@ -15,7 +15,7 @@ from common.fetch import DefaultFetcher, FetchPolicy, ImageFetcher
 from common.settings import Settings
 from common.storage import ObjectStore, open_store
 from worker.attention import explain_in_batches
-from worker.cores import available_cores, decode_threads
+from worker.cores import available_cores, decode_threads, yield_cores_to_the_model
 from worker.device import autocast_dtype, select_device
 from worker.keeper import LeaseKeeper
 from worker.models import ModelCache
@@ -97,6 +97,8 @@ class Runtime:
             # process started from another working directory.
             target = StoreTarget.of(store.url, upload_threads=threads, retry_seconds=retry)
         sharded = settings.resolved_artifact_layout(store.url) == "shards"
+        # On a CPU the model's threads and the pipeline's share the cores: the model's go first.
+        start = yield_cores_to_the_model if device.type == "cpu" else None
         return cls(
             settings=settings,
             db=db,
@@ -120,12 +122,14 @@ class Runtime:
             # A thread blocks on the pool while its image is decoded or encoded: enough threads to
             # keep every pool process busy, and at least the configured I/O concurrency.
             fetch_pool=ThreadPoolExecutor(
-                max(settings.fetch_threads, workers), thread_name_prefix="vitscope-fetch"
+                max(settings.fetch_threads, workers), thread_name_prefix="vitscope-fetch", initializer=start
             ),
             store_pool=ThreadPoolExecutor(
-                max(min(4, settings.upload_threads), workers), thread_name_prefix="vitscope-store"
+                max(min(4, settings.upload_threads), workers),
+                thread_name_prefix="vitscope-store",
+                initializer=start,
             ),
-            record_pool=ThreadPoolExecutor(1, thread_name_prefix="vitscope-record"),
+            record_pool=ThreadPoolExecutor(1, thread_name_prefix="vitscope-record", initializer=start),
             decode_slots=threading.BoundedSemaphore(
                 settings.decode_threads or decode_threads(workers, available_cores())
             ),

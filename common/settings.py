@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,9 +18,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.s3_sources import ANY_BUCKET, parse_s3_source
 
-__all__ = ["ARTIFACT_LAYOUTS", "Settings", "get_settings"]
+__all__ = ["ARTIFACT_LAYOUTS", "AUTOCAST_CHOICES", "Settings", "get_settings"]
 
 ARTIFACT_LAYOUTS = ("auto", "objects", "shards")
+AUTOCAST_CHOICES = ("auto", "off", "float16", "bfloat16")
+_CUDA_DEVICE = re.compile(r"cuda(?::\d+)?")
 
 
 class Settings(BaseSettings):
@@ -147,6 +150,25 @@ class Settings(BaseSettings):
         description="A queued job with no message published for this long is published again by the "
         "reaper: its message was lost (broker restarted without persistence, queue purged).",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """Checked here, so a typo stops every process at start — the producer too, which never
+        selects a device — rather than a worker at its first chunk. Whether CUDA is there is the
+        worker's question (``worker.device.select_device``)."""
+        device = value.strip().lower()
+        if device not in ("auto", "cpu") and _CUDA_DEVICE.fullmatch(device) is None:
+            raise ValueError(f"unknown device {value!r}: expected auto, cpu, cuda or cuda:N")
+        return device
+
+    @field_validator("autocast")
+    @classmethod
+    def _known_autocast(cls, value: str) -> str:
+        autocast = value.strip().lower()
+        if autocast not in AUTOCAST_CHOICES:
+            raise ValueError(f"unknown autocast setting {value!r}: expected {', '.join(AUTOCAST_CHOICES)}")
+        return autocast
 
     @field_validator("artifact_layout")
     @classmethod

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from common.settings import Settings
 from worker.device import autocast_dtype, select_device
 
 requires_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -67,3 +69,28 @@ def test_unknown_autocast_settings_are_rejected(setting: str) -> None:
 def test_a_cuda_index_past_the_last_gpu_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="CUDA device"):
         select_device(f"cuda:{torch.cuda.device_count()}")
+
+
+@pytest.mark.parametrize(("value", "kept"), [(" CUDA:1 ", "cuda:1"), ("Auto", "auto"), ("cpu", "cpu")])
+def test_the_device_setting_is_normalized(value: str, kept: str) -> None:
+    assert Settings(device=value).device == kept
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:x", "cuda:", "mps", ""])
+def test_an_unknown_device_setting_stops_the_process_at_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Settings are read when a process starts — the producer's too — not when a worker first computes."""
+    monkeypatch.setenv("VITSCOPE_DEVICE", value)
+    with pytest.raises(ValidationError, match="unknown device"):
+        Settings()
+
+
+@pytest.mark.parametrize("value", ["fp16", "float32", "on", ""])
+def test_an_unknown_autocast_setting_stops_the_process_at_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VITSCOPE_AUTOCAST", value)
+    with pytest.raises(ValidationError, match="unknown autocast setting"):
+        Settings()
+    assert Settings(autocast=" BFloat16 ").autocast == "bfloat16"

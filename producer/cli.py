@@ -9,6 +9,7 @@ broker) imports the worker package to run the same pipeline in this process.
 from __future__ import annotations
 
 import difflib
+import enum
 import os
 import signal
 import sys
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Annotated, Any, NoReturn
 
 import sqlalchemy as sa
 import typer
@@ -537,6 +538,37 @@ def status(
         raise _fail(str(exc)) from None
 
 
+class ResultsFormat(enum.StrEnum):
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+    JSONL = "jsonl"
+
+
+class CompareFormat(enum.StrEnum):
+    TABLE = "table"
+    CSV = "csv"
+    JSON = "json"
+
+
+def _emit(
+    table: Callable[[], int],
+    write: Callable[[IO[str]], int] | None,
+    output: Path | None,
+    noun: str,
+) -> int:
+    """The output block of ``results`` and ``compare``: a table on the terminal (``write`` is None),
+    else the file format to ``--output`` (saying how many ``noun`` it wrote) or to stdout."""
+    if write is None:
+        return table()
+    if output is None:
+        return write(sys.stdout)
+    with output.open("w", newline="") as handle:
+        count = write(handle)
+    err.print(f"wrote {count} {noun} to {literal(output)}")
+    return count
+
+
 @app.command(cls=_Command)
 def results(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
@@ -544,7 +576,9 @@ def results(
     state: Annotated[
         JobState | None, typer.Option("--state", "--status", help="Only jobs in this state.")
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="table, csv, json (an array) or jsonl.")] = "table",
+    fmt: Annotated[
+        ResultsFormat, typer.Option("--format", help="table, csv, json (an array) or jsonl.")
+    ] = ResultsFormat.TABLE,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to a file instead of stdout.")
     ] = None,
@@ -552,22 +586,18 @@ def results(
 ) -> None:
     """Every job's state, prediction and artifact URIs (member URIs for shards: docs/storage.md); csv
     and json have the same columns, named as in the job_results SQL view, and the dataset's own columns."""
-    writers = {"csv": write_csv, "json": write_json, "jsonl": write_jsonl}
-    if fmt not in (*writers, "table"):
-        raise _fail(f"unknown --format {fmt!r}: use table, csv, json or jsonl")
+    writers = {ResultsFormat.CSV: write_csv, ResultsFormat.JSON: write_json, ResultsFormat.JSONL: write_jsonl}
     try:
         db = open_database(get_settings(), create=False)
         with db.session() as session:
             found = get_batch(session, batch)
             jobs = iter_job_results(session, found.id, model=model, state=state)
-            if fmt == "table":
-                count = results_table(jobs, out, limit=limit)
-            elif output is not None:
-                with output.open("w", newline="") as handle:
-                    count = writers[fmt](jobs, handle)
-                err.print(f"wrote {count} job(s) to {literal(output)}")
-            else:
-                count = writers[fmt](jobs, sys.stdout)
+            count = _emit(
+                lambda: results_table(jobs, out, limit=limit),
+                None if fmt is ResultsFormat.TABLE else lambda handle: writers[fmt](jobs, handle),
+                output,
+                "job(s)",
+            )
             if not count and (model is not None or state is not None):
                 asked = {"models": [model] if model else [], "states": [state.value] if state else []}
                 err.print(literal(_nothing_matched(session, found.id, **asked)))
@@ -635,7 +665,9 @@ def batches(
 @app.command(cls=_Command)
 def compare(
     batch: Annotated[str, typer.Argument(help="Batch id or name.")],
-    fmt: Annotated[str, typer.Option("--format", help="table, csv or json (a list of objects).")] = "table",
+    fmt: Annotated[
+        CompareFormat, typer.Option("--format", help="table, csv or json (a list of objects).")
+    ] = CompareFormat.TABLE,
     against: Annotated[
         str,
         typer.Option(
@@ -650,9 +682,7 @@ def compare(
 ) -> None:
     """Faithfulness metrics per model × method × metric: n, mean, 95% CI, and the paired difference
     against the random map (or --against METHOD): mean, 95% CI, Wilcoxon signed-rank p."""
-    writers = {"csv": write_compare_csv, "json": write_compare_json}
-    if fmt not in (*writers, "table"):
-        raise _fail(f"unknown --format {fmt!r}: use table, csv or json")
+    writers = {CompareFormat.CSV: write_compare_csv, CompareFormat.JSON: write_compare_json}
     if against not in METHODS:
         raise _fail(f"unknown --against method {against!r}: use one of {', '.join(METHODS)}")
     try:
@@ -660,14 +690,12 @@ def compare(
         with db.session() as session:
             found = get_batch(session, batch)
             summaries = metric_summaries(session, found.id, against=against)
-        if fmt == "table":
-            compare_table(summaries, out, against)
-        elif output is not None:
-            with output.open("w", newline="") as handle:
-                count = writers[fmt](summaries, handle, against)
-            err.print(f"wrote {count} row(s) to {literal(output)}")
-        else:
-            writers[fmt](summaries, sys.stdout, against)
+        _emit(
+            lambda: compare_table(summaries, out, against) or len(summaries),
+            None if fmt is CompareFormat.TABLE else lambda handle: writers[fmt](summaries, handle, against),
+            output,
+            "row(s)",
+        )
     except VitscopeError as exc:
         raise _fail(str(exc)) from None
 

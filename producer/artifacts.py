@@ -113,7 +113,9 @@ def orphan_shards(
 
 def _referenced_shards(session: Session) -> Iterator[str]:
     query = sa.select(Artifact.shard_uri).where(Artifact.shard_uri.is_not(None)).distinct()
-    yield from session.scalars(query.execution_options(yield_per=10_000))
+    for uri in session.scalars(query.execution_options(yield_per=10_000)):
+        if uri is not None:  # the query excludes NULL; the column's type does not know
+            yield uri
 
 
 def delete_orphan_shards(store: ObjectStore, keys: Collection[str]) -> int:

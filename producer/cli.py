@@ -79,14 +79,14 @@ __all__ = ["app", "main"]
 class _Command(typer.core.TyperCommand):
     """A command whose flags typer adds itself (``--help``) are listed as flags, like ``_flag``'s."""
 
-    def get_params(self, ctx: typer.Context) -> list[Any]:  # typer's vendored click.Parameter
+    def get_params(self, ctx: Any) -> list[Any]:  # typer's vendored click.Context and .Parameter
         return _bare_flags(super().get_params(ctx))
 
 
 class _Group(typer.core.TyperGroup):
     """The same for a group's ``--help``, ``--install-completion`` and ``--show-completion``."""
 
-    def get_params(self, ctx: typer.Context) -> list[Any]:  # typer's vendored click.Parameter
+    def get_params(self, ctx: Any) -> list[Any]:  # typer's vendored click.Context and .Parameter
         return _bare_flags(super().get_params(ctx))
 
 
@@ -370,13 +370,15 @@ def _run_local(
     ok = status.counts[JobState.SUCCEEDED]
     tally = {"ok": ok, "failed": status.counts[JobState.FAILED]}
     with _progress() as progress, _second_interrupt_exits(batch_id):
-        task = progress.add_task("explaining", total=status.total, completed=ok, **tally)
+        task = progress.add_task(
+            "explaining", total=status.total, completed=ok, ok=ok, failed=tally["failed"]
+        )
 
         def on_job(_job_id: str, state: JobState) -> None:
             if state is JobState.QUEUED:
                 return
             tally["ok" if state is JobState.SUCCEEDED else "failed"] += 1
-            progress.update(task, advance=1, **tally)
+            progress.update(task, advance=1, ok=tally["ok"], failed=tally["failed"])
 
         def on_score(what: str, done: int, total: int) -> None:
             # Metrics can take minutes per micro-batch, whose jobs all finish at its end.
@@ -551,6 +553,11 @@ class CompareFormat(enum.StrEnum):
     JSON = "json"
 
 
+def _table_of(summaries: Sequence[Any], against: str) -> int:
+    compare_table(summaries, out, against)
+    return len(summaries)
+
+
 def _emit(
     table: Callable[[], int],
     write: Callable[[IO[str]], int] | None,
@@ -691,7 +698,7 @@ def compare(
             found = get_batch(session, batch)
             summaries = metric_summaries(session, found.id, against=against)
         _emit(
-            lambda: compare_table(summaries, out, against) or len(summaries),
+            lambda: _table_of(summaries, against),
             None if fmt is CompareFormat.TABLE else lambda handle: writers[fmt](summaries, handle, against),
             output,
             "row(s)",

@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from rich import box
 from rich.cells import cell_len
@@ -61,7 +61,7 @@ def status_view(status: BatchStatus, workers: list[WorkerHeartbeat] | None, *, w
         for model, by_state in status.models.items()
     ]
     rows.append(("all", str(status.total), *(str(counts[s]) for s in counts)))
-    columns = ("model", "total", "queued", "running", "succeeded", "failed")
+    columns: tuple[str, ...] = ("model", "total", "queued", "running", "succeeded", "failed")
     summary = fitted_table(columns, rows, width=width, title=title, title_justify="left")
     rate = "-"
     if status.images_per_second is not None:
@@ -240,7 +240,7 @@ def fitted_table(
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, **options)
     for k, i in enumerate(keep):
         numeric = all(_NUMBER.fullmatch(row[i]) for row in rows)
-        justify = "right" if numeric and rows else "left"
+        justify: Literal["right", "left"] = "right" if numeric and rows else "left"
         table.add_column(columns[i], no_wrap=True, overflow="ellipsis", width=widths[k], justify=justify)
     for row in rows:
         table.add_row(*(Text(row[i]) for i in keep))

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -304,7 +304,7 @@ def _target_index(loaded: LoadedModel, target: int | str | None) -> int | None:
                 "so no class can be explained; leave the target out"
             )
         return None
-    return resolve_target(target, loaded.labels, loaded.model.num_classes)
+    return resolve_target(target, loaded.labels, cast(int, loaded.model.num_classes))
 
 
 def _label(loaded: LoadedModel, index: int) -> str | None:

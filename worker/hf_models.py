@@ -38,7 +38,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -175,15 +175,17 @@ class TransformersModel(nn.Module):
     def blocks(self) -> tuple[nn.Module, ...]:
         """The encoder layers in order (computed, so a deep copy has its own)."""
         if self._dropout_hook:
-            return tuple(self.hf.base_model.encoder.layer)
+            return tuple(cast(Any, self.hf).base_model.encoder.layer)
+        assert self._layer_class is not None  # __init__ refuses a model without one
         return tuple(module for module in self.hf.modules() if isinstance(module, self._layer_class))
 
     def attention_layout(self) -> ModelLayout:
         """Where the core finds block ``l``'s map: the ``l``-th attention module's ``output[1]``, or
         (``dropout_hook``) the output of its self-attention's dropout."""
         if self._dropout_hook:
-            modules = tuple(block.attention.attention.dropout for block in self.blocks)
+            modules = tuple(cast(Any, block).attention.attention.dropout for block in self.blocks)
         else:
+            assert self._attention_class is not None  # __init__ refuses a model without one
             modules = tuple(
                 module for module in self.hf.modules() if isinstance(module, self._attention_class)
             )
@@ -243,7 +245,7 @@ def load_transformers(spec: ModelSpec) -> LoadedTransformers:
     family = _family(spec, model_type, config)
     hf, has_head = _build(spec, source, config, model_type, local_only)
     hf.eval()
-    num_classes = int(hf.config.num_labels) if has_head else 0
+    num_classes = int(cast(Any, hf.config).num_labels) if has_head else 0
     if spec.num_classes is not None and spec.num_classes != num_classes:
         raise InvalidModelSpecError(
             f"model {spec.name!r}: num_classes = {spec.num_classes}, but {source} has "
@@ -453,7 +455,7 @@ def _triple(values: Any) -> tuple[float, float, float]:
 def _patch_grid(spec: ModelSpec, hf: nn.Module, input_size: tuple[int, int]) -> tuple[PatchGrid, bool]:
     """The patch grid at the preprocessor's input size, and whether the model must be told to
     interpolate its position embeddings for it (DINOv2 always does; the others at another size)."""
-    patch = hf.config.patch_size
+    patch = cast(Any, hf.config).patch_size
     ph, pw = (patch, patch) if isinstance(patch, int) else (int(patch[0]), int(patch[1]))
     height, width = input_size
     if height % ph or width % pw:

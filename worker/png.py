@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import cast
 
 import imagecodecs
 import numpy as np
@@ -68,7 +69,7 @@ def png_bytes(pixels: np.ndarray, *, level: int = DEFAULT_PNG_LEVEL, flat: bool 
     elif level == HUFFMAN_LEVEL:
         idat = huffman_zlib(scanlines.reshape(-1))
     else:
-        idat = bytes(imagecodecs.deflate_encode(scanlines, level=level))  # a zlib stream
+        idat = bytes(imagecodecs.deflate_encode(cast(bytes, scanlines), level=level))  # a zlib stream
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no interlace
     return b"".join((_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
 
@@ -103,7 +104,7 @@ def huffman_zlib(data: np.ndarray, *, runs: bool = False) -> bytes:
     ``data`` back."""
     flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
     body = _huffman_deflate(flat, runs, _CODE_LENGTH_ORDER, _LENGTH_BASES, _LENGTH_EXTRA_BITS)
-    return b"\x78\x01" + body.tobytes() + struct.pack(">I", zlib.adler32(flat))
+    return b"\x78\x01" + body.tobytes() + struct.pack(">I", zlib.adler32(cast(bytes, flat)))
 
 
 @njit(nogil=True, cache=True)

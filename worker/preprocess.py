@@ -14,6 +14,7 @@ import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_size: int | None = None) -
             ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError:
         raise ImageTooLargeError(
-            f"image too large (over Pillow's decompression-bomb limit of {2 * Image.MAX_IMAGE_PIXELS:,} pixels)"
+            f"image too large (over Pillow's decompression-bomb limit of {2 * cast(int, Image.MAX_IMAGE_PIXELS):,} pixels)"
         ) from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image (no known image format in its {len(data):,} bytes)") from None

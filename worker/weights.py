@@ -31,7 +31,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import huggingface_hub
 import huggingface_hub.constants
@@ -170,7 +170,8 @@ def _check_timm_pretrained(spec: ModelSpec) -> Any:
             spec.arch, huggingface_hub.constants.ENDPOINT, _hub_cached(cfg.hf_hub_id, filenames)
         )
     elif cfg is not None and cfg.url:
-        _require_reachable_or_cached(spec.arch, cfg.url, _torch_hub_cached(cfg.url))
+        url = cast(str, cfg.url)  # timm also allows (url, filename); none of its configs uses that
+        _require_reachable_or_cached(spec.arch, url, _torch_hub_cached(url))
     else:
         raise WeightsUnavailableError(
             f"timm has no pretrained weights for {spec.arch}. {_options(spec.arch)}"

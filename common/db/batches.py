@@ -129,7 +129,9 @@ def _copy_jobs(session: Session, rows: Iterable[tuple]) -> int:
 
     columns = ", ".join(_JOB_COLUMNS)
     metadata = _JOB_COLUMNS.index("row_metadata")
-    cursor = session.connection().connection.driver_connection.cursor()
+    driver = session.connection().connection.driver_connection
+    assert driver is not None  # a live connection checked out of the pool for this session
+    cursor = driver.cursor()
     try:
         cursor.execute(
             "CREATE TEMP TABLE IF NOT EXISTS new_jobs (LIKE jobs INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
@@ -152,7 +154,10 @@ def get_batch(session: Session, ref: str) -> Batch:
     """A batch by id, or by name (names are unique)."""
     batch = session.get(Batch, ref) or session.scalar(sa.select(Batch).where(Batch.name == ref))
     if batch is None:
-        database = session.get_bind().url.render_as_string(hide_password=True)
+        bind = session.get_bind()
+        database = (bind if isinstance(bind, sa.Engine) else bind.engine).url.render_as_string(
+            hide_password=True
+        )
         raise NotFoundError(f"no batch with id or name {ref!r} in the database {database}")
     return batch
 

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -160,7 +160,7 @@ def _gone_owners(
             if owner == exclude:
                 continue
             expired = lease is not None and lease < now
-            dead = is_dead is not None and owner_host == host and bool(owner) and is_dead(owner)
+            dead = bool(is_dead is not None and owner_host == host and owner and is_dead(owner))
             if expired or dead:
                 gone.append((job_id, owner, attempts, interruptions))
     return gone
@@ -273,7 +273,7 @@ def reap_expired(
     now = now or utcnow()
     columns = (Job.id, Job.model, Job.queue, Job.attempts, Job.worker_id, Job.interruptions)
     scope = [Job.state == JobState.RUNNING] + ([Job.batch_id == batch_id] if batch_id is not None else [])
-    lost = session.execute(sa.select(*columns).where(*scope, Job.lease_expires_at < now).limit(limit)).all()
+    lost = list(session.execute(sa.select(*columns).where(*scope, Job.lease_expires_at < now).limit(limit)))
     if host is not None and is_dead is not None:
         local = session.execute(
             sa.select(*columns).where(*scope, Job.worker_host == host, Job.lease_expires_at >= now)
@@ -412,12 +412,13 @@ def find_reusables(session: Session, keys: Iterable[tuple[str, str]]) -> dict[tu
     found: dict[tuple[str, str], Job] = {}
     for part in chunks(list(dict.fromkeys(keys))):
         for job in session.scalars(_reusables_statement(), {"keys": part}):
-            found.setdefault((job.image_sha256, job.config_fingerprint), job)
+            # Matched on its hash, so the hash is there (the column is NULL only before a fetch).
+            found.setdefault((cast(str, job.image_sha256), job.config_fingerprint), job)
     return found
 
 
 @functools.cache
-def _reusables_statement() -> sa.Select[tuple[Job]]:
+def _reusables_statement() -> sa.Select[Job]:
     """``find_reusables``'s query, built once: a tuple ``IN`` of literal pairs was rebuilt and
     type-checked pair by pair for every micro-batch."""
     return (
@@ -558,8 +559,8 @@ def _finish_many_statement() -> sa.Update:
     """``running → succeeded`` of one job, as one statement executed for a whole micro-batch
     (``executemany``): built and compiled once. One ORM ``UPDATE … RETURNING`` per job, each with
     its own fourteen values, cost more CPU than the rest of recording together."""
-    jobs = Job.__table__
-    values = {
+    jobs = cast(sa.Table, Job.__table__)
+    values: dict[str, sa.BindParameter[Any]] = {
         name: sa.bindparam(f"v_{name}")
         for name in (
             "state",
@@ -587,7 +588,7 @@ def _finish_many_statement() -> sa.Update:
 
 
 @functools.cache
-def _finished_by_statement() -> sa.Select[tuple[str]]:
+def _finished_by_statement() -> sa.Select[str]:
     """The ids among ``ids`` that ``worker`` finished at ``now``: the compare-and-sets it won."""
     return sa.select(Job.id).where(
         Job.id.in_(sa.bindparam("ids", expanding=True)),

@@ -13,6 +13,7 @@ services that demand virtual-hosted requests, which forcing "path" here would ta
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
@@ -211,12 +212,13 @@ class S3Store:
             parts = []
             for number, start in enumerate(range(0, len(data), self._multipart_part_size), 1):
                 body = view[start : start + self._multipart_part_size].tobytes()
-                answer = self._retrying(
-                    object_key,
-                    lambda body=body, number=number: client.upload_part(
+
+                def send(body: bytes = body, number: int = number) -> dict[str, Any]:
+                    return client.upload_part(
                         Bucket=self.bucket, Key=object_key, UploadId=upload, PartNumber=number, Body=body
-                    ),
-                )
+                    )
+
+                answer = self._retrying(object_key, send)
                 parts.append({"ETag": answer["ETag"], "PartNumber": number})
             self._retrying(
                 object_key,
@@ -354,10 +356,10 @@ class S3Store:
 
         return self._retrying(object_key, download)
 
-    def list_objects(self, object_prefix: str = "") -> list[str]:
+    def list_objects(self, object_prefix: str = "") -> builtins.list[str]:
         """Full keys in the bucket starting with ``object_prefix``, sorted."""
 
-        def listing() -> list[str]:
+        def listing() -> builtins.list[str]:
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=object_prefix
             )

@@ -33,12 +33,14 @@ _SUPPORTED = "file:///absolute/dir (or a plain directory path), s3://bucket[/pre
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
-def _s3_store(bucket: str, prefix: str = "", **options: object) -> S3Store:
+def _s3_store(
+    bucket: str, prefix: str = "", *, upload_threads: int = 8, retry_seconds: float | None = None
+) -> S3Store:
     """An ``S3Store``, importing boto3 only now: it is a quarter of the producer's start-up, and
     most commands (``status``, ``results``, a local run on files) never talk to S3."""
     from common.storage.s3 import S3Store
 
-    return S3Store(bucket, prefix, **options)  # type: ignore[arg-type]
+    return S3Store(bucket, prefix, upload_threads=upload_threads, retry_seconds=retry_seconds)
 
 
 def uri_scheme(uri: str) -> str:

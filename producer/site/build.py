@@ -168,7 +168,7 @@ def _random_models(session: Session, batch: Batch) -> list[str]:
     return sorted(asked | set(ran))
 
 
-def _batch_info(db: Database, batch_ref: str) -> tuple[str, dict[str, str], list[str]]:
+def _batch_info(db: Database, batch_ref: str) -> tuple[str, list[str], dict[str, str]]:
     with db.session() as session:
         batch = get_batch(session, batch_ref)
         return (

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -65,7 +65,7 @@ def _unfused_attention(model: nn.Module) -> Iterator[None]:
     previous = {module: module.fused_attn for module in model.modules() if hasattr(module, "fused_attn")}
     try:
         for module in previous:
-            module.fused_attn = False
+            cast(Any, module).fused_attn = False
         yield
     finally:
         for module, flag in previous.items():

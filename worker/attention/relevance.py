@@ -40,8 +40,8 @@ def gradient_relevance(
     for layer in reversed(range(L)):
         weighted = (attentions[layer].double() * gradients[layer].double()).clamp_min(0.0).mean(dim=1)
         row = row + row @ weighted
-    readout = row[:, 0, num_prefix_tokens:]
-    low = readout.amin(dim=-1, keepdim=True)
-    spread = readout.amax(dim=-1, keepdim=True) - low
-    scaled = torch.where(spread > 0, (readout - low) / spread.clamp_min(torch.finfo(readout.dtype).tiny), 0.0)
+    patches = row[:, 0, num_prefix_tokens:]
+    low = patches.amin(dim=-1, keepdim=True)
+    spread = patches.amax(dim=-1, keepdim=True) - low
+    scaled = torch.where(spread > 0, (patches - low) / spread.clamp_min(torch.finfo(patches.dtype).tiny), 0.0)
     return to_grid(scaled, grid_size).float()

@@ -68,7 +68,7 @@ def _model_label(model: nn.Module, name: str | None) -> str:
     return architecture or type(model).__name__
 
 
-def _attention_dropouts(blocks: nn.Module, label: str) -> tuple[nn.Module, ...]:
+def _attention_dropouts(blocks: nn.Sequential | nn.ModuleList, label: str) -> tuple[nn.Module, ...]:
     """Every block's ``attn.attn_drop``, or a refusal naming the first block that lacks the pattern."""
     attn_drops = []
     for index, block in enumerate(blocks):

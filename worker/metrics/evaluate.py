@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -235,5 +236,5 @@ def _curves_label(deletion: bool, insertion: bool) -> str:
 
 
 def _grid_of(model: nn.Module) -> tuple[int, int]:
-    grid = model.patch_embed.grid_size
+    grid = cast(Any, model.patch_embed).grid_size
     return int(grid[0]), int(grid[1])

@@ -125,8 +125,8 @@ def canvas(images: torch.Tensor, baseline: Baseline, blur_sigma: float | None = 
         return F.conv2d(images, weight, padding=_RISE_KERNEL_SIZE // 2, groups=C)
     H, W = images.shape[-2:]
     sigma = blur_sigma if blur_sigma is not None else default_blur_sigma(min(H, W))
-    kernel = min(2 * math.ceil(3 * sigma) + 1, 2 * ((min(H, W) - 1) // 2) + 1)
-    return TF.gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+    size = min(2 * math.ceil(3 * sigma) + 1, 2 * ((min(H, W) - 1) // 2) + 1)
+    return TF.gaussian_blur(images, [size, size], [sigma, sigma])
 
 
 def _target_probs(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -71,4 +72,4 @@ def _target_index(loaded: LoadedModel, ticket: Ticket) -> int | None:
                 "model a head in a models file (num_classes and a checkpoint)"
             )
         return None
-    return resolve_target(ticket.target, loaded.labels, loaded.model.num_classes)
+    return resolve_target(ticket.target, loaded.labels, cast(int, loaded.model.num_classes))

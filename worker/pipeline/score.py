@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def region_coverage(runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image
         return None
     image_size = upright_size(image)  # the full-resolution size, whatever scale the image decodes at
     preprocessor = loaded.preprocessor
-    grid = tuple(int(g) for g in loaded.model.patch_embed.grid_size)
+    grid = tuple(int(g) for g in cast(Any, loaded.model.patch_embed).grid_size)
     if ticket.bbox:
         x0, y0, x1, y1 = (float(v) for v in ticket.bbox.split(","))
         mapped = preprocessor.map_box((x0, y0, x1, y1), image_size)
@@ -113,7 +114,7 @@ def score(
     ]
     randomized = None
     if settings.wants(MetricFamily.SANITY):
-        depth = len(loaded.model.blocks)
+        depth = len(cast(Sized, loaded.model.blocks))
         wanted = math.ceil(depth / 2) if settings.sanity_blocks is None else settings.sanity_blocks
         blocks = min(wanted, depth)
         randomized = _randomized(loaded.model, blocks, settings.seed, settings.sanity_layers)

@@ -49,7 +49,7 @@ def store_all(runtime: Runtime, loaded: LoadedModel, batch: list[Computed]) -> l
     """
     if not (runtime.cpu.workers and runtime.store_target is not None):
         return [runtime.store_pool.submit(store, runtime, loaded, computed) for computed in batch]
-    futures: list[Future[JobOutcome]] = [Future() for _ in batch]
+    futures: list[Future[Stored]] = [Future() for _ in batch]
     parts = min(runtime.cpu.workers, len(batch))
     for part in range(parts):
         mine = [futures[i] for i in range(part, len(batch), parts)]

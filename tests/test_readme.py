@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from common.db.batches import add_jobs, create_batch
-from common.db.jobs import claim_jobs, record_failure, record_success
+from common.db.jobs import claim_jobs, record_failure, record_successes
 from common.db.records import ArtifactRecord, JobOutcome, NewJob, PredictionRecord, WorkerIdentity
 from common.db.session import Database, upgrade
 from common.settings import Settings
@@ -76,7 +76,7 @@ def _populate(db: Database) -> None:
                 compute_seconds=0.2,
                 store_seconds=0.3,
             )
-            record_success(s, job_id, worker_id=worker.worker_id, outcome=outcome)
+            record_successes(s, [(job_id, outcome)], worker_id=worker.worker_id)
 
 
 def test_readme_queries_run_and_answer(database_url: str) -> None:

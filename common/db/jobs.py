@@ -38,7 +38,6 @@ __all__ = [
     "reap_expired",
     "record_failure",
     "record_reuse",
-    "record_success",
     "record_successes",
     "release_batch",
     "release_jobs",
@@ -489,17 +488,6 @@ def _insert_many(session: Session, results: Iterable[_Results]) -> None:
         session.execute(stmt, metric_rows)
 
 
-def record_success(
-    session: Session, job_id: str, *, worker_id: str, outcome: JobOutcome, now: datetime | None = None
-) -> bool:
-    """``running → succeeded`` with artifacts and predictions, if this worker still owns the job.
-
-    False means the claim was lost (the lease expired and another worker took over); this worker's
-    objects are under the same deterministic keys as the new owner's, so nothing is orphaned.
-    """
-    return bool(record_successes(session, [(job_id, outcome)], worker_id=worker_id, now=now))
-
-
 def record_successes(
     session: Session,
     outcomes: Sequence[tuple[str, JobOutcome]],
@@ -507,8 +495,10 @@ def record_successes(
     worker_id: str,
     now: datetime | None = None,
 ) -> list[str]:
-    """``record_success`` for a micro-batch of jobs in the caller's one transaction; returns the ids
-    this worker still owned (and so recorded).
+    """``running → succeeded`` with artifacts and predictions for a micro-batch of jobs, in the
+    caller's one transaction; returns the ids this worker still owned (and so recorded). A job left
+    out lost its claim (the lease expired and another worker took over); this worker's objects are
+    under the same deterministic keys as the new owner's, so nothing is orphaned.
 
     One commit instead of one per job, the state changes as one ``executemany`` of a statement
     built once, and the artifact and prediction rows of all jobs in one statement per table: on

@@ -19,7 +19,6 @@ from worker.attention.tokens import check_attention_shape, to_grid
 
 __all__ = [
     "attention_rollout",
-    "class_token_row",
     "discard_smallest",
     "fuse_heads",
     "gradient_fusion",
@@ -112,12 +111,6 @@ def readout_row(matrices: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     for layer in reversed(range(len(matrices))):
         row = row @ matrices[layer]
     return row[:, 0, :]
-
-
-def class_token_row(matrices: torch.Tensor) -> torch.Tensor:
-    """Row 0 of ``R``: ``readout_row`` from ``ρ = e_0``. ``[L, B, N, N] -> [B, N]``."""
-    _, B, N, _ = matrices.shape
-    return readout_row(matrices, readout_vector(Readout.TOKEN, 1, N, B, device=matrices.device))
 
 
 def _grid_map(row: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:

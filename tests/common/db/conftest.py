@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import pytest
 
 from common.db import Database
 from common.db.batches import add_jobs, create_batch
-from common.db.records import NewJob
+from common.db.jobs import record_successes
+from common.db.records import JobOutcome, NewJob
 from common.db.session import upgrade
 from common.keys import new_batch_id, new_job_id
+
+
+def record_success(
+    session, job_id: str, *, worker_id: str, outcome: JobOutcome, now: datetime | None = None
+) -> bool:
+    """``record_successes`` for one job (the workers record micro-batches): True if this worker
+    still owned it and the compare-and-set won."""
+    return bool(record_successes(session, [(job_id, outcome)], worker_id=worker_id, now=now))
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ from common.db.jobs import (
     reap_expired,
     record_failure,
     record_reuse,
-    record_success,
     record_successes,
     release_jobs,
     renew_leases,
 )
 from common.db.models import Artifact, Job, JobState, Prediction, utcnow
 from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, WorkerIdentity
+from tests.common.db.conftest import record_success
 
 A = WorkerIdentity("host-a", "host-a:1")
 B = WorkerIdentity("host-b", "host-b:2")

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from common.db import Database
-from common.db.jobs import claim_jobs, find_reusable, record_reuse, record_success
+from common.db.jobs import claim_jobs, find_reusable, record_reuse, record_successes
 from common.db.metrics import metric_summaries
 from common.db.models import Job, JobMetric
 from common.db.records import JobOutcome, MetricRecord, WorkerIdentity
@@ -32,7 +32,7 @@ def _succeed(db: Database, job_id: str, sha: str, metrics: list[MetricRecord], c
             metrics=metrics,
             metrics_config=config,
         )
-        assert record_success(session, job_id, worker_id=WORKER.worker_id, outcome=outcome)
+        assert record_successes(session, [(job_id, outcome)], worker_id=WORKER.worker_id) == [job_id]
 
 
 def test_summaries_are_the_mean_and_t_interval_of_the_values(db: Database, make_batch: MakeBatch) -> None:

@@ -14,7 +14,6 @@ from tests.worker.attention.reference import ref_attention_rollout, ref_discard,
 from worker.attention import attention_rollout, gradient_rollout, rollout_matrices
 from worker.attention.readout import Readout, readout_vector
 from worker.attention.rollout import (
-    class_token_row,
     discard_smallest,
     fuse_heads,
     gradient_fusion,
@@ -197,6 +196,12 @@ def test_discard_with_many_ties_matches_the_reference(ratio: float) -> None:
 def test_discard_ratio_outside_zero_to_one_is_rejected(ratio: float) -> None:
     with pytest.raises(ValueError, match="discard_ratio"):
         discard_smallest(torch.ones(1, 1, 3, 3), 1, ratio)
+
+
+def class_token_row(matrices: torch.Tensor) -> torch.Tensor:
+    """Row 0 of ``R``: ``readout_row`` from ``ρ = e_0``. ``[L, B, N, N] -> [B, N]``."""
+    _, B, N, _ = matrices.shape
+    return readout_row(matrices, readout_vector(Readout.TOKEN, 1, N, B, device=matrices.device))
 
 
 def test_later_blocks_multiply_from_the_left() -> None:

@@ -165,18 +165,12 @@ class Settings(BaseSettings):
     @field_validator("autocast")
     @classmethod
     def _known_autocast(cls, value: str) -> str:
-        autocast = value.strip().lower()
-        if autocast not in AUTOCAST_CHOICES:
-            raise ValueError(f"unknown autocast setting {value!r}: expected {', '.join(AUTOCAST_CHOICES)}")
-        return autocast
+        return _one_of(value, AUTOCAST_CHOICES, "autocast setting")
 
     @field_validator("artifact_layout")
     @classmethod
     def _known_layout(cls, value: str) -> str:
-        layout = value.strip().lower()
-        if layout not in ARTIFACT_LAYOUTS:
-            raise ValueError(f"unknown artifact layout {value!r}: use one of {', '.join(ARTIFACT_LAYOUTS)}")
-        return layout
+        return _one_of(value, ARTIFACT_LAYOUTS, "artifact layout")
 
     @field_validator("file_roots", mode="before")
     @classmethod
@@ -216,6 +210,14 @@ class Settings(BaseSettings):
         if self.storage_url:
             return self.storage_url
         return (Path.cwd() / "results").resolve().as_uri()
+
+
+def _one_of(value: str, choices: tuple[str, ...], what: str) -> str:
+    """``value`` normalized (trimmed, lower case) if it is one of ``choices``; else the error names them."""
+    choice = value.strip().lower()
+    if choice not in choices:
+        raise ValueError(f"unknown {what} {value!r}: use one of {', '.join(choices)}")
+    return choice
 
 
 @functools.cache

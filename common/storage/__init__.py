@@ -2,8 +2,8 @@
 
 The worker writes artifacts through ``ObjectStore``, one object each or many jobs' in one tar shard
 (``shards.py``); the producer and the worker read single objects (images, weights, one member of a
-shard) by URI with ``read_uri``. boto3 is imported when an S3 store
-is first used, and torch never, so the producer can use this package.
+shard) by URI with ``read_uri``. boto3 is imported when an S3 store is first used, and torch
+never, so the producer can use this package.
 """
 
 from __future__ import annotations

@@ -18,11 +18,20 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.s3_sources import ANY_BUCKET, parse_s3_source
 
-__all__ = ["ARTIFACT_LAYOUTS", "AUTOCAST_CHOICES", "Settings", "get_settings"]
+__all__ = [
+    "ARTIFACT_LAYOUTS",
+    "AUTOCAST_CHOICES",
+    "CUDA_DEVICE",
+    "Settings",
+    "check_autocast",
+    "check_device",
+    "get_settings",
+]
 
 ARTIFACT_LAYOUTS = ("auto", "objects", "shards")
 AUTOCAST_CHOICES = ("auto", "off", "float16", "bfloat16")
-_CUDA_DEVICE = re.compile(r"cuda(?::\d+)?")
+# ``cuda`` or ``cuda:N``; group 1 is N.
+CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
 
 
 class Settings(BaseSettings):
@@ -157,15 +166,12 @@ class Settings(BaseSettings):
         """Checked here, so a typo stops every process at start — the producer too, which never
         selects a device — rather than a worker at its first chunk. Whether CUDA is there is the
         worker's question (``worker.device.select_device``)."""
-        device = value.strip().lower()
-        if device not in ("auto", "cpu") and _CUDA_DEVICE.fullmatch(device) is None:
-            raise ValueError(f"unknown device {value!r}: expected auto, cpu, cuda or cuda:N")
-        return device
+        return check_device(value)
 
     @field_validator("autocast")
     @classmethod
     def _known_autocast(cls, value: str) -> str:
-        return _one_of(value, AUTOCAST_CHOICES, "autocast setting")
+        return check_autocast(value)
 
     @field_validator("artifact_layout")
     @classmethod
@@ -210,6 +216,19 @@ class Settings(BaseSettings):
         if self.storage_url:
             return self.storage_url
         return (Path.cwd() / "results").resolve().as_uri()
+
+
+def check_device(value: str) -> str:
+    """``value`` normalized (trimmed, lower case) if it names a device: auto, cpu, cuda or cuda:N."""
+    device = value.strip().lower()
+    if device not in ("auto", "cpu") and CUDA_DEVICE.fullmatch(device) is None:
+        raise ValueError(f"unknown device {value!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def check_autocast(value: str) -> str:
+    """``value`` normalized if it is one of ``AUTOCAST_CHOICES``."""
+    return _one_of(value, AUTOCAST_CHOICES, "autocast setting")
 
 
 def _one_of(value: str, choices: tuple[str, ...], what: str) -> str:

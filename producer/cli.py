@@ -371,7 +371,7 @@ def _run_local(
     tally = {"ok": ok, "failed": status.counts[JobState.FAILED]}
     with _progress() as progress, _second_interrupt_exits(batch_id):
         task = progress.add_task(
-            "explaining", total=status.total, completed=ok, ok=ok, failed=tally["failed"]
+            "explaining", total=status.total, completed=ok, ok=tally["ok"], failed=tally["failed"]
         )
 
         def on_job(_job_id: str, state: JobState) -> None:

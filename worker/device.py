@@ -7,13 +7,11 @@ rather than quietly run 50× slower on the CPU.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
-__all__ = ["autocast_dtype", "select_device"]
+from common.settings import CUDA_DEVICE, check_autocast, check_device
 
-_CUDA = re.compile(r"cuda(?::(\d+))?")
+__all__ = ["autocast_dtype", "select_device"]
 
 _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "off": None,
@@ -28,14 +26,13 @@ def select_device(setting: str = "auto") -> torch.device:
     ``auto`` is the first CUDA device when one is available, else the CPU. Asking for CUDA explicitly
     on a machine without it (or for an index past the last GPU) raises ``ValueError``.
     """
-    value = setting.strip().lower()
+    value = check_device(setting)
     if value == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if value == "cpu":
         return torch.device("cpu")
-    match = _CUDA.fullmatch(value)
-    if match is None:
-        raise ValueError(f"unknown device {setting!r}: expected auto, cpu, cuda or cuda:N")
+    match = CUDA_DEVICE.fullmatch(value)
+    assert match is not None  # check_device let only cuda or cuda:N through
     if not torch.cuda.is_available():
         raise ValueError(f"device {setting!r} requested but CUDA is not available on this machine")
     index = int(match.group(1) or 0)
@@ -55,15 +52,11 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     rarely faster. ``off``, ``float16`` and ``bfloat16`` mean what they say on any device. Anything
     else raises ``ValueError``.
     """
-    value = setting.strip().lower()
+    value = check_autocast(setting)
     if value == "auto":
         if device.type != "cuda":
             return None
         return torch.bfloat16 if _cuda_supports_bfloat16() else torch.float16
-    if value not in _AUTOCAST_DTYPES:
-        raise ValueError(
-            f"unknown autocast setting {setting!r}: expected auto, {', '.join(_AUTOCAST_DTYPES)}"
-        )
     return _AUTOCAST_DTYPES[value]
 
 

@@ -76,21 +76,24 @@ def test_the_device_setting_is_normalized(value: str, kept: str) -> None:
     assert Settings(device=value).device == kept
 
 
-@pytest.mark.parametrize("value", ["gpu", "cuda:x", "cuda:", "mps", ""])
-def test_an_unknown_device_setting_stops_the_process_at_start(
-    value: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("variable", "value", "refusal"),
+    [
+        *[("VITSCOPE_DEVICE", value, "unknown device") for value in ["gpu", "cuda:x", "cuda:", "mps", ""]],
+        *[
+            ("VITSCOPE_AUTOCAST", value, "unknown autocast setting")
+            for value in ["fp16", "float32", "on", ""]
+        ],
+    ],
+)
+def test_an_unknown_device_or_autocast_setting_stops_the_process_at_start(
+    variable: str, value: str, refusal: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Settings are read when a process starts — the producer's too — not when a worker first computes."""
-    monkeypatch.setenv("VITSCOPE_DEVICE", value)
-    with pytest.raises(ValidationError, match="unknown device"):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match=refusal):
         Settings()
 
 
-@pytest.mark.parametrize("value", ["fp16", "float32", "on", ""])
-def test_an_unknown_autocast_setting_stops_the_process_at_start(
-    value: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("VITSCOPE_AUTOCAST", value)
-    with pytest.raises(ValidationError, match="unknown autocast setting"):
-        Settings()
+def test_the_autocast_setting_is_normalized() -> None:
     assert Settings(autocast=" BFloat16 ").autocast == "bfloat16"

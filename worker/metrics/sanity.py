@@ -40,7 +40,8 @@ def cascade_layers(model: nn.Module, blocks: int, layers: SanityLayers) -> list[
     ``blocks``: ``blocks.{L−k}`` up to ``blocks.{L−1}`` (bottom-up: the order vitscope has always
     drawn them in, so earlier sanity values stay reproducible).
     """
-    depth = len(cast(Sequence[nn.Module], model.blocks))
+    model_blocks = cast(Sequence[nn.Module], model.blocks)
+    depth = len(model_blocks)
     layers = SanityLayers(layers)
     least = 0 if layers is SanityLayers.OUTPUT else 1
     if not least <= blocks <= depth:
@@ -50,16 +51,14 @@ def cascade_layers(model: nn.Module, blocks: int, layers: SanityLayers) -> list[
         )
     chosen = range(depth - blocks, depth)
     if layers is SanityLayers.BLOCKS:
-        return [(f"blocks.{index}", cast(Sequence[nn.Module], model.blocks)[index]) for index in chosen]
+        return [(f"blocks.{index}", model_blocks[index]) for index in chosen]
     top = [
         (name, module)
         for name in OUTPUT_LAYERS
         if isinstance(module := getattr(model, name, None), nn.Module)
         and next(module.parameters(), None) is not None
     ]
-    return top + [
-        (f"blocks.{index}", cast(Sequence[nn.Module], model.blocks)[index]) for index in reversed(chosen)
-    ]
+    return top + [(f"blocks.{index}", model_blocks[index]) for index in reversed(chosen)]
 
 
 def randomized_copy(

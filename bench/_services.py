@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from common.db.models import Job, JobState, WorkerHeartbeat
+from common.db.scratch import scratch_database
 from common.db.session import upgrade
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -35,18 +35,10 @@ BIN = Path(sys.executable).parent
 
 @contextmanager
 def postgres_database() -> Iterator[str]:
-    name = f"vitscope_bench_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    upgrade(url)
-    try:
+    """A fresh PostgreSQL database at the newest migration, dropped afterwards."""
+    with scratch_database(POSTGRES_ADMIN_URL, prefix="vitscope_bench") as url:
+        upgrade(url)
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager

@@ -28,6 +28,7 @@ import numpy as np
 import sqlalchemy as sa
 from PIL import Image
 
+from common.artifacts import IMAGE_ARTIFACTS
 from common.db import open_database
 from common.db.models import Artifact, Batch, Job, JobState, Prediction
 from common.keys import artifact_key
@@ -35,7 +36,6 @@ from common.settings import Settings
 from producer.site import LinkMode
 
 MODELS = ("deit_tiny_patch16_224", "vit_base_patch16_224")
-PICTURES = ("input.png", "rollout.png", "grad_rollout.png", "relevance.png", "layer_scores.png")
 LABELS = (
     "tabby",
     "tiger cat",
@@ -61,7 +61,7 @@ finally:
 
 def _templates(folder: Path) -> list[dict[str, Path]]:
     """A few sets of the five pictures, drawn by the worker's own renderer from a photo-like crop."""
-    from worker.render import render_artifacts  # the bench may use torch; the producer never does
+    from worker.pipeline.cpu import draw_pictures  # the bench may use torch; the producer never does
 
     rng = np.random.default_rng(0)
     sets = []
@@ -75,11 +75,11 @@ def _templates(folder: Path) -> list[dict[str, Path]]:
             "grad_rollout.npy": rng.random((14, 14)).astype(np.float32),
             "relevance.npy": rng.random((14, 14)).astype(np.float32),
         }
-        rendered = render_artifacts(arrays, crop, title="model: layer scores")
+        drawn = draw_pictures(crop, arrays, title="model: layer scores")
         pictures = {}
-        for name in PICTURES:
+        for name in IMAGE_ARTIFACTS:
             pictures[name] = folder / f"t{t}-{name}"
-            pictures[name].write_bytes(rendered[name])
+            pictures[name].write_bytes(drawn.files[name])
         sets.append(pictures)
     return sets
 
@@ -138,7 +138,7 @@ def synthesize(db_url: str, storage: Path, jobs: int, workdir: Path) -> str:
                     }
                 )
             template = templates[(image + m) % TEMPLATES]
-            for name in PICTURES:
+            for name in IMAGE_ARTIFACTS:
                 key = artifact_key(sha, model, "0123456789abcdef", name)
                 path = storage / key
                 path.parent.mkdir(parents=True, exist_ok=True)

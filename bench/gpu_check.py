@@ -34,10 +34,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
+from common.artifacts import OVERLAYS, PICTURE_SOURCES  # noqa: E402
 from common.methods import MethodSettings  # noqa: E402
 from worker.attention import Explanation, explain  # noqa: E402
 from worker.device import autocast_dtype  # noqa: E402
-from worker.render import PICTURE_SOURCES, heatmap_overlays  # noqa: E402
+from worker.render import heatmap_overlays  # noqa: E402
 
 PAPER_MODELS = (
     "vit_base_patch16_224",
@@ -47,7 +48,6 @@ PAPER_MODELS = (
 )
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 MIN_CORRELATION = 0.999
-OVERLAYS = ("rollout.png", "grad_rollout.png", "relevance.png")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The knobs of the attention methods, shared by the producer (which records them) and the worker.
 
 Kept free of torch so the producer can validate and store them. The semantics of every option are
-defined in ``docs/methods.md``; ``ARTIFACT_NAMES`` is the list of objects one job writes.
+defined in ``docs/methods.md``; the files one job writes are named in ``common.artifacts``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 __all__ = [
-    "ARRAY_ARTIFACTS",
-    "IMAGE_ARTIFACTS",
     "HeadFusion",
     "LayerScoreReduction",
     "MethodSettings",
@@ -46,24 +44,6 @@ class Preprocess(enum.StrEnum):
 
     TIMM = "timm"
     PAPER = "paper"
-
-
-# Every object one job may write, named as the file it is stored as. ``attention.npy`` is opt-in.
-ARRAY_ARTIFACTS: tuple[str, ...] = (
-    "attention.npy",  # [L, H, N, N] float16, only with raw_attention
-    "cls_attention.npy",  # [L, H, gh, gw]
-    "layer_scores.npy",  # [L, gh, gw]
-    "rollout.npy",  # [gh, gw]
-    "grad_rollout.npy",  # [gh, gw]
-    "relevance.npy",  # [gh, gw]
-)
-IMAGE_ARTIFACTS: tuple[str, ...] = (
-    "input.png",  # the model's input crop itself, the background of the overlays (for reports)
-    "layer_scores.png",  # one panel per block (the paper's Fig. 4.1)
-    "rollout.png",  # overlays on the model's input crop (Figs. 4.2-4.3)
-    "grad_rollout.png",
-    "relevance.png",
-)
 
 
 @dataclass(frozen=True)

@@ -28,19 +28,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from common.artifacts import PANELS, PictureArtifact
 from common.db import Database
 from common.db.batches import get_batch
 from common.db.models import JobState
 from common.errors import MissingDependencyError, NotFoundError
 from common.storage import read_uri
-from producer.site.present import PICTURES, is_random
+from producer.site.present import is_random
 from producer.site.selection import ImageEntry, Selection, iter_images
 
 __all__ = ["FigureOptions", "write_figures"]
 
 _DPI = 120
-# The panels whose map explains one class (the job's target), not the image as a whole.
-_GRADIENT_PICTURES = frozenset({"grad_rollout.png", "relevance.png"})
 _RANDOM_NOTE = "RANDOM weights (untrained): not what a trained model sees"
 
 
@@ -152,13 +151,13 @@ def _explained(job: dict[str, Any]) -> str | None:
     return f"{label} (the target)"
 
 
-def _panel_title(job: dict[str, Any], picture: str, method: str) -> str:
+def _panel_title(job: dict[str, Any], panel: PictureArtifact) -> str:
     """Model, method, and what the panel shows: the prediction, and for a gradient map of another
     class than the predicted one, that class first."""
     model = f"{job['model']} · RANDOM weights" if is_random(job) else job["model"]
-    explained = _explained(job) if picture in _GRADIENT_PICTURES else None
+    explained = _explained(job) if panel.explains_target else None
     shows = f"explains: {explained}\n" if explained else ""
-    return f"{model}\n{method}\n{shows}predicted: {_prediction(job, 30)}"
+    return f"{model}\n{panel.title}\n{shows}predicted: {_prediction(job, 30)}"
 
 
 def _save(figure: Any, path: Path, pdf: bool) -> list[Path]:
@@ -210,18 +209,18 @@ def _panels(
 
 def _panels_figure(plot: _Plotting, entry: ImageEntry, jobs: list[dict[str, Any]]) -> Any:
     """Figs. 4.2-4.3: a row per model; input, rollout, gradient rollout and relevance side by side."""
-    figure = plot.figure(figsize=(3.0 * len(PICTURES) + 0.8, 3.5 * len(jobs) + 0.5), layout="constrained")
-    axes = figure.subplots(len(jobs), len(PICTURES), squeeze=False)
+    figure = plot.figure(figsize=(3.0 * len(PANELS) + 0.8, 3.5 * len(jobs) + 0.5), layout="constrained")
+    axes = figure.subplots(len(jobs), len(PANELS), squeeze=False)
     for row, job in zip(axes, jobs, strict=True):
-        for ax, (name, method) in zip(row, PICTURES, strict=True):
+        for ax, panel in zip(row, PANELS, strict=True):
             ax.set_axis_off()
-            ax.set_title(_panel_title(job, name, method), fontsize=8, parse_math=False)
-            uri = job["artifacts"].get(name)
+            ax.set_title(_panel_title(job, panel), fontsize=8, parse_math=False)
+            uri = job["artifacts"].get(panel.name)
             if uri is None:  # batches from before input.png was stored
                 ax.text(
                     0.5,
                     0.5,
-                    f"{method}\nnot stored",
+                    f"{panel.title}\nnot stored",
                     ha="center",
                     va="center",
                     transform=ax.transAxes,

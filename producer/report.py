@@ -16,9 +16,9 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.db.models import WorkerHeartbeat
 from common.db.reports import RESULT_COLUMNS, BatchStatus, BatchSummary, artifact_column, job_error
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from producer.spreadsheet import FORMULA_PREFIXES, spreadsheet_row, spreadsheet_safe
 from producer.terminal_text import show_controls
 from producer.terminal_text import terminal_literal as literal

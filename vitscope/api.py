@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from common.artifacts import OVERLAYS, PICTURE_SOURCES
 from common.errors import InvalidTargetError
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
 from common.modelspec import ModelSpec, resolve_model
@@ -46,8 +47,8 @@ from worker.render import heatmap_overlay, layer_grid_pixels
 
 __all__ = ["ImageExplanation", "Prediction", "draw_overlay", "explain_image"]
 
-# The maps drawn over the picture, in the order a report shows them.
-OVERLAY_MAPS: tuple[str, ...] = ("rollout", "grad_rollout", "relevance")
+# The maps drawn over the picture (rollout, grad_rollout, relevance), in the order a report shows them.
+OVERLAY_MAPS: tuple[str, ...] = tuple(PICTURE_SOURCES[name].removesuffix(".npy") for name in OVERLAYS)
 
 # Option values that are choices, so a typo is answered with the list rather than an enum's repr.
 _CHOICES: dict[str, type[HeadFusion] | type[LayerScoreReduction]] = {

@@ -1,7 +1,8 @@
 """Pictures out: the computed arrays as ``.npy`` bytes and their PNG presentations (``docs/methods.md`` artifact 8).
 
-Pure functions from arrays to bytes; storing them is the pipeline's business. The ``.npy`` grid maps
-are the primary artifacts; the PNGs are for people. Everything here runs once per image in the
+Pure functions from arrays to bytes; which pictures an image gets (``common.artifacts``) and storing
+them are the pipeline's business (``worker.pipeline.cpu.draw_pictures``). The ``.npy`` grid maps are
+the primary artifacts; the PNGs are for people. Everything here runs once per image in the
 worker's hot loop, so it is written for speed without changing a pixel of what ``docs/methods.md``
 (artifact 8) defines:
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Mapping
 
 import matplotlib
 import numpy as np
@@ -30,13 +30,10 @@ import torch.nn.functional as F
 from numba import njit
 from PIL import Image, ImageDraw, ImageFont
 
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from worker.png import DEFAULT_PNG_LEVEL, PNG_LEVELS, png_bytes
 
 __all__ = [
     "DEFAULT_PNG_LEVEL",
-    "INPUT_PICTURE",
-    "PICTURE_SOURCES",
     "PNG_LEVELS",
     "heatmap_overlay",
     "heatmap_overlays",
@@ -45,20 +42,7 @@ __all__ = [
     "npy_bytes",
     "overlay_png",
     "png_bytes",
-    "render_artifacts",
 ]
-
-# Each picture and the array it presents.
-PICTURE_SOURCES: dict[str, str] = {
-    "layer_scores.png": "layer_scores.npy",
-    "rollout.png": "rollout.npy",
-    "grad_rollout.png": "grad_rollout.npy",
-    "relevance.png": "relevance.npy",
-}
-# The crop the model saw, stored as it is: a report shows it next to the overlays drawn on it.
-INPUT_PICTURE = "input.png"
-_LAYER_GRID = "layer_scores.png"
-_OVERLAYS = tuple(name for name in IMAGE_ARTIFACTS if name not in (_LAYER_GRID, INPUT_PICTURE))
 
 # Layer grid geometry, in pixels.
 _PANEL_TARGET = 96  # a panel's longer side is the first whole multiple of the grid at or above this
@@ -323,29 +307,3 @@ def _paint_panels(  # pragma: no cover - compiled
 def layer_grid_png(layer_scores: np.ndarray, *, title: str | None = None) -> bytes:
     """``layer_grid_pixels`` encoded as PNG."""
     return png_bytes(layer_grid_pixels(layer_scores, title=title), flat=True)
-
-
-def render_artifacts(
-    arrays: Mapping[str, np.ndarray], crop: np.ndarray, *, title: str | None = None
-) -> dict[str, bytes]:
-    """Every artifact's bytes for one image: each given array as ``.npy`` and the pictures of them.
-
-    ``arrays`` is keyed by names from ``ARRAY_ARTIFACTS``; ``crop`` is the model's input crop
-    ``uint8 [H, W, 3]`` (the array of ``Preprocessor.crop``). Each picture of ``IMAGE_ARTIFACTS`` is rendered
-    when its source array (``PICTURE_SOURCES``) is present: the layer grid (with ``title``) from
-    ``layer_scores.npy`` and an overlay on ``crop`` for each of the three maps. ``input.png`` is the
-    crop itself, always written, so a report can show what the model saw beside what it attended to.
-    """
-    unknown = sorted(set(arrays) - set(ARRAY_ARTIFACTS))
-    if unknown:
-        raise ValueError(f"unknown array artifact name(s) {unknown}; expected names from {ARRAY_ARTIFACTS}")
-    rendered = {name: npy_bytes(array) for name, array in arrays.items()}
-    rendered[INPUT_PICTURE] = png_bytes(crop)
-    layer_scores = arrays.get(PICTURE_SOURCES[_LAYER_GRID])
-    if layer_scores is not None:
-        rendered[_LAYER_GRID] = layer_grid_png(layer_scores, title=title)
-    for picture in _OVERLAYS:
-        grid_map = arrays.get(PICTURE_SOURCES[picture])
-        if grid_map is not None:
-            rendered[picture] = overlay_png(crop, grid_map)
-    return rendered

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from common.artifacts import LAYER_GRID, PANELS
 from common.db.reports import job_error
 from common.metrics import METHODS, Metric
 from common.storage.uri import uri_scheme
@@ -20,8 +21,6 @@ from producer.site.links import ArtifactLinks
 from producer.site.selection import ImageEntry, image_name
 
 __all__ = [
-    "LAYER_GRID",
-    "PICTURES",
     "RANDOM_SOURCE",
     "STATE_FILTERS",
     "ImageCard",
@@ -38,14 +37,6 @@ __all__ = [
     "settings_text",
 ]
 
-# The pictures of one job, in the order of the paper's Figs. 4.2-4.3, then the layer grid (Fig. 4.1).
-PICTURES: tuple[tuple[str, str], ...] = (
-    ("input.png", "input"),
-    ("rollout.png", "rollout"),
-    ("grad_rollout.png", "gradient rollout"),
-    ("relevance.png", "relevance"),
-)
-LAYER_GRID = "layer_scores.png"
 # How a job's weights_source starts when it ran with random weights (``worker.weights.build_model``).
 RANDOM_SOURCE = "RANDOM"
 REUSED = "reused"
@@ -217,7 +208,7 @@ def job_card(job: dict[str, Any], links: ArtifactLinks) -> JobCard:
     return JobCard(
         model=job["model"],
         state=state,
-        pictures=[Picture(title, link(name)) for name, title in PICTURES] if artifacts else [],
+        pictures=[Picture(panel.title, link(panel.name)) for panel in PANELS] if artifacts else [],
         layer_grid=link(LAYER_GRID),
         predictions=predictions,
         top1=predictions[0].label if predictions else "",

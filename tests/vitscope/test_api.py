@@ -21,8 +21,8 @@ from common.modelspec import ModelSpec
 from vitscope import ImageExplanation, draw_overlay, explain_image
 from worker.attention import explain
 from worker.models import load_model
+from worker.pipeline.cpu import draw_pictures
 from worker.preprocess import decode_image
-from worker.render import render_artifacts
 
 ARCH = "deit_tiny_patch16_224"
 IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images"
@@ -122,7 +122,7 @@ def test_the_overlay_is_the_picture_a_batch_stores() -> None:
     result = explain_image(ARCH, CAT, weights="random")
     arrays = {f"{name}.npy": grid for name, grid in result.maps.items()}
     arrays["layer_scores.npy"] = result.layer_scores
-    stored = render_artifacts(arrays, result.crop, title=ARCH)
+    stored = draw_pictures(result.crop, arrays, title=ARCH).files
     for name in result.maps:
         picture = result.overlay(name)
         assert picture.size == (224, 224)

@@ -19,8 +19,8 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.db.models import Artifact, Batch, Job, JobState
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.storage import read_uri
 from tests.conftest import ImageServer
 from tests.worker.conftest import Cluster, http_dataset

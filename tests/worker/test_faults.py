@@ -28,8 +28,8 @@ import boto3
 import pytest
 from PIL import Image, PngImagePlugin
 
+from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.db.models import Job, JobState, utcnow
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from tests.worker.conftest import DONE, QUEUE, Cluster, bucket_key, wait_until
 
 ARTIFACTS_PER_JOB = len(ARRAY_ARTIFACTS) - 1 + len(IMAGE_ARTIFACTS)  # attention.npy is opt-in

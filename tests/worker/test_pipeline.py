@@ -18,6 +18,7 @@ import sqlalchemy as sa
 import torch
 from PIL import Image
 
+from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.db import open_database
 from common.db.jobs import claim_jobs
 from common.db.models import Artifact, Job, JobState, Prediction, utcnow
@@ -25,7 +26,7 @@ from common.db.records import WorkerIdentity
 from common.db.reports import iter_job_results
 from common.errors import StorageUnavailableError
 from common.fetch import content_sha256
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS, MethodSettings
+from common.methods import MethodSettings
 from common.settings import Settings
 from common.storage import open_store, read_uri
 from producer.report import write_csv

@@ -1,5 +1,6 @@
 """Specification of ``worker.render``: exact ``.npy`` bytes, overlays as docs/methods.md artifact 8 defines them,
-and a layer grid whose panels sit where the layout says."""
+and a layer grid whose panels sit where the layout says; and of the one path that turns an image's
+arrays into every file it stores (``worker.pipeline.cpu.draw_pictures`` and the arrays' bytes)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
+from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS, INPUT_PICTURE, PICTURE_SOURCES
 from tests.worker import render_reference
+from worker.pipeline.artifacts import ImageArtifacts, draw, encode_artifacts
 from worker.render import (
-    INPUT_PICTURE,
-    PICTURE_SOURCES,
+    DEFAULT_PNG_LEVEL,
     _compose_compiled,
     _compose_tensors,
     _jet,
@@ -27,7 +28,6 @@ from worker.render import (
     npy_bytes,
     overlay_png,
     png_bytes,
-    render_artifacts,
 )
 
 RNG = np.random.default_rng(7)
@@ -255,7 +255,7 @@ def test_layer_grid_labels_are_drawn() -> None:
     assert (label_band < 128).any()
 
 
-# --- render_artifacts -------------------------------------------------------------------------------
+# --- every artifact of one image, as the pipeline draws and encodes it ------------------------------
 
 
 def computed_arrays(*, with_attention: bool) -> dict[str, np.ndarray]:
@@ -273,16 +273,19 @@ def computed_arrays(*, with_attention: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
-def test_every_picture_but_the_input_crop_has_a_source_array() -> None:
-    assert set(PICTURE_SOURCES) | {INPUT_PICTURE} == set(IMAGE_ARTIFACTS)
-    assert set(PICTURE_SOURCES.values()) <= set(ARRAY_ARTIFACTS)
+def stored_files(arrays: dict[str, np.ndarray], crop: np.ndarray, *, title: str = "") -> dict[str, bytes]:
+    """Every file the pipeline stores for one image, by artifact name: the pictures ``draw_pictures``
+    draws beside the arrays' ``.npy`` bytes, as ``encode_artifacts`` puts them together
+    (``put_artifacts`` writes the same files)."""
+    image = ImageArtifacts("ab" * 32, "model", "c" * 16, crop, arrays, None, title, DEFAULT_PNG_LEVEL)
+    return dict(encode_artifacts(image, draw(image)).files)
 
 
 @pytest.mark.parametrize("with_attention", [True, False])
-def test_render_artifacts_returns_every_array_and_picture(with_attention: bool) -> None:
+def test_the_pipeline_stores_every_array_and_picture(with_attention: bool) -> None:
     arrays = computed_arrays(with_attention=with_attention)
     crop = RNG.integers(0, 256, (224, 224, 3), dtype=np.uint8)
-    rendered = render_artifacts(arrays, crop, title="x")
+    rendered = stored_files(arrays, crop, title="x")
 
     expected = set(ARRAY_ARTIFACTS) | set(IMAGE_ARTIFACTS)
     if not with_attention:
@@ -298,15 +301,15 @@ def test_render_artifacts_returns_every_array_and_picture(with_attention: bool) 
     assert np.array_equal(decode_png(rendered[INPUT_PICTURE]), crop)
 
 
-def test_render_artifacts_draws_only_pictures_whose_array_is_given() -> None:
+def test_the_pipeline_draws_only_pictures_whose_array_is_given() -> None:
     crop = np.zeros((224, 224, 3), dtype=np.uint8)
-    rendered = render_artifacts({"rollout.npy": np.ones((14, 14), dtype=np.float32)}, crop)
+    rendered = stored_files({"rollout.npy": np.ones((14, 14), dtype=np.float32)}, crop)
     assert set(rendered) == {"rollout.npy", "rollout.png", INPUT_PICTURE}
 
 
-def test_render_artifacts_refuses_unknown_names() -> None:
+def test_the_pipeline_refuses_unknown_array_names() -> None:
     with pytest.raises(ValueError, match=r"rolout\.npy"):
-        render_artifacts({"rolout.npy": np.ones((14, 14))}, np.zeros((224, 224, 3), dtype=np.uint8))
+        stored_files({"rolout.npy": np.ones((14, 14))}, np.zeros((224, 224, 3), dtype=np.uint8))
 
 
 # The fast paths against the renderer as first written (tests/worker/render_reference.py).

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 import redis
 import sqlalchemy as sa
 
+from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.celery_app import TASK_PROCESS_JOBS, make_celery
 from common.db.models import Artifact, JobState
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.settings import Settings
 from tests.worker.conftest import QUEUE, Cluster, http_dataset
 

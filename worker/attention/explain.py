@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.methods import ARRAY_ARTIFACTS, MethodSettings
+from common.artifacts import ARRAY_ARTIFACTS
+from common.methods import MethodSettings
 from worker.attention.capture import capture
 from worker.attention.layer_maps import cls_attention, layer_scores
 from worker.attention.prediction import top_k
@@ -54,7 +55,7 @@ class Explanation:
         return self.target is not None
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays keyed by their file names in ``common.methods.ARRAY_ARTIFACTS``, present ones only."""
+        """The arrays keyed by their file names in ``common.artifacts.ARRAY_ARTIFACTS``, present ones only."""
         arrays = {name: getattr(self, name.removesuffix(".npy")) for name in ARRAY_ARTIFACTS}
         return {name: array for name, array in arrays.items() if array is not None}
 

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.artifacts import OVERLAYS, PICTURE_SOURCES
 from common.db.records import MetricRecord
 from worker.attention import Explanation
 from worker.models import LoadedModel
-from worker.pipeline.cpu import OVERLAYS
 from worker.pipeline.prepare import Prepared
 from worker.pipeline.record import Recorder
 from worker.pipeline.score import score
-from worker.render import PICTURE_SOURCES, heatmap_overlays
+from worker.render import heatmap_overlays
 
 __all__ = ["Computed", "compute"]
 

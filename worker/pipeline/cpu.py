@@ -23,17 +23,11 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 import torch
 
+from common.artifacts import ARRAY_ARTIFACTS, INPUT_PICTURE, LAYER_GRID, OVERLAYS, PICTURE_SOURCES
 from common.errors import CpuProcessLostError
 from worker.cores import cpu_workers_per_gpu
 from worker.preprocess import Preprocessor, decode_image
-from worker.render import (
-    DEFAULT_PNG_LEVEL,
-    INPUT_PICTURE,
-    PICTURE_SOURCES,
-    heatmap_overlays,
-    layer_grid_pixels,
-    png_bytes,
-)
+from worker.render import DEFAULT_PNG_LEVEL, heatmap_overlays, layer_grid_pixels, png_bytes
 from worker.resample import FILTERS, resize_crop
 
 __all__ = [
@@ -48,10 +42,6 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-# The layer grid and the overlays in the order the pipeline stacks their maps.
-LAYER_GRID = "layer_scores.png"
-OVERLAYS = tuple(name for name in PICTURE_SOURCES if name != LAYER_GRID)
 
 
 @dataclass(frozen=True)
@@ -91,10 +81,18 @@ def draw_pictures(
 ) -> Pictures:
     """Every picture of one image: the input crop, the layer grid and an overlay per map present.
 
-    ``maps`` holds the source arrays by artifact name (``PICTURE_SOURCES``). ``overlays`` are overlay
-    pixels already rendered for a whole micro-batch on the device; those missing are rendered here.
-    ``png_level`` is the PNG files' level (``VITSCOPE_PNG_LEVEL``, see ``worker.png``).
+    The pipeline's one rendering path; it stores these files beside the arrays' ``.npy`` bytes
+    (``artifacts.put_artifacts``, ``artifacts.encode_artifacts``). ``crop``, the model's input crop
+    ``uint8 [H, W, 3]``, is stored as ``input.png`` whatever the maps, so a report can show what the
+    model saw beside what it attended to. ``maps`` holds arrays by artifact name (``ARRAY_ARTIFACTS``;
+    an unknown name is refused); each other picture is drawn when its source array
+    (``PICTURE_SOURCES``) is there, the layer grid with ``title`` along its top. ``overlays`` are
+    overlay pixels already rendered for a whole micro-batch on the device; those missing are rendered
+    here. ``png_level`` is the PNG files' level (``VITSCOPE_PNG_LEVEL``, see ``worker.png``).
     """
+    unknown = sorted(set(maps) - set(ARRAY_ARTIFACTS))
+    if unknown:
+        raise ValueError(f"unknown array artifact name(s) {unknown}; expected names from {ARRAY_ARTIFACTS}")
     start = time.thread_time()
     pixels: dict[str, np.ndarray] = dict(overlays or {})
     missing = [name for name in OVERLAYS if name not in pixels and PICTURE_SOURCES[name] in maps]
@@ -104,7 +102,7 @@ def draw_pictures(
             torch.from_numpy(np.ascontiguousarray(crop))[None], torch.from_numpy(stacked)
         )
         pixels.update(zip(missing, drawn[0].numpy(), strict=True))
-    pixels[INPUT_PICTURE] = crop  # what the model saw, for reports: always written
+    pixels[INPUT_PICTURE] = crop
     layer_scores = maps.get(PICTURE_SOURCES[LAYER_GRID])
     if layer_scores is not None:
         pixels[LAYER_GRID] = layer_grid_pixels(layer_scores, title=title)

@@ -6,13 +6,13 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
+from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.db.batches import get_batch
 from common.db.jobs import claim_jobs, record_failure
 from common.db.models import JobState, utcnow
 from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, WorkerIdentity
 from common.db.reports import RESULT_COLUMNS, artifact_column, batch_status, iter_job_results
 from common.db.workers import live_workers, record_heartbeat
-from common.methods import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from producer.report import CSV_COLUMNS
 from tests.common.db.conftest import record_success
 

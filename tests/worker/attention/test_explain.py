@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.methods import ARRAY_ARTIFACTS, HeadFusion, LayerScoreReduction, MethodSettings
+from common.artifacts import ARRAY_ARTIFACTS
+from common.methods import HeadFusion, LayerScoreReduction, MethodSettings
 from tests.worker.attention.conftest import hooks_left, images, raise_in_forward, vit
 from worker.attention import (
     Explanation,

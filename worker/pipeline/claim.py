@@ -12,16 +12,16 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from common.db import Database
 from common.db.jobs import claim_jobs, record_failure
 from common.db.models import Batch, Job
 from common.errors import UnknownModelError, VitscopeError
 from common.methods import MethodSettings
 from common.metrics import MetricSettings
 from common.modelspec import ModelSpec
-from worker.keeper import current_identity, is_dead_local_process
-from worker.pipeline.runtime import Runtime
+from worker.keeper import LeaseKeeper, current_identity, is_dead_local_process
 
-__all__ = ["Claimed", "Ticket", "claim"]
+__all__ = ["Claimed", "Claiming", "Ticket", "claim"]
 
 
 @dataclass(frozen=True)
@@ -54,21 +54,30 @@ class Claimed:
     failed: list[str] = field(default_factory=list)
 
 
-def claim(runtime: Runtime, job_ids: Sequence[str]) -> Claimed:
+@dataclass(frozen=True)
+class Claiming:
+    """What claiming uses: the database, this process's leases and the terms of a claim."""
+
+    db: Database
+    keeper: LeaseKeeper
+    lease_seconds: float
+    max_attempts: int
+
+
+def claim(claiming: Claiming, job_ids: Sequence[str]) -> Claimed:
     """The jobs among ``job_ids`` this worker now owns, in the order asked for."""
-    settings = runtime.settings
     identity = current_identity()
-    with runtime.db.session() as session:
+    with claiming.db.session() as session:
         jobs = claim_jobs(
             session,
             job_ids,
             worker=identity,
-            lease_seconds=settings.lease_seconds,
-            max_attempts=settings.max_attempts,
+            lease_seconds=claiming.lease_seconds,
+            max_attempts=claiming.max_attempts,
             is_dead=is_dead_local_process,
             # Holding nothing, this process's own running jobs were abandoned by an earlier chunk
             # (a whole-chunk transient error): take them back instead of waiting out their lease.
-            reclaim_own=not runtime.keeper.held(),
+            reclaim_own=not claiming.keeper.held(),
         )
         batches = session.scalars(sa.select(Batch).where(Batch.id.in_({job.batch_id for job in jobs})))
         by_id = {batch.id: batch for batch in batches}
@@ -84,7 +93,7 @@ def claim(runtime: Runtime, job_ids: Sequence[str]) -> Claimed:
                     error_class=type(exc).__name__,
                     message=str(exc),
                     retryable=False,
-                    max_attempts=settings.max_attempts,
+                    max_attempts=claiming.max_attempts,
                 )
                 claimed.failed.append(job.id)
         return claimed

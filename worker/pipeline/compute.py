@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,14 +19,31 @@ from common.artifacts import OVERLAYS, PICTURE_SOURCES
 from common.db.records import MetricRecord
 from worker.attention import Explanation
 from worker.models import LoadedModel
+from worker.pipeline.clock import StageClock
 from worker.pipeline.prepare import Prepared
 from worker.pipeline.record import Recorder
-from worker.pipeline.score import score
+from worker.pipeline.score import ScoreProgress, score
 from worker.render import heatmap_overlays
 
-__all__ = ["Computed", "compute"]
+__all__ = ["Computed", "Computing", "Explainer", "compute"]
 
 log = logging.getLogger(__name__)
+
+# ``explain_in_batches``'s signature: the compute stage calls whatever the runtime holds, so a
+# benchmark can stand in an infinitely fast device (``bench/bench_pipeline.py --modes null``).
+Explainer = Callable[..., list]
+
+
+@dataclass(frozen=True)
+class Computing:
+    """What computing uses: the device and its precision, the explainer, the stage clock, and whoever
+    follows the metrics' progress."""
+
+    device: torch.device
+    autocast: torch.dtype | None
+    explainer: Explainer
+    clock: StageClock
+    on_score_progress: ScoreProgress | None = None
 
 
 @dataclass
@@ -39,39 +57,43 @@ class Computed:
     metrics: list[MetricRecord]
 
 
-def compute(recorder: Recorder, loaded: LoadedModel, batch: list[Prepared]) -> list[Computed]:
+def compute(
+    computing: Computing, recorder: Recorder, loaded: LoadedModel, batch: list[Prepared]
+) -> list[Computed]:
     """Explain the micro-batch; an image that cannot be explained is recorded as failed and left out."""
-    runtime = recorder.runtime
     start = time.perf_counter()
     try:
-        with runtime.clock.measure("compute"):
-            crops = torch.from_numpy(np.stack([p.crop for p in batch])).to(runtime.device, non_blocking=True)
+        with computing.clock.measure("compute"):
+            crops = torch.from_numpy(np.stack([p.crop for p in batch])).to(
+                computing.device, non_blocking=True
+            )
             images = loaded.preprocessor.normalize_batch(crops)
-            explanations = runtime.explainer(
+            explanations = computing.explainer(
                 loaded.model,
                 images,
                 batch[0].ticket.settings,
                 [p.target_index for p in batch],
                 batch_size=len(batch),
-                autocast_dtype=runtime.autocast,
+                autocast_dtype=computing.autocast,
             )
             metrics = score(
-                runtime,
                 loaded,
                 images,
                 [p.ticket for p in batch],
                 [p.sha256 for p in batch],
                 [p.coverage for p in batch],
                 explanations,
+                autocast_dtype=computing.autocast,
+                on_progress=computing.on_score_progress,
             )
-        overlays = _device_overlays(recorder, crops, explanations)
+        overlays = _device_overlays(computing.clock, crops, explanations)
     except Exception as exc:
         if len(batch) == 1:
             recorder.fail(batch[0].ticket, exc)
             return []
         # Find the image that breaks the batch instead of failing its neighbours.
         log.warning("micro-batch of %d failed (%s); retrying its images one by one", len(batch), exc)
-        return [result for prepared in batch for result in compute(recorder, loaded, [prepared])]
+        return [result for prepared in batch for result in compute(computing, recorder, loaded, [prepared])]
     per_image = (time.perf_counter() - start) / len(batch)
     return [
         Computed(p, e, o, per_image, m)
@@ -80,13 +102,13 @@ def compute(recorder: Recorder, loaded: LoadedModel, batch: list[Prepared]) -> l
 
 
 def _device_overlays(
-    recorder: Recorder, crops: torch.Tensor, explanations: list[Explanation]
+    clock: StageClock, crops: torch.Tensor, explanations: list[Explanation]
 ) -> list[dict[str, np.ndarray] | None]:
     """Every overlay of the micro-batch drawn on a GPU and copied back once; ``None`` each on a CPU
     device, where the CPU pool draws them beside the encoding instead of serially in this thread."""
     if crops.device.type == "cpu":
         return [None] * len(explanations)
-    with recorder.runtime.clock.measure("render"):
+    with clock.measure("render"):
         present = explanations[0].arrays()
         names = [name for name in OVERLAYS if PICTURE_SOURCES[name] in present]
         if not names:

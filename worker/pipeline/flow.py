@@ -27,11 +27,11 @@ from common.methods import MethodSettings
 from common.metrics import MetricSettings
 from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket, claim
-from worker.pipeline.compute import compute
-from worker.pipeline.prepare import Prepared, prepare
+from worker.pipeline.compute import Computing, compute
+from worker.pipeline.prepare import Prepared, Preparing, prepare
 from worker.pipeline.record import ChunkReport, JobCallback, Recorder
 from worker.pipeline.runtime import Runtime
-from worker.pipeline.store import Stored, store_all
+from worker.pipeline.store import Stored, Storing, store_all
 
 __all__ = ["process_chunks", "process_jobs"]
 
@@ -100,10 +100,14 @@ class _Chunk:
     runtime: Runtime
     recorder: Recorder
     claimed: set[str]
+    # What the stages use, taken from the runtime when the chunk starts.
+    preparing: Preparing
+    computing: Computing
+    storing: Storing
     groups: list[_Group] = field(default_factory=list)
     # (image sha256, config) computed here; a later chunk sends the same image to its duplicates
     # instead of computing it again while this chunk is still recording it.
-    computing: set[tuple[str, str]] = field(default_factory=set)
+    in_compute: set[tuple[str, str]] = field(default_factory=set)
     previous: set[tuple[str, str]] = field(default_factory=set)
     records: list[Future[None]] = field(default_factory=list)
     duplicates: list[tuple[LoadedModel, list[Prepared]]] = field(default_factory=list)
@@ -119,14 +123,21 @@ class _Chunk:
     ) -> _Chunk:
         """Claim the jobs, load their models and start preparing every image."""
         report = ChunkReport()
-        taken = claim(runtime, job_ids)
+        taken = claim(runtime.claiming(), job_ids)
         tickets = taken.tickets
         claimed = {t.job_id for t in tickets}
         report.skipped = [job_id for job_id in job_ids if job_id not in claimed | set(taken.failed)]
-        chunk = cls(runtime, Recorder(runtime, report, on_job), claimed)
+        chunk = cls(
+            runtime,
+            Recorder(runtime.recording(), report, on_job),
+            claimed,
+            runtime.preparing(),
+            runtime.computing(),
+            runtime.storing(),
+        )
         chunk.recorder.failed_at_claim(taken.failed)
         if previous is not None:
-            chunk.previous = previous.computing
+            chunk.previous = previous.in_compute
         runtime.keeper.hold(claimed)
         try:
             chunk._load_groups(tickets)
@@ -144,7 +155,7 @@ class _Chunk:
         for group in by_key.values():
             loaded = self._load(group)
             if loaded is not None:
-                fetches = [runtime.fetch_pool.submit(prepare, runtime, loaded, t) for t in group]
+                fetches = [runtime.fetch_pool.submit(prepare, self.preparing, loaded, t) for t in group]
                 self.groups.append(_Group(loaded, group, fetches))
 
     def _load(self, tickets: list[Ticket]) -> LoadedModel | None:
@@ -202,15 +213,14 @@ class _Chunk:
             self.duplicates.append((group.loaded, followers))
 
     def _compute_and_store(self, loaded: LoadedModel, batch: list[Prepared]) -> None:
-        runtime = self.runtime
-        self.computing.update((p.sha256, p.ticket.config) for p in batch)
-        computed = compute(self.recorder, loaded, batch)
+        self.in_compute.update((p.sha256, p.ticket.config) for p in batch)
+        computed = compute(self.computing, self.recorder, loaded, batch)
         stored: list[tuple[Ticket, Future[Stored]]] = [
             (c.prepared.ticket, future)
-            for c, future in zip(computed, store_all(runtime, loaded, computed), strict=True)
+            for c, future in zip(computed, store_all(self.storing, loaded, computed), strict=True)
         ]
         if stored:
-            self.records.append(runtime.record_pool.submit(self.recorder.succeed_all, stored))
+            self.records.append(self.runtime.record_pool.submit(self.recorder.succeed_all, stored))
 
     def finish(self) -> ChunkReport:
         """Wait for every record; then the in-chunk duplicates point at their originals' artifacts

@@ -1,7 +1,7 @@
 """Prepare: fetch, hash, decode and crop one image in a fetch thread; resolve its target.
 
 Decoding runs here, not in the CPU pool: Pillow and the compiled resize release the GIL, so the
-fetch threads use the cores the pool leaves (``Runtime.decode_slots``: one image per such core at a
+fetch threads use the cores the pool leaves (``Preparing.decode_slots``: one image per such core at a
 time, while downloads overlap freely), and sending the file to a pool process and the crop back
 cost the driving process more CPU than the GIL-held part of decoding (2 cores: 59.9 → 63.7
 images/s, ``bench/bench_pipeline.py``).
@@ -12,6 +12,7 @@ micro-batch at once (``Preprocessor.normalize_batch``), and the overlays are dra
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import cast
@@ -19,15 +20,15 @@ from typing import cast
 import numpy as np
 
 from common.errors import InvalidTargetError
-from common.fetch import content_sha256
+from common.fetch import ImageFetcher, content_sha256
 from worker.labels import resolve_target
 from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket
+from worker.pipeline.clock import StageClock
 from worker.pipeline.cpu import decode_and_crop
-from worker.pipeline.runtime import Runtime
 from worker.pipeline.score import region_coverage
 
-__all__ = ["Prepared", "prepare"]
+__all__ = ["Prepared", "Preparing", "prepare"]
 
 
 @dataclass
@@ -42,16 +43,27 @@ class Prepared:
     coverage: np.ndarray | None = None  # [gh, gw] share of each patch in the job's box or mask
 
 
-def prepare(runtime: Runtime, loaded: LoadedModel, ticket: Ticket) -> Prepared:
+@dataclass(frozen=True)
+class Preparing:
+    """What preparing uses: the fetcher, the decode slots (``Runtime.decode_slots``), the stage clock
+    and the size limit of a decoded image."""
+
+    fetcher: ImageFetcher
+    decode_slots: threading.Semaphore
+    clock: StageClock
+    max_image_pixels: int
+
+
+def prepare(preparing: Preparing, loaded: LoadedModel, ticket: Ticket) -> Prepared:
     """Fetch, hash, decode and crop one image; resolve its target. Runs on the fetch pool."""
     start = time.perf_counter()
-    with runtime.clock.measure("fetch+decode"):
-        data = runtime.fetcher.fetch(ticket.image_uri)
+    with preparing.clock.measure("fetch+decode"):
+        data = preparing.fetcher.fetch(ticket.image_uri)
         sha256 = content_sha256(data)
-    with runtime.decode_slots:  # downloads overlap freely; decoding takes one of the cores
-        decoded = decode_and_crop(data, loaded.preprocessor, runtime.settings.max_image_pixels)
-    runtime.clock.add(decoded.seconds)
-    coverage = region_coverage(runtime, loaded, ticket, data)
+    with preparing.decode_slots:  # downloads overlap freely; decoding takes one of the cores
+        decoded = decode_and_crop(data, loaded.preprocessor, preparing.max_image_pixels)
+    preparing.clock.add(decoded.seconds)
+    coverage = region_coverage(preparing.fetcher, preparing.max_image_pixels, loaded, ticket, data)
     return Prepared(
         ticket=ticket,
         sha256=sha256,

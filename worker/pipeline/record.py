@@ -13,24 +13,41 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from common.db import Database
 from common.db.jobs import find_reusable, find_reusables, record_failure, record_reuse, record_successes
 from common.db.models import JobState
 from common.db.records import JobOutcome
 from common.errors import TransientError
-from worker.keeper import current_identity
+from common.storage import ObjectStore
+from worker.keeper import LeaseKeeper, current_identity
 from worker.pipeline.claim import Ticket
+from worker.pipeline.clock import StageClock
 from worker.pipeline.prepare import Prepared
-from worker.pipeline.runtime import Runtime
-from worker.pipeline.shard import Unwritten, write_shard
+from worker.pipeline.shard import ShardRules, Unwritten, write_shard
 
-__all__ = ["ChunkReport", "JobCallback", "Recorder"]
+__all__ = ["ChunkReport", "JobCallback", "Recorder", "Recording"]
 
 log = logging.getLogger(__name__)
 
 JobCallback = Callable[[str, JobState], None]
+
+
+@dataclass(frozen=True)
+class Recording:
+    """What recording uses: the database and the store (synced, or written a shard at a time, before
+    jobs are recorded), this process's leases, the record thread, the stage clock, the shards
+    layout's flush rules (``None`` in the objects layout) and the attempts a job gets."""
+
+    db: Database
+    store: ObjectStore
+    keeper: LeaseKeeper
+    pool: ThreadPoolExecutor
+    clock: StageClock
+    shard_rules: ShardRules | None
+    max_attempts: int
 
 
 @dataclass
@@ -52,8 +69,8 @@ class Recorder:
     (finished micro-batches); a lock keeps the report and the callbacks in one order.
     """
 
-    def __init__(self, runtime: Runtime, report: ChunkReport, on_job: JobCallback | None) -> None:
-        self.runtime = runtime
+    def __init__(self, recording: Recording, report: ChunkReport, on_job: JobCallback | None) -> None:
+        self.recording = recording
         self.report = report
         self.on_job = on_job
         self.worker_id = current_identity().worker_id
@@ -66,12 +83,11 @@ class Recorder:
         self._timed_flushes: list[Future[None]] = []
 
     def _done(self, job_id: str, state: JobState) -> None:
-        self.runtime.keeper.release([job_id], done=state != JobState.QUEUED)
+        self.recording.keeper.release([job_id], done=state != JobState.QUEUED)
         if self.on_job is not None:
             self.on_job(job_id, state)
 
     def fail(self, ticket: Ticket, exc: BaseException) -> None:
-        settings = self.runtime.settings
         retryable = isinstance(exc, TransientError)
         message = str(exc) or repr(exc)
         # %r: the URI, model and message are users' text, and a log is read on a terminal; repr shows
@@ -84,7 +100,7 @@ class Recorder:
             type(exc).__name__,
             message,
         )
-        with self.runtime.db.session() as session:
+        with self.recording.db.session() as session:
             state = record_failure(
                 session,
                 ticket.job_id,
@@ -92,7 +108,7 @@ class Recorder:
                 error_class=type(exc).__name__,
                 message=message,
                 retryable=retryable,
-                max_attempts=settings.max_attempts,
+                max_attempts=self.recording.max_attempts,
             )
         with self._lock:
             if state is JobState.QUEUED:
@@ -133,8 +149,8 @@ class Recorder:
         if not outcomes:
             return
         try:  # no job is recorded before its artifacts would survive a power loss
-            with self.runtime.clock.measure("store"):
-                self.runtime.store.sync()
+            with self.recording.clock.measure("store"):
+                self.recording.store.sync()
         except Exception as exc:
             for ticket in uploaded:
                 self.fail(ticket, exc)
@@ -142,7 +158,7 @@ class Recorder:
         self._record_successes(outcomes)
 
     def _record_successes(self, outcomes: list[tuple[str, JobOutcome]]) -> None:
-        with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
+        with self.recording.clock.measure("record"), self.recording.db.session() as session:
             won = record_successes(session, outcomes, worker_id=self.worker_id)
         with self._lock:
             for job_id in won:
@@ -152,7 +168,7 @@ class Recorder:
     def _add_to_shard(self, jobs: list[tuple[Ticket, Unwritten]]) -> None:
         """Put finished jobs in the open shard; write it if a size rule says so, else make sure the
         time rule will (on the record thread)."""
-        rules = self.runtime.shard_rules
+        rules = self.recording.shard_rules
         assert rules is not None
         self._shard += jobs
         self._shard_bytes += sum(job.size for _, job in jobs)
@@ -182,7 +198,7 @@ class Recorder:
             self._timer = None
             # RuntimeError: the runtime is closing; the chunk's own end flushes or abandons the shard.
             with contextlib.suppress(RuntimeError):
-                self._timed_flushes.append(self.runtime.record_pool.submit(self.flush))
+                self._timed_flushes.append(self.recording.pool.submit(self.flush))
 
     def flush(self) -> None:
         """Write the open shard, if any, and record its jobs (on the record thread)."""
@@ -215,8 +231,8 @@ class Recorder:
                     self._timer.cancel()
                     self._timer = None
         try:  # no row points into a shard before the whole shard would survive a power loss
-            with self.runtime.clock.measure("store"):
-                outcomes = write_shard(self.runtime.store, [job for _, job in jobs])
+            with self.recording.clock.measure("store"):
+                outcomes = write_shard(self.recording.store, [job for _, job in jobs])
         except Exception as exc:
             for ticket, _ in jobs:
                 self.fail(ticket, exc)
@@ -235,7 +251,7 @@ class Recorder:
         # Jobs that ask for metrics may reuse only a source holding the same metric values: looked up
         # one by one (metrics cost far more than a query); the rest in one query.
         plain = [p for p in candidates if p.ticket.metrics_config is None]
-        with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
+        with self.recording.clock.measure("record"), self.recording.db.session() as session:
             sources = find_reusables(session, [(p.sha256, p.ticket.config) for p in plain])
             for prepared in candidates:
                 ticket = prepared.ticket
@@ -265,7 +281,7 @@ class Recorder:
     def try_reuse(self, prepared: Prepared) -> bool:
         """Point the job at an earlier identical job's artifacts, if there is one."""
         ticket = prepared.ticket
-        with self.runtime.clock.measure("record"), self.runtime.db.session() as session:
+        with self.recording.clock.measure("record"), self.recording.db.session() as session:
             source = find_reusable(
                 session, prepared.sha256, ticket.config, metrics_config=ticket.metrics_config
             )

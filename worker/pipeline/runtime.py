@@ -1,4 +1,10 @@
-"""What one worker process keeps between chunks: connections, pools, warm models, the lease keeper."""
+"""What one worker process keeps between chunks: connections, pools, warm models, the lease keeper.
+
+The runtime owns these and closes them; the stages never see it. Each stage declares what it uses
+(``Claiming``, ``Preparing``, ``Computing``, ``Storing``, ``Recording``) and the runtime hands a
+chunk those views, made afresh per chunk so that a field replaced between chunks (a benchmark's
+explainer, ``worker.local``'s fetcher) takes effect.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +26,17 @@ from worker.device import autocast_dtype, select_device
 from worker.keeper import LeaseKeeper
 from worker.models import ModelCache
 from worker.pipeline.artifacts import StoreTarget
+from worker.pipeline.claim import Claiming
 from worker.pipeline.clock import StageClock
+from worker.pipeline.compute import Computing, Explainer
 from worker.pipeline.cpu import CpuPool, auto_cpu_workers, compile_kernels
+from worker.pipeline.prepare import Preparing
+from worker.pipeline.record import Recording
+from worker.pipeline.score import ScoreProgress
 from worker.pipeline.shard import ShardRules
+from worker.pipeline.store import Storing
 
-__all__ = ["Explainer", "Runtime", "ScoreProgress"]
-
-# ``explain_in_batches``'s signature: the compute stage calls whatever the runtime holds, so a
-# benchmark can stand in an infinitely fast device (``bench/bench_pipeline.py --modes null``).
-Explainer = Callable[..., list]
-# (what is being scored, work done, work in all) as a micro-batch's metrics are computed: scoring can
-# take minutes per micro-batch, and a progress bar that counts only finished jobs would stand still.
-ScoreProgress = Callable[[str, int, int], None]
+__all__ = ["Runtime"]
 
 
 @dataclass
@@ -133,6 +138,38 @@ class Runtime:
             decode_slots=threading.BoundedSemaphore(
                 settings.decode_threads or decode_threads(workers, available_cores())
             ),
+        )
+
+    def claiming(self) -> Claiming:
+        return Claiming(self.db, self.keeper, self.settings.lease_seconds, self.settings.max_attempts)
+
+    def preparing(self) -> Preparing:
+        return Preparing(self.fetcher, self.decode_slots, self.clock, self.settings.max_image_pixels)
+
+    def computing(self) -> Computing:
+        return Computing(self.device, self.autocast, self.explainer, self.clock, self.on_score_progress)
+
+    def storing(self) -> Storing:
+        return Storing(
+            cpu=self.cpu,
+            pool=self.store_pool,
+            store=self.store,
+            target=self.store_target,
+            sharded=self.shard_rules is not None,
+            clock=self.clock,
+            device=str(self.device),
+            png_level=self.settings.png_level,
+        )
+
+    def recording(self) -> Recording:
+        return Recording(
+            db=self.db,
+            store=self.store,
+            keeper=self.keeper,
+            pool=self.record_pool,
+            clock=self.clock,
+            shard_rules=self.shard_rules,
+            max_attempts=self.settings.max_attempts,
         )
 
     def warm_up(self) -> float:

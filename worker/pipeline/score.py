@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from typing import Any, cast
 
 import numpy as np
@@ -20,6 +20,7 @@ from torch import nn
 
 from common.db.records import MetricRecord
 from common.errors import ImageError
+from common.fetch import ImageFetcher
 from common.metrics import MetricFamily, MetricSettings, SanityLayers
 from worker.attention import Explanation
 from worker.metrics import (
@@ -32,10 +33,13 @@ from worker.metrics import (
 )
 from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket
-from worker.pipeline.runtime import Runtime
 from worker.preprocess import decode_image, upright_size
 
-__all__ = ["image_seed", "region_coverage", "score"]
+__all__ = ["ScoreProgress", "image_seed", "region_coverage", "score"]
+
+# (what is being scored, work done, work in all) as a micro-batch's metrics are computed: scoring can
+# take minutes per micro-batch, and a progress bar that counts only finished jobs would stand still.
+ScoreProgress = Callable[[str, int, int], None]
 
 # The sanity check's re-initialized copies, one per warm model: building one costs a model copy.
 _RANDOMIZED: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, int, SanityLayers], nn.Module]] = (
@@ -49,7 +53,9 @@ def image_seed(sha256: str, seed: int) -> int:
     return (int(sha256[:15], 16) + seed) % (2**63)
 
 
-def region_coverage(runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image: bytes) -> np.ndarray | None:
+def region_coverage(
+    fetcher: ImageFetcher, max_image_pixels: int, loaded: LoadedModel, ticket: Ticket, image: bytes
+) -> np.ndarray | None:
     """``[gh, gw]`` share of each patch inside the job's box or mask, or ``None`` without one.
 
     Runs on the fetch pool, next to the image's own preprocessing. An unreadable mask fails the job
@@ -68,11 +74,11 @@ def region_coverage(runtime: Runtime, loaded: LoadedModel, ticket: Ticket, image
     try:
         # The fetcher's errors name the URI already, and keep their class: a mask refused by the
         # file or S3 policy fails the job with ImageFetchRefusedError, exactly as an image would.
-        data = runtime.fetcher.fetch(ticket.mask_uri)
+        data = fetcher.fetch(ticket.mask_uri)
     except ImageError as exc:
         raise type(exc)(f"mask_uri: {exc}") from exc
     try:
-        mask = decode_image(data, max_pixels=runtime.settings.max_image_pixels)
+        mask = decode_image(data, max_pixels=max_image_pixels)
     except ImageError as exc:
         raise type(exc)(f"mask {ticket.mask_uri}: {exc}") from exc
     if mask.size != image_size:
@@ -91,13 +97,15 @@ def _randomized(model: nn.Module, blocks: int, seed: int, layers: SanityLayers) 
 
 
 def score(
-    runtime: Runtime,
     loaded: LoadedModel,
     images: torch.Tensor,
     tickets: Sequence[Ticket],
     sha256s: Sequence[str],
     coverages: Sequence[np.ndarray | None],
     explanations: Sequence[Explanation],
+    *,
+    autocast_dtype: torch.dtype | None,
+    on_progress: ScoreProgress | None,
 ) -> list[list[MetricRecord]]:
     """The metric values of each job of the micro-batch (empty lists when metrics are off)."""
     settings: MetricSettings = tickets[0].metrics
@@ -125,7 +133,7 @@ def score(
         settings,
         method_settings=tickets[0].settings,
         randomized=randomized,
-        autocast_dtype=runtime.autocast,
-        on_progress=runtime.on_score_progress,
+        autocast_dtype=autocast_dtype,
+        on_progress=on_progress,
     )
     return [[MetricRecord(v.method, v.metric.value, v.value) for v in image] for image in values]

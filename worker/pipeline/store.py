@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import functools
 import time
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord
+from common.storage import ObjectStore
 from worker.attention import Explanation
 from worker.models import LoadedModel
 from worker.pipeline.artifacts import (
     Encoded,
     ImageArtifacts,
+    StoreTarget,
     Written,
     draw,
     encode_artifacts,
@@ -28,18 +31,34 @@ from worker.pipeline.artifacts import (
     put_artifacts,
     write_artifacts_many,
 )
+from worker.pipeline.clock import StageClock
 from worker.pipeline.compute import Computed
-from worker.pipeline.runtime import Runtime
+from worker.pipeline.cpu import CpuPool
 from worker.pipeline.shard import Unwritten
 
-__all__ = ["Stored", "store", "store_all"]
+__all__ = ["Stored", "Storing", "store", "store_all"]
 
 # What the store stage hands the record stage for one image: the job's row with its artifacts
 # written (objects layout), or the job and its encoded files for the open shard (shards layout).
 Stored = JobOutcome | Unwritten
 
 
-def store_all(runtime: Runtime, loaded: LoadedModel, batch: list[Computed]) -> list[Future[Stored]]:
+@dataclass(frozen=True)
+class Storing:
+    """What storing uses: the CPU pool and the store threads, the store (and how a pool process opens
+    it, ``None`` when one cannot), the layout, the stage clock, and what the job rows and PNGs record."""
+
+    cpu: CpuPool
+    pool: ThreadPoolExecutor
+    store: ObjectStore
+    target: StoreTarget | None
+    sharded: bool
+    clock: StageClock
+    device: str
+    png_level: int
+
+
+def store_all(storing: Storing, loaded: LoadedModel, batch: list[Computed]) -> list[Future[Stored]]:
     """Start storing a computed micro-batch; one future per image, in order, each failing on its own.
 
     With a CPU pool that can open the store, the batch goes to the pool in one call per pool process
@@ -47,13 +66,13 @@ def store_all(runtime: Runtime, loaded: LoadedModel, batch: list[Computed]) -> l
     millisecond besides the pixels, as much as recording a job. Otherwise each image is a task of
     the store threads.
     """
-    if not (runtime.cpu.workers and runtime.store_target is not None):
-        return [runtime.store_pool.submit(store, runtime, loaded, computed) for computed in batch]
+    if not (storing.cpu.workers and storing.target is not None):
+        return [storing.pool.submit(store, storing, loaded, computed) for computed in batch]
     futures: list[Future[Stored]] = [Future() for _ in batch]
-    parts = min(runtime.cpu.workers, len(batch))
+    parts = min(storing.cpu.workers, len(batch))
     for part in range(parts):
         mine = [futures[i] for i in range(part, len(batch), parts)]
-        task = runtime.store_pool.submit(_store_in_pool, runtime, loaded, batch[part::parts], mine)
+        task = storing.pool.submit(_store_in_pool, storing, loaded, batch[part::parts], mine)
         task.add_done_callback(functools.partial(_end_unfinished, mine))
     return futures
 
@@ -67,18 +86,18 @@ def _end_unfinished(futures: list[Future[Stored]], task: Future[None]) -> None:
 
 
 def _store_in_pool(
-    runtime: Runtime, loaded: LoadedModel, batch: list[Computed], futures: list[Future[Stored]]
+    storing: Storing, loaded: LoadedModel, batch: list[Computed], futures: list[Future[Stored]]
 ) -> None:
     """One pool call for ``batch``; each image's outcome or error goes to its own future."""
     start = time.perf_counter()
     try:
-        images = [_artifacts(runtime, c) for c in batch]
+        images = [_artifacts(storing, c) for c in batch]
         results: list[Written | Encoded | Exception]
-        if runtime.shard_rules is not None:
-            results = list(runtime.cpu.run(encode_artifacts_many, images))
+        if storing.sharded:
+            results = list(storing.cpu.run(encode_artifacts_many, images))
         else:
-            assert runtime.store_target is not None
-            results = list(runtime.cpu.run(write_artifacts_many, runtime.store_target, images))
+            assert storing.target is not None
+            results = list(storing.cpu.run(write_artifacts_many, storing.target, images))
     except BaseException as exc:  # the pool process died (or worse): every image of the call failed
         for future in futures:
             future.set_exception(exc)
@@ -89,35 +108,35 @@ def _store_in_pool(
             future.set_exception(result)
             continue
         try:
-            runtime.clock.add(result.seconds)
-            outcome = _outcome(runtime, loaded, computed, result.artifacts, share)
+            storing.clock.add(result.seconds)
+            outcome = _outcome(storing, loaded, computed, result.artifacts, share)
             if isinstance(result, Encoded):
                 future.set_result(Unwritten(outcome, result))
             else:
-                runtime.store.take_over(result.keys)  # synced with the micro-batch, before it is recorded
+                storing.store.take_over(result.keys)  # synced with the micro-batch, before it is recorded
                 future.set_result(outcome)
         except BaseException as exc:  # every future must end, or its micro-batch's record waits forever
             future.set_exception(exc)
 
 
-def store(runtime: Runtime, loaded: LoadedModel, computed: Computed) -> Stored:
+def store(storing: Storing, loaded: LoadedModel, computed: Computed) -> Stored:
     """Render every artifact (in the CPU pool if there is one), write them here under deterministic
     keys, describe them for the database: for stores a pool process cannot open (``store_all``).
     In the shards layout, encode them for the open shard instead of writing them."""
     start = time.perf_counter()
-    image = _artifacts(runtime, computed)
-    pictures = runtime.cpu.run(draw, image)
-    if runtime.shard_rules is not None:
+    image = _artifacts(storing, computed)
+    pictures = storing.cpu.run(draw, image)
+    if storing.sharded:
         encoded = encode_artifacts(image, pictures)
-        runtime.clock.add(encoded.seconds)
-        outcome = _outcome(runtime, loaded, computed, encoded.artifacts, time.perf_counter() - start)
+        storing.clock.add(encoded.seconds)
+        outcome = _outcome(storing, loaded, computed, encoded.artifacts, time.perf_counter() - start)
         return Unwritten(outcome, encoded)
-    written = put_artifacts(runtime.store, image, pictures)
-    runtime.clock.add(written.seconds)
-    return _outcome(runtime, loaded, computed, written.artifacts, time.perf_counter() - start)
+    written = put_artifacts(storing.store, image, pictures)
+    storing.clock.add(written.seconds)
+    return _outcome(storing, loaded, computed, written.artifacts, time.perf_counter() - start)
 
 
-def _artifacts(runtime: Runtime, computed: Computed) -> ImageArtifacts:
+def _artifacts(storing: Storing, computed: Computed) -> ImageArtifacts:
     prepared, ticket = computed.prepared, computed.prepared.ticket
     return ImageArtifacts(
         image_sha256=prepared.sha256,
@@ -127,12 +146,12 @@ def _artifacts(runtime: Runtime, computed: Computed) -> ImageArtifacts:
         arrays=computed.explanation.arrays(),
         overlays=computed.overlays,
         title=f"{ticket.model}: layer scores",
-        png_level=runtime.settings.png_level,
+        png_level=storing.png_level,
     )
 
 
 def _outcome(
-    runtime: Runtime,
+    storing: Storing,
     loaded: LoadedModel,
     computed: Computed,
     artifacts: list[ArtifactRecord],
@@ -145,7 +164,7 @@ def _outcome(
         target_index=explanation.target,
         readout=explanation.readout.value,
         note=_note(explanation),
-        device=str(runtime.device),
+        device=storing.device,
         weights_source=loaded.weights_source,
         artifacts=artifacts,
         predictions=_predictions(explanation, loaded.labels),

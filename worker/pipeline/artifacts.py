@@ -19,6 +19,7 @@ Durability stays with the driving process: a pool process hands the keys it wrot
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
@@ -140,34 +141,10 @@ def draw(image: ImageArtifacts) -> Pictures:
     )
 
 
-def put_artifacts(store: ObjectStore, image: ImageArtifacts, pictures: Pictures) -> Written:
-    """Write the arrays as ``.npy`` and the encoded ``pictures`` under their deterministic keys;
-    describe each file (size, SHA-256, shape, dtype). The seconds are the pictures' and the writing's."""
-    start = time.thread_time()
-    arrays = image.arrays
-    files = {**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures.files}
-    keys = {name: image.key(name) for name in files}
-    uris = store.put_many((keys[name], data, _content_type(name)) for name, data in files.items())
-    artifacts = [
-        ArtifactRecord(
-            name=name,
-            uri=uris[keys[name]],
-            content_type=_content_type(name),
-            bytes=len(data),
-            checksum=hashlib.sha256(data).hexdigest(),
-            shape="x".join(str(d) for d in (arrays[name].shape if name in arrays else pictures.shapes[name])),
-            dtype=str(arrays[name].dtype) if name in arrays else "uint8",
-        )
-        for name, data in sorted(files.items())
-    ]
-    seconds = {**pictures.seconds, "store": time.thread_time() - start}
-    return Written(artifacts, list(keys.values()), seconds)
-
-
 @dataclass(frozen=True)
 class Encoded:
-    """An image's artifact files, encoded and described but not written (the shards layout): the
-    files in member order, their rows with ``uri`` still empty, and the CPU seconds they cost."""
+    """An image's artifact files, encoded and described but not written: the files in member order,
+    their rows with ``uri`` still empty, and the CPU seconds they cost."""
 
     sample_key: str
     files: list[tuple[str, bytes]]
@@ -177,7 +154,8 @@ class Encoded:
 
 def encode_artifacts(image: ImageArtifacts, pictures: Pictures) -> Encoded:
     """The arrays as ``.npy`` bytes beside the encoded ``pictures``, sorted by name, each described
-    (size, SHA-256, shape, dtype) as ``put_artifacts`` does, for a shard to hold."""
+    (size, SHA-256, shape, dtype): what either layout stores for one image, a shard as it is
+    (``common.storage.shards``) and the objects layout one object per file (``put_artifacts``)."""
     start = time.thread_time()
     arrays = image.arrays
     files = sorted({**{name: npy_bytes(array) for name, array in arrays.items()}, **pictures.files}.items())
@@ -196,6 +174,18 @@ def encode_artifacts(image: ImageArtifacts, pictures: Pictures) -> Encoded:
     return Encoded(
         image.sample_key, files, artifacts, {**pictures.seconds, "store": time.thread_time() - start}
     )
+
+
+def put_artifacts(store: ObjectStore, image: ImageArtifacts, pictures: Pictures) -> Written:
+    """``encode_artifacts``, each file written under its deterministic key (the objects layout).
+    The seconds are the pictures' and the encoding's and writing's."""
+    start = time.thread_time()
+    encoded = encode_artifacts(image, pictures)
+    keys = {name: image.key(name) for name, _ in encoded.files}
+    uris = store.put_many((keys[name], data, _content_type(name)) for name, data in encoded.files)
+    artifacts = [dataclasses.replace(row, uri=uris[keys[row.name]]) for row in encoded.artifacts]
+    seconds = {**pictures.seconds, "store": time.thread_time() - start}
+    return Written(artifacts, list(keys.values()), seconds)
 
 
 def encode_artifacts_many(images: list[ImageArtifacts]) -> list[Encoded | Exception]:

@@ -87,7 +87,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         sys.path.insert(0, str(REPO))
-        import worker  # noqa: F401  (its OpenMP wait policy, as in the pipeline)
+        from worker.cores import wait_passively_in_openmp
+
+        wait_passively_in_openmp()  # as in the pipeline
 
         print(kernel_loop(args.seconds))
         return

@@ -18,7 +18,9 @@ computes the same with trained ones).
 
 from __future__ import annotations
 
-import worker  # noqa: F401  (first: its OpenMP wait policy must be set before torch loads)
+from worker.cores import wait_passively_in_openmp
+
+wait_passively_in_openmp()  # first, as `worker start` and `producer submit --local` do: before torch loads
 
 # isort: split
 import argparse

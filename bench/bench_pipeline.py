@@ -354,7 +354,9 @@ def s3_server(cores: list[int]) -> Iterator[tuple[str, int]]:
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in this (pinned) process; returns its row."""
-    import worker  # noqa: F401  (before torch, as the CLIs import it: its OpenMP wait policy)
+    from worker.cores import wait_passively_in_openmp
+
+    wait_passively_in_openmp()  # before torch loads, as the worker's entry points do
 
     # isort: split
     import torch

@@ -328,9 +328,18 @@ def _submit_distributed(
     raise typer.Exit(code)
 
 
+def _become_a_worker() -> None:
+    """Run the pipeline in this process as ``worker start`` runs it: with passive OpenMP threads, set
+    before the worker's first import loads torch (``worker.cores.wait_passively_in_openmp``)."""
+    from worker.cores import wait_passively_in_openmp
+
+    wait_passively_in_openmp()
+
+
 def _submit_local(
     settings: Settings, db: Database, plan: Plan, options: SubmitOptions, *, random_if_offline: bool
 ) -> None:
+    _become_a_worker()
     from worker.local import load_models, unavailable_weights
     from worker.pipeline import Runtime
 
@@ -815,6 +824,7 @@ def _resume_distributed(settings: Settings, db: Database, batch_id: str, *, wait
 
 
 def _resume_local(settings: Settings, db: Database, batch_id: str, specs: dict[str, ModelSpec]) -> None:
+    _become_a_worker()
     from worker.local import load_models
     from worker.pipeline import Runtime
 

@@ -24,8 +24,11 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("VITSCOPE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-# Keep torch from fighting over the two cores when a test also runs a worker process.
+# Keep torch from fighting over the two cores when a test also runs a worker process, and run the
+# tests' pipelines (in this process and in the workers it starts) as the worker's entry points run
+# theirs (``worker.cores.wait_passively_in_openmp``), before any test module loads torch.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _free_port() -> int:

@@ -24,7 +24,7 @@ import typer
 
 from common.celery_app import DEFAULT_QUEUE, QUEUE_PREFIX, TRANSFORMERS_QUEUE, known_queues
 from common.settings import Settings, get_settings
-from worker.cores import available_cores, cpu_workers_per_gpu, decode_threads
+from worker.cores import available_cores, cpu_workers_per_gpu, decode_threads, wait_passively_in_openmp
 
 __all__ = ["app", "main", "resolve_gpus", "resolve_queues", "worker_commands"]
 
@@ -213,4 +213,5 @@ def _warn_about_eviction(settings: Settings) -> None:
 
 
 def main() -> None:
+    wait_passively_in_openmp()  # inherited by the Celery workers this process execs or spawns
     app()

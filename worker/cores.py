@@ -9,12 +9,16 @@ import threading
 
 __all__ = [
     "PIPELINE_NICENESS",
+    "WAIT_POLICY",
     "available_cores",
     "cpu_workers_per_gpu",
     "decode_threads",
+    "wait_passively_in_openmp",
     "yield_cores_to_the_model",
 ]
 
+# The OpenMP wait policy of the processes that run the pipeline (``wait_passively_in_openmp``).
+WAIT_POLICY = "PASSIVE"
 # How far a CPU worker's pipeline threads step back for the model's threads (``nice`` units).
 PIPELINE_NICENESS = 10
 
@@ -79,3 +83,19 @@ def yield_cores_to_the_model() -> None:
         )
     except OSError:
         pass
+
+
+def wait_passively_in_openmp() -> None:
+    """Make this process's OpenMP threads sleep at once after each parallel region, unless the
+    environment already names a policy (``OMP_WAIT_POLICY``). For entry points only, before torch
+    loads (OpenMP reads the variable when it starts): ``worker start`` (and so the Celery workers it
+    execs or spawns) and ``producer submit --local`` / ``producer resume`` of a local batch.
+
+    By default an OpenMP thread spins for a while after each parallel region of the model's CPU
+    kernels, burning a core the pipeline's decoding, encoding and uploading threads need: on two
+    cores, ``producer submit --local`` of deit_tiny kept 84 % of the compute-alone rate with
+    spinning threads and 93-100 % with passive ones (``bench/bench_end_to_end.py``). Passive threads
+    cost the compute core alone 15-20 % when nothing else runs, which is why importing the worker
+    (a notebook using ``vitscope.explain_image``, say) does not set it.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -101,25 +102,57 @@ def test_a_cpu_worker_keeps_its_own_default() -> None:
     assert "VITSCOPE_CPU_WORKERS" not in env  # unset: no pool, the model uses the cores
 
 
-def test_importing_the_worker_makes_openmp_threads_wait_passively_unless_told_otherwise() -> None:
-    """A fresh interpreter, as a CLI or Celery child starts: the policy is set before torch loads."""
-    import subprocess
-    import sys
-
-    probe = "import os, worker, torch; print(os.environ['OMP_WAIT_POLICY'])"
+def _fresh_python(code: str, *, policy: str | None = None, cwd: Path | None = None) -> str:
+    """The last line ``code`` prints in a new interpreter, started with ``OMP_WAIT_POLICY`` as given."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    default = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
     )
-    assert default.stdout.strip() == "PASSIVE"
-    chosen = subprocess.run(
-        [sys.executable, "-c", probe],
-        env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-        capture_output=True,
-        text=True,
-        check=True,
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_importing_the_worker_or_the_notebook_api_leaves_the_openmp_policy_alone() -> None:
+    """A library import must not reconfigure the process: a notebook's compute would be 15-20 % slower."""
+    probe = "import os, worker, worker.pipeline, vitscope, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
+    assert _fresh_python(probe) == "None"
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_worker_start_runs_its_celery_workers_with_passive_openmp_threads(
+    given: str | None, expected: str
+) -> None:
+    """``worker``'s entry point sets the policy its exec'd or spawned Celery workers inherit, unless
+    the environment names one."""
+    probe = (
+        "import os, sys\n"
+        "from worker.cli import main\n"
+        "sys.argv = ['worker', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'))"
     )
-    assert chosen.stdout.strip() == "ACTIVE"
+    assert _fresh_python(probe, policy=given) == expected
+
+
+def test_a_local_submit_sets_passive_openmp_threads_before_torch_loads(tmp_path: Path, write_image) -> None:
+    """``producer submit --local`` runs the pipeline in its own process: the policy is set there, and
+    before anything has loaded torch (OpenMP reads it once, when it starts)."""
+    write_image(tmp_path / "a.png", size=(80, 64))
+    (tmp_path / "d.csv").write_text("image_uri\na.png\n")
+    probe = (
+        "import os, sys\n"
+        "import worker.cores as cores\n"
+        "original, torch_loaded = cores.wait_passively_in_openmp, []\n"
+        "def spy():\n    torch_loaded.append('torch' in sys.modules)\n    original()\n"
+        "cores.wait_passively_in_openmp = spy\n"
+        "from producer.cli import main\n"
+        "sys.argv = ['producer', 'submit', 'd.csv', '--local', '--models', 'deit_tiny_patch16_224', '--weights', 'random']\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
+        "print(torch_loaded, os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    assert _fresh_python(probe, cwd=tmp_path) == "[False] PASSIVE"
 
 
 def _niceness() -> int:

@@ -139,6 +139,15 @@ class Settings(BaseSettings):
         "unset: the cores of this worker's share of the host on a GPU, 0 on the CPU (worker start sets it).",
     )
 
+    # What a worker reports about itself (``producer workers``); ``worker start`` sets both for each
+    # Celery worker it starts.
+    worker_node: str | None = Field(
+        default=None, description="The Celery node name a worker reports in its heartbeat."
+    )
+    worker_queues: str | None = Field(
+        default=None, description="The model-family queues a worker consumes, comma-separated, as reported."
+    )
+
     # Distributed delivery (see docs/architecture.md, "Delivery and recovery").
     chunk_size: int = Field(default=32, ge=1, description="Jobs of one model per queue message.")
     lease_seconds: float = Field(

@@ -96,8 +96,12 @@ def worker_commands(
     loglevel: str,
     hostname: str | None,
     cpu_workers: int | None = None,
+    decode_slots: int | None = None,
 ) -> list[tuple[list[str], dict[str, str]]]:
     """(argv, extra environment) for each Celery worker process to start.
+
+    ``cpu_workers`` and ``decode_slots`` are the settings' ``cpu_workers`` and ``decode_threads``:
+    given, every worker inherits them; unset, each GPU worker gets its share of the host.
 
     Each GPU worker's CPU pool (drawing, PNG encoding, writing) gets ``cpu_workers`` processes, by default
     one per two cores of its GPU's share of the host's cores, none on a single core
@@ -139,7 +143,7 @@ def worker_commands(
             "VITSCOPE_WORKER_NODE": name.replace("%h", host),
             "VITSCOPE_CPU_WORKERS": str(pool_size),
         }
-        if "VITSCOPE_DECODE_THREADS" not in os.environ:  # the GPU's share of the cores, less its pool
+        if decode_slots is None:  # the GPU's share of the cores, less its pool
             env["VITSCOPE_DECODE_THREADS"] = str(decode_threads(pool_size, available_cores() // len(gpus)))
         commands.append(([*base, *concurrency_args, "--hostname", name], env))
     return commands
@@ -179,6 +183,7 @@ def start(
         loglevel=loglevel,
         hostname=hostname,
         cpu_workers=settings.cpu_workers,
+        decode_slots=settings.decode_threads,
     )
     _warn_about_eviction(settings)
     if dry_run:

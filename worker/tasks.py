@@ -49,8 +49,8 @@ def runtime() -> Runtime:
     if not isinstance(current, Runtime) or _state.get("pid") != os.getpid():
         current = Runtime.from_settings(
             settings,
-            node=os.environ.get("VITSCOPE_WORKER_NODE"),
-            queues=os.environ.get("VITSCOPE_WORKER_QUEUES"),
+            node=settings.worker_node,
+            queues=settings.worker_queues,
             on_requeued=_republish,
             broker_lost=_broker_lost,
         )

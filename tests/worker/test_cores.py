@@ -61,15 +61,33 @@ def test_decoding_gets_the_cores_the_pool_leaves_and_at_least_one(
     assert decode_threads(pool, cores) == threads
 
 
-def test_gpu_workers_decode_on_their_share_less_their_pool_unless_the_setting_is_given(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("VITSCOPE_DECODE_THREADS", raising=False)
+def test_gpu_workers_decode_on_their_share_less_their_pool_unless_the_setting_is_given() -> None:
     share = available_cores() // 2
     expected = str(decode_threads(cpu_workers_per_gpu(2), share))
     assert [env["VITSCOPE_DECODE_THREADS"] for env in _environments(gpus=["0", "1"])] == [expected] * 2
-    monkeypatch.setenv("VITSCOPE_DECODE_THREADS", "5")
-    assert all("VITSCOPE_DECODE_THREADS" not in env for env in _environments(gpus=["0", "1"]))
+    assert all("VITSCOPE_DECODE_THREADS" not in env for env in _environments(gpus=["0", "1"], decode_slots=5))
+
+
+@pytest.mark.parametrize("given", [None, "5"])
+def test_worker_start_reads_the_decode_setting_through_the_settings(
+    given: str | None, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``VITSCOPE_DECODE_THREADS`` given, the GPU workers inherit it instead of their computed share."""
+    from typer.testing import CliRunner
+
+    from common.settings import get_settings
+    from worker.cli import app
+
+    monkeypatch.setenv("VITSCOPE_BROKER_URL", redis_url)
+    if given is not None:
+        monkeypatch.setenv("VITSCOPE_DECODE_THREADS", given)
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["start", "--gpus", "0,1", "--dry-run"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "celery" in line]
+    assert len(lines) == 2
+    assert all(("VITSCOPE_DECODE_THREADS=" in line) is (given is None) for line in lines)
+    assert all("VITSCOPE_WORKER_NODE=gpu" in line for line in lines)
 
 
 def test_the_runtime_sizes_its_decode_slots_from_the_setting(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from common.errors import (
 from common.local_files import FileRoots
 from common.s3_sources import S3Sources
 from common.settings import Settings
-from common.storage import read_uri
+from common.storage import STORAGE_RETRY_SECONDS, read_uri
 from common.storage.uri import file_uri_path, uri_scheme
 
 __all__ = [
@@ -87,6 +87,7 @@ class FetchPolicy:
     allow_hard_links: bool = False
     s3_sources: tuple[str, ...] | None = None
     results_url: str | None = None
+    storage_retry_seconds: float = STORAGE_RETRY_SECONDS
 
     @classmethod
     def from_settings(cls, settings: Settings, *, results_url: str | None = None) -> FetchPolicy:
@@ -100,6 +101,7 @@ class FetchPolicy:
             allow_hard_links=settings.allow_hard_links,
             s3_sources=None if settings.s3_sources is None else tuple(settings.s3_sources),
             results_url=results_url or settings.resolved_storage_url(),
+            storage_retry_seconds=settings.storage_retry_seconds,
         )
 
 
@@ -242,7 +244,9 @@ class DefaultFetcher:
         """An ``s3://`` object, read only from the allowed sources (``common.s3_sources``)."""
         self._s3_sources.check(uri)
         try:
-            return read_uri(uri, max_bytes=self.policy.max_bytes)
+            return read_uri(
+                uri, max_bytes=self.policy.max_bytes, retry_seconds=self.policy.storage_retry_seconds
+            )
         except ObjectTooLargeError as exc:
             raise ImageTooLargeError(str(exc)) from exc
         except NotFoundError as exc:

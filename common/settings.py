@@ -1,8 +1,12 @@
 """One typed settings object, read once from the environment (prefix ``VITSCOPE_``).
 
-Everything that differs between a laptop and a GPU fleet lives here, so no module reads
-``os.environ`` itself. Unset values fall back to the embedded defaults: a SQLite file and a
-``results/`` folder in the working directory, and in-process execution without a broker.
+Everything that differs between a laptop and a GPU fleet lives here, and every other module
+receives what it needs from this object: none reads a ``VITSCOPE_`` variable itself. The only
+other variables read are other tools' own (boto3's ``AWS_*``, by ``common.storage`` where S3 clients
+are built and handed to pool processes; CUDA's ``CUDA_VISIBLE_DEVICES``, by ``worker start``), and
+only entry points set process-wide variables (the OpenMP wait policy, a pool process's ``AWS_*``).
+Unset values fall back to the embedded defaults: a SQLite file and a ``results/`` folder in the
+working directory, and in-process execution without a broker.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.s3_sources import ANY_BUCKET, parse_s3_source
+from common.storage.base import STORAGE_RETRY_SECONDS
 
 __all__ = [
     "ARTIFACT_LAYOUTS",
@@ -96,7 +101,7 @@ class Settings(BaseSettings):
     )
     upload_threads: int = Field(default=8, ge=1, description="Concurrent artifact uploads per worker.")
     storage_retry_seconds: float = Field(
-        default=60.0,
+        default=STORAGE_RETRY_SECONDS,
         ge=0,
         description="How long one object-store request keeps retrying an unreachable or failing endpoint "
         "(with backoff) before the job's attempt fails; rides out restarts and short outages.",

@@ -1001,7 +1001,7 @@ def shards_orphans(
         raise _fail("--older-than must be zero or more hours")
     try:
         settings = get_settings()
-        store = open_store(settings.resolved_storage_url())
+        store = open_store(settings.resolved_storage_url(), retry_seconds=settings.storage_retry_seconds)
         db = open_database(settings, create=False)
         with db.session() as session:
             keys = orphan_shards(session, store, older_than=timedelta(hours=older_than))

@@ -13,6 +13,7 @@ import torch
 
 from common.errors import UnsupportedModelError
 from common.modelspec import ModelSpec, is_transformers_model
+from common.storage.base import STORAGE_RETRY_SECONDS
 from worker.attention import ModelLayout, check_supported
 from worker.labels import class_labels
 from worker.preprocess import Preprocessor, build_preprocessor
@@ -46,19 +47,22 @@ def load_model(
     device: torch.device,
     weights_dir: Path | None = None,
     cache_dir: Path | None = None,
+    storage_retry_seconds: float = STORAGE_RETRY_SECONDS,
 ) -> LoadedModel:
     """Build ``spec``'s model with its weights, in eval mode on ``device`` (``requires_grad`` untouched).
 
     ``weights_dir`` is searched for ``"pretrained"`` weights before any download; ``cache_dir``
     receives checkpoints fetched from object storage (default: ``weights_dir``, else
-    ``~/.cache/vitscope/weights``). A model the attention core cannot explain (Swin's windowed
+    ``~/.cache/vitscope/weights``), riding out an unavailable endpoint for ``storage_retry_seconds``. A model the attention core cannot explain (Swin's windowed
     attention, SigLIP's attention pooling, …) raises ``UnsupportedModelError`` here, naming what it
     lacks: a permanent failure of its jobs before any image is fetched.
     """
     if is_transformers_model(spec.arch):
         return _load_transformers(spec, device=device)
     check_arch(spec.arch)
-    model, weights_source = build_model(spec, weights_dir=weights_dir, cache_dir=cache_dir)
+    model, weights_source = build_model(
+        spec, weights_dir=weights_dir, cache_dir=cache_dir, storage_retry_seconds=storage_retry_seconds
+    )
     model.eval()
     model.to(device)
     layout = check_supported(model, spec.name)
@@ -114,12 +118,14 @@ class ModelCache:
         weights_dir: Path | None = None,
         cache_dir: Path | None = None,
         max_models: int = 2,
+        storage_retry_seconds: float = STORAGE_RETRY_SECONDS,
     ) -> None:
         if max_models < 1:
             raise ValueError(f"max_models must be >= 1, got {max_models}")
         self._device = torch.device(device)
         self._weights_dir = weights_dir
         self._cache_dir = cache_dir
+        self._storage_retry_seconds = storage_retry_seconds
         self._max_models = max_models
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
 
@@ -133,7 +139,11 @@ class ModelCache:
         while len(self._models) >= self._max_models:
             self._evict_oldest()
         loaded = load_model(
-            spec, device=self._device, weights_dir=self._weights_dir, cache_dir=self._cache_dir
+            spec,
+            device=self._device,
+            weights_dir=self._weights_dir,
+            cache_dir=self._cache_dir,
+            storage_retry_seconds=self._storage_retry_seconds,
         )
         self._models[key] = loaded
         return loaded

@@ -43,6 +43,7 @@ from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 
 from common.errors import NotFoundError, UnknownModelError, WeightsUnavailableError
 from common.modelspec import PRETRAINED, ModelSpec, is_transformers_model
+from common.storage.base import STORAGE_RETRY_SECONDS
 
 __all__ = ["build_model", "check_arch", "check_pretrained_available"]
 
@@ -84,9 +85,14 @@ def check_arch(arch: str) -> None:
 
 
 def build_model(
-    spec: ModelSpec, *, weights_dir: Path | None, cache_dir: Path | None
+    spec: ModelSpec,
+    *,
+    weights_dir: Path | None,
+    cache_dir: Path | None,
+    storage_retry_seconds: float = STORAGE_RETRY_SECONDS,
 ) -> tuple[torch.nn.Module, str]:
-    """The model with its weights, and where they came from in words."""
+    """The model with its weights, and where they came from in words. ``storage_retry_seconds``:
+    how long a download from object storage rides out an unavailable endpoint."""
     if spec.is_random:
         return _create_random(spec), "RANDOM (untrained weights: for smoke runs only)"
     if spec.weights == PRETRAINED:
@@ -101,7 +107,9 @@ def build_model(
         repo = spec.weights.removeprefix(_HF_HUB_PREFIX)
         return _from_hub(spec, repo, pretrained_cfg_overlay={"hf_hub_id": repo}), f"hf-hub: {repo}"
     if spec.weights.startswith("s3://"):
-        object_uri, path = _fetch_from_storage(spec.weights, cache_dir or weights_dir or _DEFAULT_CACHE_DIR)
+        object_uri, path = _fetch_from_storage(
+            spec.weights, cache_dir or weights_dir or _DEFAULT_CACHE_DIR, storage_retry_seconds
+        )
         return _from_file(spec, path), f"{object_uri} (cached at {path})"
     path = _local_path(spec.weights)
     return _from_file(spec, path), f"file: {path}"
@@ -302,7 +310,7 @@ def _local_path(weights: str) -> Path:
     return Path(weights).expanduser()
 
 
-def _fetch_from_storage(uri: str, cache_dir: Path) -> tuple[str, Path]:
+def _fetch_from_storage(uri: str, cache_dir: Path, retry_seconds: float) -> tuple[str, Path]:
     """Download an object (or the one checkpoint under a prefix) into ``cache_dir`` unless already there.
 
     Cached files are keyed by the object's URI, so each worker downloads a checkpoint once; they are
@@ -311,13 +319,13 @@ def _fetch_from_storage(uri: str, cache_dir: Path) -> tuple[str, Path]:
     """
     from common.storage import read_uri
 
-    object_uri = _pick_checkpoint(uri) if uri.endswith("/") else uri
+    object_uri = _pick_checkpoint(uri, retry_seconds) if uri.endswith("/") else uri
     digest = hashlib.sha256(object_uri.encode()).hexdigest()[:16]
     target = Path(cache_dir).expanduser() / f"{digest}-{object_uri.rsplit('/', 1)[-1]}"
     if target.is_file():
         return object_uri, target
     try:
-        data = read_uri(object_uri)
+        data = read_uri(object_uri, retry_seconds=retry_seconds)
     except NotFoundError:
         raise WeightsUnavailableError(f"weights object {object_uri} does not exist") from None
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -325,12 +333,12 @@ def _fetch_from_storage(uri: str, cache_dir: Path) -> tuple[str, Path]:
     return object_uri, target
 
 
-def _pick_checkpoint(prefix: str) -> str:
+def _pick_checkpoint(prefix: str, retry_seconds: float) -> str:
     """The checkpoint under a prefix: ``model.safetensors``, else ``pytorch_model.bin``, else the only
     ``.safetensors`` / ``.pth`` object (the layouts of the hub and of ``torch.save`` users)."""
     from common.storage import list_uri
 
-    objects = list_uri(prefix)
+    objects = list_uri(prefix, retry_seconds=retry_seconds)
     relative = {uri.removeprefix(prefix): uri for uri in objects}
     for preferred in _HUB_WEIGHT_FILES:
         if preferred in relative:

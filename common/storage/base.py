@@ -7,18 +7,32 @@ real code paths against the in-memory store instead of patching.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
+    "STORAGE_RETRY_SECONDS",
     "ObjectStore",
     "PutItem",
+    "aws_environment",
     "check_key",
     "check_prefix",
     "put_each",
     "unique_items",
 ]
+
+# How long an S3 request rides out an unavailable endpoint when its caller does not say (the default
+# of the ``storage_retry_seconds`` setting, which the worker passes on).
+STORAGE_RETRY_SECONDS = 60.0
+
+
+def aws_environment() -> dict[str, str]:
+    """This process's ``AWS_*`` variables: boto3's own configuration (endpoint, credentials, region),
+    read where an S3 client is built and handed to the pool processes that write the same store."""
+    return {name: value for name, value in os.environ.items() if name.startswith("AWS_")}
+
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 

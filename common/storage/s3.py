@@ -29,8 +29,15 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError, StorageUnavailableError
-from common.settings import get_settings
-from common.storage.base import DEFAULT_CONTENT_TYPE, PutItem, check_key, check_prefix, unique_items
+from common.storage.base import (
+    DEFAULT_CONTENT_TYPE,
+    STORAGE_RETRY_SECONDS,
+    PutItem,
+    aws_environment,
+    check_key,
+    check_prefix,
+    unique_items,
+)
 from common.storage.s3_errors import translate_s3_error
 
 __all__ = ["S3ClientOptions", "S3Store"]
@@ -99,8 +106,7 @@ class _ProcessClients:
             self._pid = os.getpid()
             self._lock = threading.Lock()
             self._clients = {}
-        aws_environment = frozenset((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
-        cache_key = (options, aws_environment)
+        cache_key = (options, frozenset(aws_environment().items()))
         client = self._clients.get(cache_key)
         if client is None:
             with self._lock:
@@ -128,7 +134,7 @@ class S3Store:
     ``multipart_threshold`` bytes (64 MiB) and a multipart upload from there, so that a large shard's
     failed part is sent again alone and no part is ever visible before the whole object is.
 
-    ``retry_seconds`` (default: ``VITSCOPE_STORAGE_RETRY_SECONDS``, 60 s) is how long a request that
+    ``retry_seconds`` (60 s unless the caller passes the ``storage_retry_seconds`` setting) is how long a request that
     fails with ``StorageUnavailableError`` — endpoint down, connection refused or reset, 5xx,
     throttling — is tried again, with backoff from 0.5 s doubling to 8 s, after botocore's own few
     quick retries gave up. botocore's standard mode alone rides out only a few seconds (its retry
@@ -146,7 +152,7 @@ class S3Store:
         max_attempts: int = 4,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
-        retry_seconds: float | None = None,
+        retry_seconds: float = STORAGE_RETRY_SECONDS,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         multipart_part_size: int = MULTIPART_PART_SIZE,
     ) -> None:
@@ -161,9 +167,7 @@ class S3Store:
         self._upload_threads = upload_threads
         self._multipart_threshold = multipart_threshold
         self._multipart_part_size = multipart_part_size
-        self._retry_seconds = (
-            get_settings().storage_retry_seconds if retry_seconds is None else max(0.0, retry_seconds)
-        )
+        self._retry_seconds = max(0.0, retry_seconds)
         self._options = S3ClientOptions(
             max_pool_connections=max(10, upload_threads),
             max_attempts=max_attempts,

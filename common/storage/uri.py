@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from common.errors import ObjectTooLargeError
-from common.storage.base import ObjectStore
+from common.storage.base import STORAGE_RETRY_SECONDS, ObjectStore
 from common.storage.local import LocalStore, list_files, read_file, read_file_range
 from common.storage.memory import MemoryStore, read_memory_object, read_memory_range
 from common.storage.shards import MemberRef, parse_member_uri
@@ -34,7 +34,7 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def _s3_store(
-    bucket: str, prefix: str = "", *, upload_threads: int = 8, retry_seconds: float | None = None
+    bucket: str, prefix: str = "", *, upload_threads: int = 8, retry_seconds: float = STORAGE_RETRY_SECONDS
 ) -> S3Store:
     """An ``S3Store``, importing boto3 only now: it is a quarter of the producer's start-up, and
     most commands (``status``, ``results``, a local run on files) never talk to S3."""
@@ -49,13 +49,15 @@ def uri_scheme(uri: str) -> str:
     return match.group(1).lower() if match else ""
 
 
-def open_store(url: str, *, upload_threads: int = 8, retry_seconds: float | None = None) -> ObjectStore:
+def open_store(
+    url: str, *, upload_threads: int = 8, retry_seconds: float = STORAGE_RETRY_SECONDS
+) -> ObjectStore:
     """The object store for a storage URL; ``ValueError`` naming the supported schemes otherwise.
 
     A local folder is created if missing, so a fresh machine can write results at once.
     ``upload_threads`` is the concurrency of ``put_many`` on S3 (local and memory writes are
-    sequential); ``retry_seconds`` how long an S3 request rides out an unavailable endpoint
-    (default: the ``VITSCOPE_STORAGE_RETRY_SECONDS`` setting).
+    sequential); ``retry_seconds`` how long an S3 request rides out an unavailable endpoint (the
+    worker passes its ``storage_retry_seconds`` setting).
     """
     scheme = uri_scheme(url)
     if scheme == "" and url:
@@ -75,9 +77,12 @@ def open_store(url: str, *, upload_threads: int = 8, retry_seconds: float | None
     raise ValueError(f"unsupported storage URL {url!r}: use {_SUPPORTED}")
 
 
-def read_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
+def read_uri(
+    uri: str, *, max_bytes: int | None = None, retry_seconds: float = STORAGE_RETRY_SECONDS
+) -> bytes:
     """The bytes of one object named by an absolute URI (s3://, file://, memory://) or a local path.
 
+    ``retry_seconds``: how long an S3 read rides out an unavailable endpoint.
     ``NotFoundError`` when it does not exist, ``ObjectTooLargeError`` when ``max_bytes`` is given and
     the object is larger (checked before downloading, and the read is capped as well).
 
@@ -88,7 +93,7 @@ def read_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
     if scheme in ("file", "s3", "memory"):
         member = parse_member_uri(uri)
         if member is not None:
-            return _read_member(member, max_bytes=max_bytes)
+            return _read_member(member, max_bytes=max_bytes, retry_seconds=retry_seconds)
     if scheme == "" and uri:
         return read_file(Path(uri), max_bytes=max_bytes)
     if scheme == "file":
@@ -98,12 +103,12 @@ def read_uri(uri: str, *, max_bytes: int | None = None) -> bytes:
         if not container or not key:
             raise ValueError(f"{uri!r} does not name an object: use {scheme}://<name>/<key>")
         if scheme == "s3":
-            return _s3_store(container).read_object(key, max_bytes=max_bytes)
+            return _s3_store(container, retry_seconds=retry_seconds).read_object(key, max_bytes=max_bytes)
         return read_memory_object(container, key, max_bytes=max_bytes)
     raise ValueError(f"cannot read {uri!r}: use an s3://, file:// or memory:// URI or a local path")
 
 
-def _read_member(member: MemberRef, *, max_bytes: int | None) -> bytes:
+def _read_member(member: MemberRef, *, max_bytes: int | None, retry_seconds: float) -> bytes:
     """The ``length`` bytes at ``offset`` of the shard, and nothing else of it."""
     if max_bytes is not None and member.length > max_bytes:
         raise ObjectTooLargeError(f"{member.uri} is {member.length} bytes, over the limit of {max_bytes}")
@@ -114,11 +119,12 @@ def _read_member(member: MemberRef, *, max_bytes: int | None) -> bytes:
     if not container or not key:
         raise ValueError(f"{member.uri!r} does not name a shard: use {scheme}://<name>/<key>#member=…")
     if scheme == "s3":
-        return _s3_store(container).read_object(key, byte_range=(member.offset, member.length))
+        store = _s3_store(container, retry_seconds=retry_seconds)
+        return store.read_object(key, byte_range=(member.offset, member.length))
     return read_memory_range(container, key, member.offset, member.length)
 
 
-def list_uri(prefix_uri: str) -> list[str]:
+def list_uri(prefix_uri: str, *, retry_seconds: float = STORAGE_RETRY_SECONDS) -> list[str]:
     """Absolute URIs of the objects whose URI starts with ``prefix_uri``, sorted.
 
     The prefix is a plain string prefix as in S3: "s3://b/img/cat" lists "s3://b/img/cat1.jpg" and
@@ -139,7 +145,8 @@ def list_uri(prefix_uri: str) -> list[str]:
         if not container:
             raise ValueError(f"{prefix_uri!r} names no bucket or store: use {scheme}://<name>/<prefix>")
         if scheme == "s3":
-            return [f"s3://{container}/{key}" for key in _s3_store(container).list_objects(prefix)]
+            listed = _s3_store(container, retry_seconds=retry_seconds).list_objects(prefix)
+            return [f"s3://{container}/{key}" for key in listed]
         store = MemoryStore(container)
         return [store.uri(key) for key in store.list(prefix)]
     raise ValueError(f"cannot list {prefix_uri!r}: use an s3://, file:// or memory:// URI or a local path")

@@ -14,8 +14,9 @@ import pytest
 import worker.pipeline.artifacts as artifacts
 from common.errors import StorageConfigError
 from common.settings import Settings
-from common.storage import LocalStore
+from common.storage import LocalStore, aws_environment
 from worker.pipeline.artifacts import ImageArtifacts, StoreTarget, Written
+from worker.pipeline.cpu import CpuPool
 
 
 @pytest.mark.parametrize(
@@ -32,29 +33,36 @@ def test_only_stores_another_process_reaches_by_url_are_shared(url: str, shareab
     assert (target is not None) == shareable
 
 
-def test_a_pool_process_adopts_the_aws_environment_of_the_pipeline(
+def test_a_pool_process_writes_with_the_aws_environment_its_runtime_had(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A spawned process keeps the environment of the moment it started; the target carries the
-    pipeline's ``AWS_*`` variables as they are now, and opening it replaces the process's own (a
-    variable the pipeline no longer has is removed, not kept)."""
+    """A pool process spawned after the environment changed (the pool starts on first use, and is
+    replaced when a process dies) still gets the ``AWS_*`` variables the runtime opened its store
+    with, all of them and only them; opening a store there changes no variable."""
     for name in [k for k in os.environ if k.startswith("AWS_")]:
         monkeypatch.delenv(name)  # so that the test's own changes are all undone afterwards
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "pipeline")
+    pool = CpuPool(1, aws_environment=aws_environment())
+    try:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "stale")
+        monkeypatch.setenv("AWS_PROFILE", "stale")
+        assert pool.run(aws_environment) == {
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+            "AWS_ACCESS_KEY_ID": "pipeline",
+        }
+    finally:
+        pool.close()
+    assert CpuPool(0, aws_environment={"AWS_PROFILE": "x"}).run(aws_environment) == aws_environment()
     target = StoreTarget.of((tmp_path / "out").as_uri(), upload_threads=2, retry_seconds=1.0)
     assert target is not None
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "stale")
-    monkeypatch.setenv("AWS_PROFILE", "stale")
     monkeypatch.setattr(artifacts, "_opened", {})
+    before = dict(os.environ)
     store = artifacts._open(target)
     assert isinstance(store, LocalStore)
     assert store.root == (tmp_path / "out").resolve()
     assert artifacts._open(target) is store  # opened once per process
-    assert {k: v for k, v in os.environ.items() if k.startswith("AWS_")} == {
-        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
-        "AWS_ACCESS_KEY_ID": "pipeline",
-    }
+    assert dict(os.environ) == before
 
 
 def test_the_png_level_is_a_setting_within_libdeflates_levels(monkeypatch: pytest.MonkeyPatch) -> None:

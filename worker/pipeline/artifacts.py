@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Mapping
@@ -55,22 +54,19 @@ _SHAREABLE_SCHEMES = ("", "file", "s3")
 
 @dataclass(frozen=True)
 class StoreTarget:
-    """How a pool process opens the driving process's store: its URL, its options, and the ``AWS_*``
-    environment boto3 reads when it builds a client (a spawned process inherits the environment of
-    the moment it started, which tests and embedders may have changed since)."""
+    """How a pool process opens the driving process's store: its URL and its options. The ``AWS_*``
+    variables boto3 builds its client from are the pool's (``CpuPool(aws_environment=…)``)."""
 
     url: str
     upload_threads: int
-    retry_seconds: float | None
-    aws_environment: tuple[tuple[str, str], ...]
+    retry_seconds: float
 
     @classmethod
-    def of(cls, url: str, *, upload_threads: int, retry_seconds: float | None) -> StoreTarget | None:
+    def of(cls, url: str, *, upload_threads: int, retry_seconds: float) -> StoreTarget | None:
         """The target for a store opened from ``url``; None for one another process cannot share."""
         if uri_scheme(url) not in _SHAREABLE_SCHEMES:
             return None
-        aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-        return cls(url, upload_threads, retry_seconds, aws)
+        return cls(url, upload_threads, retry_seconds)
 
 
 _opened: dict[StoreTarget, ObjectStore] = {}
@@ -78,18 +74,10 @@ _opened_lock = threading.Lock()
 
 
 def _open(target: StoreTarget) -> ObjectStore:
-    """This process's store for ``target``, opened on first use.
-
-    A pool process serves only its pipeline, so it adopts the driving process's AWS variables
-    instead of keeping stale ones; stores opened earlier keep working, as the S3 client cache is
-    keyed by that environment.
-    """
+    """This process's store for ``target``, opened on first use."""
     with _opened_lock:
         store = _opened.get(target)
         if store is None:
-            for name in [k for k in os.environ if k.startswith("AWS_")]:
-                del os.environ[name]
-            os.environ.update(dict(target.aws_environment))
             store = _opened[target] = open_store(
                 target.url, upload_threads=target.upload_threads, retry_seconds=target.retry_seconds
             )

@@ -12,6 +12,7 @@ store or the network."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -149,7 +150,13 @@ def compile_kernels(png_level: int = DEFAULT_PNG_LEVEL) -> float:
     return time.perf_counter() - start
 
 
-def _start_process() -> None:
+def _start_process(aws: Mapping[str, str] | None) -> None:
+    """A pool process's entry point: one core, the image kernels warm, and the ``AWS_*`` variables
+    of the runtime that owns the pool in place of those it was spawned with (``CpuPool``)."""
+    if aws is not None:
+        for name in [name for name in os.environ if name.startswith("AWS_")]:
+            del os.environ[name]
+        os.environ.update(aws)
     torch.set_num_threads(1)  # one core per pool process; the pool's size is the parallelism
     compile_kernels()  # from numba's cache: the process's first job is not charged for it
 
@@ -174,10 +181,16 @@ class CpuPool:
     for good: every later call would fail at once, and with it every job the worker takes. So the
     calls it broke raise ``CpuProcessLostError`` (their jobs go back to the queue) and the next call
     gets a fresh pool.
+
+    ``aws_environment``: the ``AWS_*`` variables (boto3's endpoint and credentials) the processes
+    write the store with. A process spawned later (the pool starts on first use, and is replaced
+    when one dies) would otherwise take the environment of that moment, which an embedder or a test
+    may have changed since the runtime opened its store.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, aws_environment: Mapping[str, str] | None = None) -> None:
         self.workers = workers
+        self._aws = None if aws_environment is None else dict(aws_environment)
         self._executor: ProcessPoolExecutor | None = self._new_executor() if workers > 0 else None
         self._lock = threading.Lock()
         self._closed = False
@@ -185,7 +198,10 @@ class CpuPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_process
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_process,
+            initargs=(self._aws,),
         )
 
     def start(self) -> float:

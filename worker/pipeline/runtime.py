@@ -19,7 +19,7 @@ from common.db import Database, open_database
 from common.db.records import QueuedJob
 from common.fetch import DefaultFetcher, FetchPolicy, ImageFetcher
 from common.settings import Settings
-from common.storage import ObjectStore, open_store
+from common.storage import ObjectStore, aws_environment, open_store
 from worker.attention import explain_in_batches
 from worker.cores import available_cores, decode_threads, yield_cores_to_the_model
 from worker.device import autocast_dtype, select_device
@@ -111,7 +111,7 @@ class Runtime:
             store_target=target,
             shard_rules=ShardRules.from_settings(settings) if sharded else None,
             fetcher=fetcher or DefaultFetcher(FetchPolicy.from_settings(settings, results_url=store.url)),
-            models=ModelCache(device=device, weights_dir=settings.weights_dir),
+            models=ModelCache(device=device, weights_dir=settings.weights_dir, storage_retry_seconds=retry),
             device=device,
             autocast=autocast_dtype(settings.autocast, device),
             keeper=LeaseKeeper(
@@ -123,7 +123,7 @@ class Runtime:
                 on_requeued=on_requeued,
                 broker_lost=broker_lost,
             ),
-            cpu=CpuPool(workers),
+            cpu=CpuPool(workers, aws_environment=aws_environment()),
             # A thread blocks on the pool while its image is decoded or encoded: enough threads to
             # keep every pool process busy, and at least the configured I/O concurrency.
             fetch_pool=ThreadPoolExecutor(

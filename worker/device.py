@@ -7,11 +7,13 @@ rather than quietly run 50× slower on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from common.settings import CUDA_DEVICE, check_autocast, check_device
 
-__all__ = ["autocast_dtype", "select_device"]
+__all__ = ["autocast", "autocast_dtype", "select_device"]
 
 _AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "off": None,
@@ -63,3 +65,10 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
 def _cuda_supports_bfloat16() -> bool:
     """Asked of the current GPU: hosts mix GPU generations rarely, and a worker sees one GPU."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; no change of precision for ``None``."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -7,7 +7,7 @@ import torch
 from pydantic import ValidationError
 
 from common.settings import Settings
-from worker.device import autocast_dtype, select_device
+from worker.device import autocast, autocast_dtype, select_device
 
 requires_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
@@ -97,3 +97,14 @@ def test_an_unknown_device_or_autocast_setting_stops_the_process_at_start(
 
 def test_the_autocast_setting_is_normalized() -> None:
     assert Settings(autocast=" BFloat16 ").autocast == "bfloat16"
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [(None, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_the_autocast_context_runs_matmuls_in_its_dtype_and_none_changes_nothing(
+    dtype: torch.dtype | None, expected: torch.dtype
+) -> None:
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with autocast(torch.device("cpu"), dtype):
+        product = a @ b
+    assert product.dtype == expected
+    assert torch.is_autocast_enabled("cpu") is False  # left as it was found

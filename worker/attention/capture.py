@@ -34,6 +34,7 @@ from torch import nn
 from common.errors import InvalidTargetError, UnsupportedModelError
 from worker.attention.readout import Readout
 from worker.attention.support import ModelLayout, model_layout
+from worker.device import autocast
 
 __all__ = ["Capture", "capture"]
 
@@ -175,17 +176,12 @@ def capture(
     model.eval()
     maps: list[list[torch.Tensor]] = [[] for _ in range(layout.num_layers)]
     grad_mode = torch.enable_grad() if gradients else torch.no_grad()
-    autocast = (
-        torch.autocast(parameter.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     with (
         torch.inference_mode(False),
         grad_mode,
         _unfused_attention(model),
         _attention_hooks(layout, maps, track=gradients),
-        autocast,
+        autocast(parameter.device, autocast_dtype),
     ):
         # Inference tensors (made under a caller's inference_mode) cannot enter an autograd graph.
         inputs = images.clone() if images.is_inference() else images

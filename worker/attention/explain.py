@@ -23,6 +23,7 @@ from worker.attention.readout import Readout
 from worker.attention.relevance import gradient_relevance
 from worker.attention.rollout import attention_rollout, gradient_rollout
 from worker.attention.support import model_layout
+from worker.memory import in_fitting_batches
 
 __all__ = ["Explanation", "explain", "explain_in_batches"]
 
@@ -128,26 +129,6 @@ def explain(
     ]
 
 
-def _explain_unless_out_of_memory(
-    model: nn.Module,
-    images: torch.Tensor,
-    settings: MethodSettings,
-    targets: Sequence[int | None] | None,
-    autocast_dtype: torch.dtype | None,
-) -> list[Explanation] | None:
-    """``explain``, or ``None`` when the micro-batch ran out of memory and can still be split.
-
-    Returning (rather than handling the error in the caller's loop) lets the traceback, and with it
-    the failed attempt's tensors, go before the cache is emptied.
-    """
-    try:
-        return explain(model, images, settings, targets, autocast_dtype=autocast_dtype)
-    except torch.OutOfMemoryError:
-        if len(images) == 1:
-            raise
-        return None
-
-
 def explain_in_batches(
     model: nn.Module,
     images: torch.Tensor,
@@ -159,29 +140,18 @@ def explain_in_batches(
 ) -> list[Explanation]:
     """``explain`` over micro-batches of at most ``batch_size`` images; the same results, in order.
 
-    On ``torch.OutOfMemoryError`` the CUDA cache is emptied, the micro-batch is halved and retried;
-    the smaller size is kept for the rest of the images (the next batch would not fit either). At one
-    image the error is re-raised: that input cannot be explained on this device.
+    On ``torch.OutOfMemoryError`` the micro-batch is halved and retried, and the smaller size kept for
+    the rest of the images (``worker.memory.in_fitting_batches``). At one image the error is
+    re-raised: that input cannot be explained on this device.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total = len(images)
     if targets is not None and len(targets) != total:
         raise ValueError(f"got {len(targets)} targets for {total} images")
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    explanations: list[Explanation] = []
-    start, size = 0, batch_size
-    while start < total:
-        stop = min(start + size, total)
+
+    def run(start: int, stop: int) -> list[Explanation]:
         chunk_targets = targets[start:stop] if targets is not None else None
-        batch = _explain_unless_out_of_memory(
-            model, images[start:stop], settings, chunk_targets, autocast_dtype
-        )
-        if batch is None:
-            size = (stop - start) // 2
-            if on_cuda:
-                torch.cuda.empty_cache()
-            continue
-        explanations.extend(batch)
-        start = stop
-    return explanations
+        return explain(model, images[start:stop], settings, chunk_targets, autocast_dtype=autocast_dtype)
+
+    device = next(model.parameters()).device
+    batches = in_fitting_batches(total, run, batch_size=batch_size, device=device)
+    return [explanation for batch in batches for explanation in batch]

@@ -139,92 +139,152 @@ def _evaluate_group(
     autocast_dtype: torch.dtype | None,
     on_progress: Callable[[str, int, int], None],
 ) -> list[list[MetricValue]]:
-    device = images.device
-    B = len(inputs)
+    """The values of images that share their methods: what the maps alone give (entropy, the
+    localization scores), then what needs the model (the perturbation curves, the sanity check)."""
     grid = _grid_of(model)
     draws = [seeded_draws(item.seed, grid) for item in inputs]
-    methods = [*names, RANDOM_METHOD]
-    maps = torch.stack(
-        [
-            torch.stack(
-                [*(torch.as_tensor(np.asarray(item.maps[n]), dtype=torch.float32) for n in names), random]
-            )
-            for item, (random, _) in zip(inputs, draws, strict=True)
-        ]
-    ).to(device)  # [B, M, gh, gw]
-    out: list[list[MetricValue]] = [[] for _ in range(B)]
+    group = _Group.of(inputs, names, [random for random, _ in draws], images.device)
+    group.add(Metric.ENTROPY, normalized_entropy(group.maps))
+    if settings.wants(MetricFamily.LOCALIZATION):
+        _localization(group, inputs)
+    classified = [b for b, item in enumerate(inputs) if item.target is not None]
+    if classified and (settings.wants(MetricFamily.DELETION) or settings.wants(MetricFamily.INSERTION)):
+        tie_breaks = torch.stack([draws[b][1] for b in classified])
+        _perturbation(
+            group, model, images, inputs, classified, tie_breaks, settings, autocast_dtype, on_progress
+        )
+    if classified and names and settings.wants(MetricFamily.SANITY):
+        if randomized is None:
+            raise ValueError("the sanity check needs the randomized copy of the model")
+        _sanity(group, randomized, images, inputs, classified, method_settings, autocast_dtype, on_progress)
+    return group.out
 
-    def extend(
+
+@dataclass
+class _Group:
+    """Images evaluated together: their methods' maps stacked with the random one as ``[B, M, gh,
+    gw]``, the methods in that order, and each image's values so far."""
+
+    names: list[str]
+    maps: torch.Tensor
+    out: list[list[MetricValue]]
+
+    @classmethod
+    def of(
+        cls,
+        inputs: Sequence[ImageInputs],
+        names: list[str],
+        randoms: Sequence[torch.Tensor],
+        device: torch.device,
+    ) -> _Group:
+        maps = torch.stack(
+            [
+                torch.stack(
+                    [*(torch.as_tensor(np.asarray(item.maps[n]), dtype=torch.float32) for n in names), random]
+                )
+                for item, random in zip(inputs, randoms, strict=True)
+            ]
+        ).to(device)
+        return cls(names, maps, [[] for _ in inputs])
+
+    @property
+    def methods(self) -> list[str]:
+        return [*self.names, RANDOM_METHOD]
+
+    def add(
+        self,
         metric: Metric,
         scores: torch.Tensor,
         rows: Sequence[int] | None = None,
-        scored: Sequence[str] = methods,
+        scored: Sequence[str] | None = None,
     ) -> None:
-        for row, values in zip(
-            range(B) if rows is None else rows, _values(scored, metric, scores), strict=True
-        ):
-            out[row].extend(values)
+        """``[len(rows), len(scored)]`` scores of the images ``rows`` (default: all) for the methods
+        ``scored`` (default: all, the random map included)."""
+        rows = range(len(self.out)) if rows is None else rows
+        methods = self.methods if scored is None else scored
+        for row, values in zip(rows, _values(methods, metric, scores), strict=True):
+            self.out[row].extend(values)
 
-    extend(Metric.ENTROPY, normalized_entropy(maps))
 
+def _localization(group: _Group, inputs: Sequence[ImageInputs]) -> None:
+    """The pointing game and the mass inside, for the images with an annotated region."""
     located = [b for b, item in enumerate(inputs) if item.coverage is not None and item.coverage.sum() > 0]
-    if settings.wants(MetricFamily.LOCALIZATION) and located:
-        coverage = torch.stack(
-            [torch.as_tensor(inputs[b].coverage, dtype=torch.float32) for b in located]
-        ).to(device)[:, None]
-        extend(Metric.POINTING_GAME, pointing_game(maps[located], coverage), located)
-        extend(Metric.MASS_INSIDE, mass_inside(maps[located], coverage), located)
+    if not located:
+        return
+    coverage = torch.stack([torch.as_tensor(inputs[b].coverage, dtype=torch.float32) for b in located])
+    coverage = coverage.to(group.maps.device)[:, None]
+    group.add(Metric.POINTING_GAME, pointing_game(group.maps[located], coverage), located)
+    group.add(Metric.MASS_INSIDE, mass_inside(group.maps[located], coverage), located)
 
-    classified = [b for b, item in enumerate(inputs) if item.target is not None]
+
+def _perturbation(
+    group: _Group,
+    model: nn.Module,
+    images: torch.Tensor,
+    inputs: Sequence[ImageInputs],
+    classified: list[int],
+    tie_breaks: torch.Tensor,
+    settings: MetricSettings,
+    autocast_dtype: torch.dtype | None,
+    on_progress: Callable[[str, int, int], None],
+) -> None:
+    """The deletion and insertion areas of the images that have a class to follow."""
     deletion, insertion = settings.wants(MetricFamily.DELETION), settings.wants(MetricFamily.INSERTION)
-    if (deletion or insertion) and classified:
-        chosen = images[classified]
-        curves = perturbation_curves(
-            model,
-            chosen,
-            [int(inputs[b].target) for b in classified],  # type: ignore[arg-type]
-            maps[classified],
-            torch.stack([draws[b][1] for b in classified]),
-            steps=settings.steps or grid[0],
-            deletion_canvas=canvas(chosen, settings.deletion_baseline, settings.blur_sigma),
-            insertion_canvas=canvas(chosen, settings.insertion_baseline, settings.blur_sigma),
-            deletion=deletion,
-            insertion=insertion,
-            max_batch=settings.max_batch,
-            autocast_dtype=autocast_dtype,
-            on_progress=lambda done, total: on_progress(_curves_label(deletion, insertion), done, total),
-        )
-        if curves.deletion_auc is not None:
-            extend(Metric.DELETION_AUC, curves.deletion_auc, classified)
-        if curves.insertion_auc is not None:
-            extend(Metric.INSERTION_AUC, curves.insertion_auc, classified)
+    chosen = images[classified]
+    curves = perturbation_curves(
+        model,
+        chosen,
+        [int(cast(int, inputs[b].target)) for b in classified],
+        group.maps[classified],
+        tie_breaks,
+        steps=settings.steps or _grid_of(model)[0],
+        deletion_canvas=canvas(chosen, settings.deletion_baseline, settings.blur_sigma),
+        insertion_canvas=canvas(chosen, settings.insertion_baseline, settings.blur_sigma),
+        deletion=deletion,
+        insertion=insertion,
+        max_batch=settings.max_batch,
+        autocast_dtype=autocast_dtype,
+        on_progress=lambda done, total: on_progress(_curves_label(deletion, insertion), done, total),
+    )
+    if curves.deletion_auc is not None:
+        group.add(Metric.DELETION_AUC, curves.deletion_auc, classified)
+    if curves.insertion_auc is not None:
+        group.add(Metric.INSERTION_AUC, curves.insertion_auc, classified)
 
-    if settings.wants(MetricFamily.SANITY) and classified and names:
-        if randomized is None:
-            raise ValueError("the sanity check needs the randomized copy of the model")
-        on_progress("sanity", 0, 1)
-        again = explain(
-            randomized,
-            images[classified],
-            MethodSettings.from_dict({**method_settings.to_dict(), "raw_attention": False, "top_k": 1}),
-            [inputs[b].target for b in classified],
-            autocast_dtype=autocast_dtype,
-        )
-        on_progress("sanity", 1, 1)
-        remade = [explanation_maps(e) for e in again]
-        compared = [i for i, n in enumerate(names) if n in remade[0]]  # maps the explanation makes
-        if not compared:
-            return out
-        counterparts = torch.stack(
-            [
-                torch.stack([torch.as_tensor(r[names[i]], dtype=torch.float32) for i in compared])
-                for r in remade
-            ]
-        ).to(device)
-        # The random map has no counterpart: it is the same draw for any model.
-        scores = spearman(maps[classified][:, compared], counterparts)
-        extend(Metric.SANITY_SPEARMAN, scores, classified, [names[i] for i in compared])
-    return out
+
+def _sanity(
+    group: _Group,
+    randomized: nn.Module,
+    images: torch.Tensor,
+    inputs: Sequence[ImageInputs],
+    classified: list[int],
+    method_settings: MethodSettings,
+    autocast_dtype: torch.dtype | None,
+    on_progress: Callable[[str, int, int], None],
+) -> None:
+    """Each method's map against the same method's map of the randomized model (Spearman); the
+    random map has no counterpart: it is the same draw for any model."""
+    on_progress("sanity", 0, 1)
+    again = explain(
+        randomized,
+        images[classified],
+        MethodSettings.from_dict({**method_settings.to_dict(), "raw_attention": False, "top_k": 1}),
+        [inputs[b].target for b in classified],
+        autocast_dtype=autocast_dtype,
+    )
+    on_progress("sanity", 1, 1)
+    remade = [explanation_maps(e) for e in again]
+    compared = [i for i, n in enumerate(group.names) if n in remade[0]]  # maps the explanation makes
+    if not compared:
+        return
+    counterparts = torch.stack(
+        [
+            torch.stack([torch.as_tensor(r[group.names[i]], dtype=torch.float32) for i in compared])
+            for r in remade
+        ]
+    ).to(group.maps.device)
+    scores = spearman(group.maps[classified][:, compared], counterparts)
+    group.add(Metric.SANITY_SPEARMAN, scores, classified, [group.names[i] for i in compared])
 
 
 def _ignore(_what: str, _done: int, _total: int) -> None:

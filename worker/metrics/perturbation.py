@@ -13,12 +13,11 @@ goes first, so the probability falls fast). Insertion: higher is better.
 
 Cost: per image, ``2 · M · (S − 1)`` perturbed images for ``M`` maps plus three shared by every map
 (the image itself, the fully deleted image, the bare insertion canvas), each one no-grad forward,
-run in chunks of at most ``max_batch`` images (halved on CUDA out-of-memory).
+run in chunks of at most ``max_batch`` images (halved while they do not fit the device).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 from common.metrics import Baseline
+from worker.device import autocast
+from worker.memory import in_fitting_batches
 
 __all__ = [
     "PerturbationCurves",
@@ -133,12 +134,7 @@ def _target_probs(
     model: nn.Module, images: torch.Tensor, targets: torch.Tensor, autocast_dtype: torch.dtype | None
 ) -> torch.Tensor:
     parameter = next(model.parameters())
-    autocast = (
-        torch.autocast(parameter.device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast(parameter.device, autocast_dtype):
         logits = model(images.to(dtype=parameter.dtype))
     return logits.float().softmax(dim=-1).gather(1, targets[:, None])[:, 0]
 
@@ -165,61 +161,125 @@ def perturbation_curves(
     map values; the canvases are ``[B, 3, H, W]`` (see ``canvas``). Everything runs on ``images``'
     device, which must be the model's. ``on_progress(done, total)`` follows the forward passes, one
     call per chunk of ``max_batch`` perturbed images.
+
+    Three steps: list every perturbed image as a request (``_requests``), run the model over them in
+    chunks that fit the device (``_probabilities``), and assemble the requests' probabilities into
+    curves (``_curves``).
     """
     B, M, gh, gw = maps.shape
     P = gh * gw
-    H, W = images.shape[-2:]
-    device = images.device
     counts = step_counts(P, steps)
-    S = len(counts) - 1
-    ranks = patch_ranks(maps.reshape(B, M, P).float(), tie_breaks.to(device)).reshape(B * M, P)
-    target = torch.as_tensor(list(targets), dtype=torch.int64, device=device)
+    ranks = patch_ranks(maps.reshape(B, M, P).float(), tie_breaks.to(images.device)).reshape(B * M, P)
+    requests = _requests(B, M, counts, deletion=deletion, insertion=insertion, device=images.device)
+    canvases = torch.stack([deletion_canvas, insertion_canvas]).to(device=images.device, dtype=images.dtype)
+    target = torch.as_tensor(list(targets), dtype=torch.int64, device=images.device)
+    probs = _probabilities(
+        model,
+        images,
+        canvases,
+        ranks.reshape(B * M, gh, gw),
+        requests,
+        target,
+        max_batch=max_batch,
+        autocast_dtype=autocast_dtype,
+        on_progress=on_progress,
+    )
+    return _curves(probs, B, M, counts, deletion=deletion, insertion=insertion)
 
-    # Requests: (image, canvas 0 = deletion / 1 = insertion, ranks row, k). A patch comes from the
-    # image when (rank >= k) for deletion (not removed yet), (rank < k) for insertion (revealed).
-    image_ids, canvas_ids, rows, ks = [], [], [], []
 
-    def add(b: torch.Tensor, which: int, row: torch.Tensor, k: torch.Tensor) -> None:
-        image_ids.append(b)
-        canvas_ids.append(torch.full_like(b, which))
-        rows.append(row)
-        ks.append(k)
+@dataclass(frozen=True)
+class _Requests:
+    """Every perturbed image to run, as parallel ``[R]`` int64 rows: its image, its canvas (0 =
+    deletion, 1 = insertion), its row of patch ranks (image × map) and ``k``, the patches touched.
 
+    The first ``3 · B`` are shared by every map: each image itself, fully deleted, and the bare
+    insertion canvas; then the interior deletion steps, then the interior insertion steps.
+    """
+
+    image: torch.Tensor
+    canvas: torch.Tensor
+    row: torch.Tensor
+    k: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.image)
+
+
+def _requests(
+    num_images: int,
+    num_maps: int,
+    counts: list[int],
+    *,
+    deletion: bool,
+    insertion: bool,
+    device: torch.device,
+) -> _Requests:
+    """The perturbed images ``perturbation_curves`` needs, in the order ``_curves`` reads them."""
+    B, M, P, S = num_images, num_maps, counts[-1], len(counts) - 1
+    parts: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
     b_all = torch.arange(B, device=device)
     first_row = b_all * M
-    add(b_all, 0, first_row, torch.zeros_like(b_all))  # the image itself
-    add(b_all, 0, first_row, torch.full_like(b_all, P))  # everything deleted
-    add(b_all, 1, first_row, torch.zeros_like(b_all))  # the bare insertion canvas
+    parts.append((b_all, 0, first_row, torch.zeros_like(b_all)))  # the image itself
+    parts.append((b_all, 0, first_row, torch.full_like(b_all, P)))  # everything deleted
+    parts.append((b_all, 1, first_row, torch.zeros_like(b_all)))  # the bare insertion canvas
     interior = torch.tensor(counts[1:S], dtype=torch.int64, device=device)
     grid_b, grid_m, grid_k = torch.meshgrid(b_all, torch.arange(M, device=device), interior, indexing="ij")
     for which, wanted in ((0, deletion), (1, insertion)):
         if wanted and S > 1:
-            add(grid_b.flatten(), which, (grid_b * M + grid_m).flatten(), grid_k.flatten())
-    image_id, canvas_id, row, k = (torch.cat(parts) for parts in (image_ids, canvas_ids, rows, ks))
-    canvases = torch.stack([deletion_canvas, insertion_canvas]).to(device=device, dtype=images.dtype)
+            parts.append((grid_b.flatten(), which, (grid_b * M + grid_m).flatten(), grid_k.flatten()))
+    return _Requests(
+        image=torch.cat([b for b, _, _, _ in parts]),
+        canvas=torch.cat([torch.full_like(b, which) for b, which, _, _ in parts]),
+        row=torch.cat([row for _, _, row, _ in parts]),
+        k=torch.cat([k for _, _, _, k in parts]),
+    )
 
-    probs = torch.empty(len(image_id), device=device)
-    start, size = 0, max(1, max_batch)
-    while start < len(image_id):
-        stop = min(start + size, len(image_id))
+
+def _probabilities(
+    model: nn.Module,
+    images: torch.Tensor,
+    canvases: torch.Tensor,
+    ranks: torch.Tensor,
+    requests: _Requests,
+    target: torch.Tensor,
+    *,
+    max_batch: int,
+    autocast_dtype: torch.dtype | None,
+    on_progress: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    """The target class's probability ``[R]`` for every request, in chunks of at most ``max_batch``
+    perturbed images (halved while they do not fit the device). ``ranks`` is ``[B · M, gh, gw]``.
+
+    A patch comes from the image when ``rank >= k`` for deletion (not removed yet) and ``rank < k``
+    for insertion (revealed); every other patch from the request's canvas.
+    """
+    H, W = images.shape[-2:]
+
+    def run(start: int, stop: int) -> torch.Tensor:
         sl = slice(start, stop)
-        keep = ranks[row[sl]] >= k[sl, None]
-        keep = keep ^ (canvas_id[sl, None] == 1)
-        pixels = F.interpolate(keep.reshape(-1, 1, gh, gw).float(), size=(H, W), mode="nearest") > 0.5
-        perturbed = torch.where(pixels, images[image_id[sl]], canvases[canvas_id[sl], image_id[sl]])
-        try:
-            probs[sl] = _target_probs(model, perturbed, target[image_id[sl]], autocast_dtype)
-        except torch.OutOfMemoryError:
-            if size == 1 or device.type != "cuda":
-                raise
-            del perturbed, pixels, keep
-            torch.cuda.empty_cache()
-            size //= 2
-            continue
-        start = stop
-        if on_progress is not None:
-            on_progress(stop, len(image_id))
+        image, which = requests.image[sl], requests.canvas[sl]
+        keep = (ranks[requests.row[sl]] >= requests.k[sl, None, None]) ^ (which[:, None, None] == 1)
+        pixels = F.interpolate(keep[:, None].float(), size=(H, W), mode="nearest") > 0.5
+        perturbed = torch.where(pixels, images[image], canvases[which, image])
+        return _target_probs(model, perturbed, target[image], autocast_dtype)
 
+    def done(stop: int) -> None:
+        if on_progress is not None:
+            on_progress(stop, len(requests))
+
+    chunks = in_fitting_batches(
+        len(requests), run, batch_size=max(1, max_batch), device=images.device, on_done=done
+    )
+    return torch.cat(chunks) if chunks else torch.empty(0, device=images.device)
+
+
+def _curves(
+    probs: torch.Tensor, num_images: int, num_maps: int, counts: list[int], *, deletion: bool, insertion: bool
+) -> PerturbationCurves:
+    """The requests' probabilities (in ``_requests``' order) as curves over the share of patches
+    touched, with their areas (trapezoid rule)."""
+    B, M, P, S = num_images, num_maps, counts[-1], len(counts) - 1
+    device = probs.device
     original, deleted, bare = probs[:B], probs[B : 2 * B], probs[2 * B : 3 * B]
     offset = 3 * B
     fractions = torch.tensor(counts, dtype=torch.float32, device=device) / P

@@ -168,3 +168,48 @@ def test_only_the_families_asked_for_are_computed(trained_model: VisionTransform
     assert curves.deletion is not None
     assert curves.deletion.shape == (2, 1, 5)
     assert torch.allclose(curves.fractions, torch.tensor([0, 0.25, 0.5, 0.75, 1.0]))
+
+
+def test_chunks_that_do_not_fit_are_halved_with_the_same_curves(trained_model: VisionTransformer) -> None:
+    """A device that holds 5 perturbed images: chunks of 16 fail, 8 fail, then 4s run; the curves
+    and the progress are those of an unconstrained run."""
+    images, labels, _ = TASK.sample(2, torch.Generator().manual_seed(5))
+    maps = torch.rand(2, 2, TASK.grid, TASK.grid, generator=torch.Generator().manual_seed(6))
+    arguments = (
+        trained_model,
+        images,
+        labels.tolist(),
+        maps,
+        torch.stack([torch.randperm(TASK.grid**2)] * 2),
+    )
+    options = {
+        "steps": 4,
+        "deletion_canvas": canvas(images, Baseline.MEAN),
+        "insertion_canvas": canvas(images, Baseline.BLUR),
+    }
+    expected = perturbation_curves(*arguments, **options, max_batch=64)
+    sizes: list[int] = []
+    progress: list[tuple[int, int]] = []
+
+    def fits_five(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        sizes.append(args[0].shape[0])
+        if args[0].shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    handle = trained_model.register_forward_pre_hook(fits_five)
+    try:
+        halved = perturbation_curves(
+            *arguments,
+            **options,
+            max_batch=16,
+            on_progress=lambda done, total: progress.append((done, total)),
+        )
+    finally:
+        handle.remove()
+    total = 3 * 2 + 2 * 2 * 2 * 3  # 3 shared per image, then B · M · (S - 1) per family
+    assert sizes[:3] == [16, 8, 4]
+    assert set(sizes[2:-1]) == {4}
+    assert progress[-1] == (total, total)
+    assert [done for done, _ in progress] == sorted({min(4 * i, total) for i in range(1, total // 4 + 2)})
+    for name in ("deletion", "insertion", "deletion_auc", "insertion_auc"):
+        torch.testing.assert_close(getattr(halved, name), getattr(expected, name), atol=1e-6, rtol=0)

@@ -33,7 +33,7 @@ from bench_compute import seconds_per_call  # this folder: the scripts run as fi
 from timm.data import resolve_data_config
 
 from common.methods import MethodSettings
-from common.metrics import MetricFamily, MetricSettings
+from common.metric_settings import MetricFamily, MetricSettings
 from worker.attention import explain
 from worker.device import autocast_dtype, select_device
 from worker.metrics import ImageInputs, box_coverage, evaluate, explanation_maps, randomized_copy

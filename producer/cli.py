@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from common.db import Database, open_database, require_existing
 from common.db.batches import check_name_free, get_batch, retry_failed
 from common.db.jobs import reap_expired
-from common.db.metrics import metric_summaries
+from common.db.metric_summaries import metric_summaries
 from common.db.models import JobState
 from common.db.reports import batch_contents, batch_status, iter_job_results, recent_batches
 from common.db.session import current_revision, downgrade, head_revision, upgrade
@@ -49,13 +49,19 @@ from common.errors import (
 )
 from common.local_files import FileRoots
 from common.methods import HeadFusion, LayerScoreReduction, MethodSettings, Preprocess
-from common.metrics import METHODS, RANDOM_METHOD, MetricSettings, load_metrics_section, parse_metrics_option
+from common.metric_settings import (
+    METHODS,
+    RANDOM_METHOD,
+    MetricSettings,
+    load_metrics_section,
+    parse_metrics_option,
+)
 from common.modelspec import RANDOM, ModelSpec, resolve_models_option
 from common.s3_sources import SETTING as S3_SOURCES_SETTING
 from common.s3_sources import S3Sources
 from common.settings import Settings, get_settings
 from producer.compare import compare_table, write_compare_csv, write_compare_json
-from producer.report import batches_table, results_table, status_view, write_csv, write_json, write_jsonl
+from producer.output import batches_table, results_table, status_view, write_csv, write_json, write_jsonl
 from producer.site.links import MAX_PRESIGN_SECONDS, LinkMode
 from producer.submit import (
     Plan,
@@ -773,7 +779,7 @@ def _take_back(settings: Settings, db: Database, batch_id: str, *, here: bool) -
     """
     is_dead, host = None, None
     if here:
-        from worker.keeper import current_identity, is_dead_local_process
+        from worker.leases import current_identity, is_dead_local_process
 
         is_dead, host = is_dead_local_process, current_identity().hostname
     with db.session() as session:

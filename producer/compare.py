@@ -1,7 +1,7 @@
 """``producer compare``: the faithfulness scores of a batch per model × method × metric, with 95 % intervals
 and each method's paired difference against a reference method (the random map unless ``--against``).
 
-Three formats of the same rows (``common.db.metrics.MetricSummary``): a terminal table grouped by
+Three formats of the same rows (``common.db.metric_summaries.MetricSummary``): a terminal table grouped by
 model and metric, with which direction is better and the random baseline beside the methods; CSV;
 and JSON, a list of objects with keys ``model, method, metric, n, mean, ci_low, ci_high, interval``
 and ``vs_<reference>_n, _mean, _ci_low, _ci_high, _p, _interval`` (``vs_random_…`` by default).
@@ -22,8 +22,8 @@ from typing import IO, Any
 from rich.console import Console
 from rich.table import Table
 
-from common.db.metrics import MetricSummary
-from common.metrics import RANDOM_METHOD, Metric
+from common.db.metric_summaries import MetricSummary
+from common.metric_settings import RANDOM_METHOD, Metric
 from producer.spreadsheet import spreadsheet_row
 from producer.terminal_text import terminal_literal as literal
 

@@ -27,7 +27,7 @@ from common.errors import ImageFetchRefusedError, InvalidDatasetError, VitscopeE
 from common.keys import config_fingerprint, new_batch_id
 from common.local_files import FileRoots
 from common.methods import MethodSettings, Preprocess
-from common.metrics import MetricSettings
+from common.metric_settings import MetricSettings
 from common.modelspec import ModelSpec, check_target, load_models_file, resolve_model
 from common.publish import broker_lost_data, publish_jobs
 from common.storage.uri import file_uri_path

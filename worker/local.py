@@ -31,7 +31,7 @@ from common.db.models import JobState
 from common.errors import WeightsUnavailableError
 from common.fetch import DefaultFetcher
 from common.modelspec import RANDOM, ModelSpec
-from worker.keeper import current_identity
+from worker.leases import current_identity
 from worker.pipeline import Runtime, process_chunks
 from worker.weights import check_pretrained_available
 

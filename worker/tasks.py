@@ -20,7 +20,7 @@ from common.db.records import QueuedJob
 from common.errors import TransientError
 from common.publish import broker_lost_data, publish_jobs
 from common.settings import get_settings
-from worker.keeper import current_identity, is_dead_local_process
+from worker.leases import current_identity, is_dead_local_process
 from worker.pipeline import Runtime, process_jobs
 
 __all__ = ["app", "process_jobs_task", "runtime"]

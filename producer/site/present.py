@@ -14,7 +14,7 @@ from typing import Any
 
 from common.artifacts import LAYER_GRID, PANELS
 from common.db.reports import job_error
-from common.metrics import METHODS, Metric
+from common.metric_settings import METHODS, Metric
 from common.storage.uri import uri_scheme
 from producer.compare import BETTER
 from producer.site.links import ArtifactLinks

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from common.db.metrics import metric_summaries
+from common.db.metric_summaries import metric_summaries
 from producer.compare import BETTER, method_label
 from producer.site.selection import Selection, model_summaries, top1_agreement
 

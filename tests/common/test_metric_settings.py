@@ -9,7 +9,7 @@ import pytest
 from common.errors import InvalidModelSpecError
 from common.keys import config_fingerprint
 from common.methods import MethodSettings
-from common.metrics import (
+from common.metric_settings import (
     Baseline,
     MetricFamily,
     MetricSettings,

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from common.db.metrics import MetricSummary
+from common.db.metric_summaries import MetricSummary
 from producer.compare import compare_table, write_compare_csv
-from producer.report import results_table
+from producer.output import results_table
 from producer.terminal_text import show_controls, terminal_literal
 from tests.producer.conftest import _write_image, invoke_in
 
@@ -161,7 +161,7 @@ def test_the_status_view_shows_the_name_and_failures_literally_on_a_terminal(hos
     from common.db.batches import get_batch
     from common.db.reports import batch_status
     from common.settings import Settings
-    from producer.report import status_view
+    from producer.output import status_view
 
     db = open_database(Settings(database_url=hostile.env["VITSCOPE_DATABASE_URL"]))
     with db.session() as session:

@@ -29,7 +29,7 @@ from common.fetch import content_sha256
 from common.methods import MethodSettings
 from common.settings import Settings
 from common.storage import open_store, read_uri
-from producer.report import write_csv
+from producer.output import write_csv
 from producer.submit import SubmitOptions, commit_plan, plan_submission
 from worker.attention import explain
 from worker.local import run_batch

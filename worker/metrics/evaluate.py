@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from common.methods import MethodSettings
-from common.metrics import RANDOM_METHOD, Metric, MetricFamily, MetricSettings
+from common.metric_settings import RANDOM_METHOD, Metric, MetricFamily, MetricSettings
 from worker.attention import Explanation, explain
 from worker.metrics.concentration import normalized_entropy
 from worker.metrics.localization import mass_inside, pointing_game

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from common.metrics import Baseline
+from common.metric_settings import Baseline
 from worker.device import autocast
 from worker.memory import in_fitting_batches
 

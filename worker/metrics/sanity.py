@@ -20,7 +20,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from common.metrics import SanityLayers
+from common.metric_settings import SanityLayers
 
 __all__ = ["OUTPUT_LAYERS", "cascade_layers", "randomized_copy", "spearman"]
 

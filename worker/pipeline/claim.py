@@ -17,9 +17,9 @@ from common.db.jobs import claim_jobs, record_failure
 from common.db.models import Batch, Job
 from common.errors import UnknownModelError, VitscopeError
 from common.methods import MethodSettings
-from common.metrics import MetricSettings
+from common.metric_settings import MetricSettings
 from common.modelspec import ModelSpec
-from worker.keeper import LeaseKeeper, current_identity, is_dead_local_process
+from worker.leases import LeaseKeeper, current_identity, is_dead_local_process
 
 __all__ = ["Claimed", "Claiming", "Ticket", "claim"]
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from common.errors import PermanentError, TransientError
 from common.methods import MethodSettings
-from common.metrics import MetricSettings
+from common.metric_settings import MetricSettings
 from worker.models import LoadedModel
 from worker.pipeline.claim import Ticket, claim
 from worker.pipeline.compute import Computing, compute

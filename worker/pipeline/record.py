@@ -22,7 +22,7 @@ from common.db.models import JobState
 from common.db.records import JobOutcome
 from common.errors import TransientError
 from common.storage import ObjectStore
-from worker.keeper import LeaseKeeper, current_identity
+from worker.leases import LeaseKeeper, current_identity
 from worker.pipeline.claim import Ticket
 from worker.pipeline.clock import StageClock
 from worker.pipeline.prepare import Prepared

@@ -23,7 +23,7 @@ from common.storage import ObjectStore, aws_environment, open_store
 from worker.attention import explain_in_batches
 from worker.cores import available_cores, decode_threads, yield_cores_to_the_model
 from worker.device import autocast_dtype, select_device
-from worker.keeper import LeaseKeeper
+from worker.leases import LeaseKeeper
 from worker.models import ModelCache
 from worker.pipeline.artifacts import StoreTarget
 from worker.pipeline.claim import Claiming

@@ -21,7 +21,7 @@ from torch import nn
 from common.db.records import MetricRecord
 from common.errors import ImageError
 from common.fetch import ImageFetcher
-from common.metrics import MetricFamily, MetricSettings, SanityLayers
+from common.metric_settings import MetricFamily, MetricSettings, SanityLayers
 from worker.attention import Explanation
 from worker.metrics import (
     ImageInputs,

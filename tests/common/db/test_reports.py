@@ -13,7 +13,7 @@ from common.db.models import JobState, utcnow
 from common.db.records import ArtifactRecord, JobOutcome, PredictionRecord, WorkerIdentity
 from common.db.reports import RESULT_COLUMNS, artifact_column, batch_status, iter_job_results
 from common.db.workers import live_workers, record_heartbeat
-from producer.report import CSV_COLUMNS
+from producer.output import CSV_COLUMNS
 from tests.common.db.conftest import record_success
 
 W = WorkerIdentity("gpu-1", "gpu-1:42")

@@ -20,7 +20,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from common.methods import MethodSettings
-from common.metrics import Baseline, Metric, MetricFamily, MetricSettings
+from common.metric_settings import Baseline, Metric, MetricFamily, MetricSettings
 from common.stats import mean_interval
 from tests.trained_vit import TASK
 from worker.attention import explain

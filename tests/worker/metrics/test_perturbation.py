@@ -9,7 +9,7 @@ from scipy.ndimage import gaussian_filter
 from timm.models.vision_transformer import VisionTransformer
 from torchvision.transforms import functional as TF
 
-from common.metrics import Baseline
+from common.metric_settings import Baseline
 from tests.trained_vit import TASK
 from worker.metrics import canvas, patch_ranks, perturbation_curves, rise_kernel, seeded_draws, step_counts
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.metrics import SanityLayers
+from common.metric_settings import SanityLayers
 from tests.worker.attention.conftest import tiny_vit
 from worker.metrics import (
     box_coverage,

@@ -10,7 +10,7 @@ from scipy import stats
 
 from common.db import Database
 from common.db.jobs import claim_jobs, find_reusable, record_reuse, record_successes
-from common.db.metrics import metric_summaries
+from common.db.metric_summaries import metric_summaries
 from common.db.models import Job, JobMetric
 from common.db.records import JobOutcome, MetricRecord, WorkerIdentity
 from common.stats import mean_interval, paired_proportions_interval

@@ -8,7 +8,7 @@ import io
 import pytest
 
 from common.db.reports import RESULT_COLUMNS
-from producer.report import spreadsheet_safe, write_csv
+from producer.output import spreadsheet_safe, write_csv
 
 
 @pytest.mark.parametrize(

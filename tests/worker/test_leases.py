@@ -19,7 +19,7 @@ from common.db.models import Job, JobState, utcnow
 from common.settings import Settings
 from producer.submit import SubmitOptions, commit_plan, plan_submission
 from tests.conftest import ImageServer
-from worker.keeper import current_identity, is_dead_local_process
+from worker.leases import current_identity, is_dead_local_process
 from worker.pipeline import ChunkReport, Runtime, process_jobs
 
 HOST = socket.gethostname()
@@ -131,7 +131,7 @@ def test_a_broker_that_lost_its_data_gets_every_queued_job_published_again_in_on
     from common.celery_app import make_celery
     from common.publish import broker_lost_data, publish_jobs
     from producer.submit import enqueue
-    from worker.keeper import LeaseKeeper
+    from worker.leases import LeaseKeeper
 
     settings = Settings(database_url=sqlite_url, broker_url=private_redis.url, chunk_size=4)
     db = open_database(settings, migrate=True)

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, aliased
 
 from common.db.models import Job, JobMetric
-from common.metrics import BINARY_METRICS, METHODS, RANDOM_METHOD, Metric
+from common.metric_settings import BINARY_METRICS, METHODS, RANDOM_METHOD, Metric
 from common.stats import (
     SignedRank,
     interval_from_moments,

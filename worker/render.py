@@ -38,9 +38,7 @@ __all__ = [
     "heatmap_overlay",
     "heatmap_overlays",
     "layer_grid_pixels",
-    "layer_grid_png",
     "npy_bytes",
-    "overlay_png",
     "png_bytes",
 ]
 
@@ -191,11 +189,6 @@ def heatmap_overlay(crop: np.ndarray, grid_map: np.ndarray) -> np.ndarray:
     return heatmap_overlays(crops, maps)[0, 0].numpy()
 
 
-def overlay_png(crop: np.ndarray, grid_map: np.ndarray) -> bytes:
-    """``heatmap_overlay`` encoded as PNG."""
-    return png_bytes(heatmap_overlay(crop, grid_map))
-
-
 def _tiling(count: int) -> tuple[int, int]:
     """Rows and columns for ``count`` panels: ``rows = floor(sqrt(n))``, ``cols = ceil(n / rows)``.
 
@@ -302,8 +295,3 @@ def _paint_panels(  # pragma: no cover - compiled
                         x = x0 + j * scale + dx
                         for ch in range(3):
                             canvas[y, x, ch] = colours[block, i, j, ch]
-
-
-def layer_grid_png(layer_scores: np.ndarray, *, title: str | None = None) -> bytes:
-    """``layer_grid_pixels`` encoded as PNG."""
-    return png_bytes(layer_grid_pixels(layer_scores, title=title), flat=True)

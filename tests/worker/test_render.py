@@ -24,13 +24,21 @@ from worker.render import (
     heatmap_overlay,
     heatmap_overlays,
     layer_grid_pixels,
-    layer_grid_png,
     npy_bytes,
-    overlay_png,
     png_bytes,
 )
 
 RNG = np.random.default_rng(7)
+
+
+def overlay_png(crop: np.ndarray, grid_map: np.ndarray) -> bytes:
+    """An overlay as the pipeline stores it (``draw_pictures``: ``png_bytes`` of the pixels)."""
+    return png_bytes(heatmap_overlay(crop, grid_map))
+
+
+def layer_grid_png(layer_scores: np.ndarray, *, title: str | None = None) -> bytes:
+    """A layer grid as the pipeline stores it (its flat colour coded as runs)."""
+    return png_bytes(layer_grid_pixels(layer_scores, title=title), flat=True)
 
 
 def decode_png(data: bytes) -> np.ndarray:

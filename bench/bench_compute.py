@@ -29,7 +29,7 @@ from timm.data import resolve_data_config
 
 from common.methods import MethodSettings
 from worker.attention import capture, explain
-from worker.device import autocast_dtype, select_device
+from worker.device import autocast, autocast_dtype, select_device
 
 DEFAULT_MODELS = ("deit_tiny_patch16_224", "vit_base_patch16_224")
 DEFAULT_BATCH_SIZES = (1, 8)
@@ -80,7 +80,7 @@ def bench_model(
         images = torch.randn(batch_size, *config["input_size"], device=device)
 
         def forward(images: torch.Tensor = images) -> object:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with torch.inference_mode(), autocast(device, dtype):
                 return model(images)
 
         def forward_backward(images: torch.Tensor = images) -> object:

@@ -1,4 +1,5 @@
-"""The Celery shell's recovery paths, run by a real ``worker start`` worker against real services.
+"""The Celery shell: what it reports about itself, read from its settings in a fresh process, and
+its recovery paths, run by a real ``worker start`` worker against real services.
 
 Faults are caused where they happen in production — the database refusing connections, an image
 server answering 503 — never by mocking the task: the database is our own per-test PostgreSQL
@@ -8,16 +9,21 @@ its sessions terminated, then opened again.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import redis
 import sqlalchemy as sa
 
 from common.artifacts import ARRAY_ARTIFACTS, IMAGE_ARTIFACTS
 from common.celery_app import TASK_PROCESS_JOBS, make_celery
-from common.db.models import Artifact, JobState
+from common.db.models import Artifact, JobState, WorkerHeartbeat
+from common.db.session import upgrade
 from common.settings import Settings
 from tests.worker.conftest import QUEUE, Cluster, http_dataset
 
@@ -53,6 +59,38 @@ def _artifact_counts(cluster: Cluster, job_ids: list[str]) -> dict[str, int]:
                 .group_by(Artifact.job_id)
             ).all()
         )
+
+
+def test_the_celery_shell_reports_the_node_and_queues_its_settings_name(
+    tmp_path: Path, sqlite_url: str, broker_url: str
+) -> None:
+    """``VITSCOPE_WORKER_NODE`` and ``VITSCOPE_WORKER_QUEUES`` (which ``worker start`` sets for each
+    Celery worker) reach the heartbeat through the settings, in the process ``celery -A worker.tasks``
+    imports the shell in."""
+    upgrade(sqlite_url)
+    env = {
+        **os.environ,
+        "VITSCOPE_BROKER_URL": broker_url,
+        "VITSCOPE_DATABASE_URL": sqlite_url,
+        "VITSCOPE_STORAGE_URL": (tmp_path / "results").as_uri(),
+        "VITSCOPE_DEVICE": "cpu",
+        "VITSCOPE_WORKER_NODE": "shell@host",
+        "VITSCOPE_WORKER_QUEUES": "deit_tiny,vit_base",
+    }
+    beat_once = (
+        "from worker.tasks import runtime\nr = runtime()\ntry:\n    r.keeper.tick()\nfinally:\n    r.close()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", beat_once], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    engine = sa.create_engine(sqlite_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(WorkerHeartbeat.node, WorkerHeartbeat.queues)).all()
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [("shell@host", "deit_tiny,vit_base")]
 
 
 def test_a_chunk_that_cannot_reach_the_database_is_retried_with_growing_backoff(

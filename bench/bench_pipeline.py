@@ -354,9 +354,12 @@ def s3_server(cores: list[int]) -> Iterator[tuple[str, int]]:
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """One configuration in this (pinned) process; returns its row."""
-    from worker.cores import wait_passively_in_openmp
-
-    wait_passively_in_openmp()  # before torch loads, as the worker's entry points do
+    try:
+        from worker.cores import wait_passively_in_openmp
+    except ImportError:  # the code of --before-ref, whose package import set the policy itself
+        import worker  # noqa: F401
+    else:
+        wait_passively_in_openmp()  # before torch loads, as the worker's entry points do
 
     # isort: split
     import torch

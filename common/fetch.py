@@ -46,8 +46,8 @@ from common.errors import (
 )
 from common.local_files import FileRoots
 from common.s3_sources import S3Sources
-from common.settings import Settings
-from common.storage import STORAGE_RETRY_SECONDS, read_uri
+from common.settings import STORAGE_RETRY_SECONDS, Settings
+from common.storage import read_uri
 from common.storage.uri import file_uri_path, uri_scheme
 
 __all__ = [

@@ -21,12 +21,12 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from common.s3_sources import ANY_BUCKET, parse_s3_source
-from common.storage.base import STORAGE_RETRY_SECONDS
 
 __all__ = [
     "ARTIFACT_LAYOUTS",
     "AUTOCAST_CHOICES",
     "CUDA_DEVICE",
+    "STORAGE_RETRY_SECONDS",
     "Settings",
     "check_autocast",
     "check_device",
@@ -35,6 +35,9 @@ __all__ = [
 
 ARTIFACT_LAYOUTS = ("auto", "objects", "shards")
 AUTOCAST_CHOICES = ("auto", "off", "float16", "bfloat16")
+# How long an S3 request rides out an unavailable endpoint: the setting's default, and what
+# ``common.storage`` uses when its caller passes no setting.
+STORAGE_RETRY_SECONDS = 60.0
 # ``cuda`` or ``cuda:N``; group 1 is N.
 CUDA_DEVICE = re.compile(r"cuda(?::(\d+))?")
 

@@ -13,7 +13,7 @@ import torch
 
 from common.errors import UnsupportedModelError
 from common.modelspec import ModelSpec, is_transformers_model
-from common.storage.base import STORAGE_RETRY_SECONDS
+from common.settings import STORAGE_RETRY_SECONDS
 from worker.attention import ModelLayout, check_supported
 from worker.labels import class_labels
 from worker.preprocess import Preprocessor, build_preprocessor

@@ -43,7 +43,7 @@ from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 
 from common.errors import NotFoundError, UnknownModelError, WeightsUnavailableError
 from common.modelspec import PRETRAINED, ModelSpec, is_transformers_model
-from common.storage.base import STORAGE_RETRY_SECONDS
+from common.settings import STORAGE_RETRY_SECONDS
 
 __all__ = ["build_model", "check_arch", "check_pretrained_available"]
 

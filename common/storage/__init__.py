@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from common.storage.base import STORAGE_RETRY_SECONDS, ObjectStore, PutItem, aws_environment
+from common.storage.base import ObjectStore, PutItem, aws_environment
 from common.storage.local import LocalStore
 from common.storage.memory import MemoryStore
 from common.storage.uri import list_uri, open_store, read_uri
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from common.storage.s3 import S3Store
 
 __all__ = [
-    "STORAGE_RETRY_SECONDS",
     "LocalStore",
     "MemoryStore",
     "ObjectStore",

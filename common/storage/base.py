@@ -13,7 +13,6 @@ from typing import Protocol, runtime_checkable
 
 __all__ = [
     "DEFAULT_CONTENT_TYPE",
-    "STORAGE_RETRY_SECONDS",
     "ObjectStore",
     "PutItem",
     "aws_environment",
@@ -22,10 +21,6 @@ __all__ = [
     "put_each",
     "unique_items",
 ]
-
-# How long an S3 request rides out an unavailable endpoint when its caller does not say (the default
-# of the ``storage_retry_seconds`` setting, which the worker passes on).
-STORAGE_RETRY_SECONDS = 60.0
 
 
 def aws_environment() -> dict[str, str]:

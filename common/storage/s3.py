@@ -29,9 +29,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from common.errors import NotFoundError, ObjectTooLargeError, StorageConfigError, StorageUnavailableError
+from common.settings import STORAGE_RETRY_SECONDS
 from common.storage.base import (
     DEFAULT_CONTENT_TYPE,
-    STORAGE_RETRY_SECONDS,
     PutItem,
     aws_environment,
     check_key,

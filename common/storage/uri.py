@@ -19,7 +19,8 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from common.errors import ObjectTooLargeError
-from common.storage.base import STORAGE_RETRY_SECONDS, ObjectStore
+from common.settings import STORAGE_RETRY_SECONDS
+from common.storage.base import ObjectStore
 from common.storage.local import LocalStore, list_files, read_file, read_file_range
 from common.storage.memory import MemoryStore, read_memory_object, read_memory_range
 from common.storage.shards import MemberRef, parse_member_uri
